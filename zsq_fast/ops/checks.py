@@ -1,0 +1,66 @@
+"""Argument checks shared by the ops: clear ValueError/TypeError instead of deep stack traces."""
+from __future__ import annotations
+
+import torch
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+    return bits
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a `bits`-bit grid: [-2^(b-1), 2^(b-1)-1] signed, [0, 2^b-1] unsigned."""
+    check_bits(bits)
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def normalize_axis(axis, ndim: int) -> int | None:
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int or None, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for a tensor with {ndim} dims")
+    return axis % ndim
+
+
+def check_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None, name: str = "scale") -> torch.Tensor:
+    """Validate a per-tensor (numel 1) or per-channel (numel = x.shape[axis]) positive scale."""
+    check_float(scale, name)
+    expected = 1 if axis is None else x.shape[axis]
+    if scale.numel() != expected:
+        where = "per-tensor" if axis is None else f"per-channel along axis {axis}"
+        raise ValueError(f"{name} has {scale.numel()} elements; {where} needs {expected}")
+    if scale.numel() and not bool(torch.all(scale > 0)):
+        raise ValueError(f"{name} must be > 0 everywhere (got min {float(scale.min())})")
+    return scale.reshape(-1)
+
+
+def check_zero_point(zero_point, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    if zero_point is None:
+        return torch.zeros_like(scale, dtype=torch.float32)
+    if not isinstance(zero_point, torch.Tensor):
+        zero_point = torch.tensor(float(zero_point), device=scale.device)
+    zp = zero_point.reshape(-1).to(torch.float32)
+    if zp.numel() == 1 and scale.numel() != 1:
+        zp = zp.expand(scale.numel()).contiguous()
+    if zp.numel() != scale.numel():
+        raise ValueError(f"zero_point has {zp.numel()} elements, scale has {scale.numel()}")
+    if zp.numel() and not bool(torch.all((zp == zp.round()) & (zp >= qmin) & (zp <= qmax))):
+        raise ValueError(f"zero_point must hold integers within [{qmin}, {qmax}]")
+    return zp
