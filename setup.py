@@ -63,7 +63,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 with_cuda = cuda_home is not None
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*", "*_cpu.cpp")))
 include_dirs = [os.path.join(ROOT, "csrc")]
-cxx_flags = ["-O3", "-std=c++17"]
+cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
 define_macros = []
 if with_cuda:
     sources += sorted(glob.glob(os.path.join("csrc", "*", "*_cuda.cu")))
@@ -83,7 +83,7 @@ if sys.platform != "win32":
 ext_cls = CUDAExtension if with_cuda else CppExtension
 extra = {"cxx": cxx_flags}
 if with_cuda:
-    extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 ext = ext_cls(
     name="zsq_fast._C",
     sources=sources,

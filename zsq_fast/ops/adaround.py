@@ -36,8 +36,8 @@ class _AdaRound(torch.autograd.Function):
         if g_w_hat is None:
             g_w_hat = torch.zeros_like(w)
         if g_reg is None:
-            g_reg = torch.zeros((), dtype=torch.float32, device=w.device)
-        g_reg = g_reg.reshape(()).to(torch.float32)
+            g_reg = torch.zeros((), device=w.device)
+        g_reg = g_reg.reshape(()).to(ref.compute_dtype(w.dtype))
         if use_kernel(w):
             gv = _C.adaround_backward(g_w_hat.contiguous(), g_reg, w, v, scale, zero_point, qmin, qmax,
                                       -1 if axis is None else axis, float(beta))

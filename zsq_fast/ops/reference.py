@@ -98,8 +98,8 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 def adaround_forward(w, v, scale, zero_point, qmin: int, qmax: int, axis: int | None,
                      hard: bool, beta: float, compute_reg: bool):
     """w_hat = s * (clamp(floor(w/s) + h(V) + z, qmin, qmax) - z), h = rectified sigmoid (soft)
-    or 1[V >= 0] (hard). Also returns reg = sum(1 - |2h - 1|^beta) as a float32 0-dim tensor
-    (zero when compute_reg is False)."""
+    or 1[V >= 0] (hard). Also returns reg = sum(1 - |2h - 1|^beta) as a 0-dim tensor of the compute
+    dtype (float32; float64 for float64 w), zero when compute_reg is False."""
     cd = compute_dtype(w.dtype)
     s = channel_view(scale.to(cd), w.dim(), axis)
     z = channel_view(zero_point.to(cd), w.dim(), axis)
@@ -108,9 +108,9 @@ def adaround_forward(w, v, scale, zero_point, qmin: int, qmax: int, axis: int | 
     q = torch.clamp(torch.floor(w.to(cd) / s) + h + z, qmin, qmax)
     w_hat = ((q - z) * s).to(w.dtype)
     if compute_reg:
-        reg = (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum().to(torch.float32)
+        reg = (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
     else:
-        reg = torch.zeros((), dtype=torch.float32, device=w.device)
+        reg = torch.zeros((), dtype=cd, device=w.device)
     return w_hat, reg
 
 
@@ -119,7 +119,7 @@ def adaround_backward(grad_w_hat, grad_reg, w, v, scale, zero_point, qmin: int, 
     """dL/dV = g * s * dh/dV * [floor(w/s)+h+z inside [qmin, qmax]]
              + grad_reg * d/dV sum(1 - |2h-1|^beta),
     dh/dV = (zeta-gamma) sigmoid(V)(1 - sigmoid(V)) where h is not clipped to 0 or 1, else 0.
-    grad_reg is a 0-dim tensor (the upstream gradient of the regularizer). Returns grad_v (v's dtype)."""
+    grad_reg is a 0-dim compute-dtype tensor (the upstream gradient of the regularizer). Returns grad_v (v's dtype)."""
     cd = compute_dtype(w.dtype)
     s = channel_view(scale.to(cd), w.dim(), axis)
     z = channel_view(zero_point.to(cd), w.dim(), axis)

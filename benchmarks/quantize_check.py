@@ -1,0 +1,93 @@
+"""Real check of zsq_fast.quantize: CIFAR-10 ResNet-20, W4A4, real calibration images.
+
+Calibrates on the first N images of ../shared/data/cifar10_train_subset.npz, then prints, for nearest
+rounding, AdaRound and BRECQ: top-1 on cifar10_test_exact1017.npz (exact pixels) and top-1 agreement
+with the float model on cifar10_test.npz (10k JPEG-reconstructed images). Iteration counts are
+printed with the table (reduced from BRECQ's 20000 so the script runs on CPU in ~10 minutes).
+
+    python benchmarks/quantize_check.py [--data ../shared/data] [--iters-adaround 100] [--iters-brecq 200]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import zsq_fast  # noqa: E402
+from zsq_fast.models import resnet20  # noqa: E402
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def load_npz(path: Path, n: int | None = None):
+    d = np.load(path, allow_pickle=False)
+    x, y = d["x"][:n], d["y"][:n]
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
+    return (x - MEAN) / STD, torch.from_numpy(y)
+
+
+@torch.no_grad()
+def predict(model, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, x.shape[0], batch)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--bits", default="W4A4")
+    ap.add_argument("--preset", default="hw")
+    ap.add_argument("--calib", type=int, default=1024)
+    ap.add_argument("--iters-adaround", type=int, default=100, help="iterations per layer")
+    ap.add_argument("--iters-brecq", type=int, default=200, help="iterations per block")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--methods", default="nearest,adaround,brecq")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if not (args.data / "weights" / "cifar10_resnet20.pt").exists():
+        print(f"skipped: real data not found at {args.data}")
+        return
+    torch.set_num_threads(args.threads)
+    model = resnet20()
+    model.load_state_dict(torch.load(args.data / "weights" / "cifar10_resnet20.pt", map_location="cpu",
+                                     weights_only=True))
+    model.eval()
+    calib, _ = load_npz(args.data / "cifar10_train_subset.npz", args.calib)
+    x_exact, y_exact = load_npz(args.data / "cifar10_test_exact1017.npz")
+    x_test, _ = load_npz(args.data / "cifar10_test.npz")
+    fp_exact = predict(model, x_exact)
+    fp_test = predict(model, x_test)
+    rows = [("FP32", "-", "-", (fp_exact == y_exact).float().mean().item() * 100, 100.0, 0.0)]
+    iters = {"nearest": None, "adaround": args.iters_adaround, "brecq": args.iters_brecq}
+    for method in args.methods.split(","):
+        t0 = time.time()
+        q = zsq_fast.quantize(model, calib, args.bits, preset=args.preset, method=method,
+                              iterations=iters[method], batch_size=args.batch_size, seed=0)
+        t_q = time.time() - t0
+        acc = (predict(q, x_exact) == y_exact).float().mean().item() * 100
+        agree = (predict(q, x_test) == fp_test).float().mean().item() * 100
+        units = q.quant_config["units"]
+        kinds = [u["kind"] for u in units]
+        unit_txt = (f"{kinds.count('block')} blocks + {kinds.count('layer')} layers, {iters[method]} each"
+                    if units else "-")
+        rows.append((method, unit_txt, args.batch_size if units else "-", acc, agree, t_q))
+        print(f"done {method}: {t_q:.0f} s", flush=True)
+    print(f"\nCIFAR-10 ResNet-20, {args.bits} preset={args.preset}, {calib.shape[0]} real calibration images "
+          f"(cifar10_train_subset), calibration=mse, torch threads={args.threads}, ops backend="
+          f"{zsq_fast.ops.backend()['fake_quant']['cpu']}")
+    print("| method | reconstruction (units x iterations) | batch | top-1 exact1017 (%) "
+          "| agreement with FP on cifar10_test (%) | quantize time (s) |")
+    print("|---|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""zsq_fast.quantize: BN folding, presets, calibration, AdaRound/BRECQ, caching, save/load, ONNX."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zsq_fast
+from zsq_fast.models.cifar_resnet import BasicBlock as CifarBlock
+from zsq_fast.quantize import QuantizedModel, load_quantized, quantize, save_quantized
+from zsq_fast.quantize.adaround import ReconConfig, beta_schedule
+from zsq_fast.quantize.blocks import find_units
+from zsq_fast.quantize.calibrate import mse_search, scale_from_range
+from zsq_fast.quantize.fold import fold_bn
+from zsq_fast.quantize.modules import QUANT_LAYERS
+from zsq_fast.quantize.presets import parse_bits
+from zsq_fast.quantize.quantizer import Quantizer, QuantSpec
+from zsq_fast.quantize.trace import trace_model
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+class Residual(nn.Module):
+    """A residual module of no known type: the generic block rule must pick it up."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.b = nn.Conv2d(c, c, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(x + self.b(self.act(self.bn(self.a(x)))))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, c=8, classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.block1 = CifarBlock(c, c)
+        self.block2 = CifarBlock(c, 2 * c, stride=2)
+        self.block3 = Residual(2 * c)
+        self.fc = nn.Linear(2 * c, classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.block3(self.block2(self.block1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return _randomize_bn(TinyResNet())
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(48, 3, 8, 8)
+
+
+def _quantizers(q):
+    return [(n, m) for n, m in q.named_modules() if isinstance(m, Quantizer)]
+
+
+# ---------------------------------------------------------------- folding and presets
+def test_bn_folding_is_exact(net, images):
+    ref = net(images)
+    model = TinyResNet()
+    model.load_state_dict(net.state_dict())
+    model.eval()
+    tr = trace_model(model, images[:2])
+    assert ("conv1", "bn1") in tr.bn_pairs and ("block3.a", "block3.bn") in tr.bn_pairs
+    assert len(tr.bn_pairs) == 6 and not tr.orphan_bns
+    fold_bn(model, tr.bn_pairs)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(model(images), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_16_bits_matches_float(net, images):
+    ref = net(images)
+    # academic keeps its first and last layer at 8 bits, hence the looser bound
+    for preset, tol in (("hw", 2e-4), ("academic", 2e-2)):
+        q = quantize(net, images, "W16A16", preset=preset, calibration="minmax")
+        with torch.no_grad():
+            out = q(images)
+        assert (out - ref).abs().max() < tol * ref.abs().max(), preset
+
+
+def test_hw_scales_are_powers_of_two_and_edges_quantized(net, images):
+    q = quantize(net, images, "W4A4", preset="hw")
+    assert isinstance(q, QuantizedModel) and q.output_quantizer is not None
+    for name, qz in _quantizers(q):
+        e = torch.log2(qz.scale.detach())
+        assert torch.equal(e, e.round()), name
+        assert qz.spec.bits == 4 and qz.spec.symmetric and qz.spec.pow2, name
+    cfg = q.quant_config
+    assert cfg["layers"]["conv1"]["role"] == "first" and cfg["layers"]["fc"]["role"] == "last"
+    assert cfg["layers"]["conv1"]["weight"]["bits"] == 4 and cfg["layers"]["fc"]["weight"]["bits"] == 4
+    assert cfg["output"] == {"quantized": True, "bits": 4, "signed": True, "symmetric": True, "axis": None,
+                             "pow2": True}
+    # unsigned activations after ReLU, signed image input
+    assert cfg["layers"]["block1.conv1"]["input"]["signed"] is False
+    assert cfg["layers"]["conv1"]["input"]["signed"] is True
+    # weights are integers in the 4-bit signed range
+    w = q.model.block1.conv1.w_int
+    assert w.dtype == torch.int8 and int(w.min()) >= -8 and int(w.max()) <= 7
+
+
+def test_academic_keeps_first_and_last_at_8_bits(net, images):
+    q = quantize(net, images, "W4A4", preset="academic", calibration="percentile")
+    cfg = q.quant_config
+    assert q.output_quantizer is None and cfg["output"] == {"quantized": False}
+    assert q.model.conv1.weight_quantizer.spec.bits == 8 and q.model.fc.weight_quantizer.spec.bits == 8
+    assert q.model.conv1.input_quantizer.spec.bits == 8 and q.model.fc.input_quantizer.spec.bits == 8
+    inner = q.model.block1.conv1
+    assert inner.weight_quantizer.spec == QuantSpec(4, signed=False, symmetric=False, axis=0, pow2=False)
+    assert inner.input_quantizer.spec == QuantSpec(4, signed=False, symmetric=False, axis=None, pow2=False)
+    for name, lc in cfg["layers"].items():
+        assert lc["weight"]["bits"] == (8 if lc["role"] != "inner" else 4), name
+    assert not torch.equal(inner.zero_point if hasattr(inner, "zero_point") else inner.weight_quantizer.zero_point,
+                           torch.zeros_like(inner.weight_quantizer.zero_point))
+
+
+@pytest.mark.parametrize("bits,expected", [("W4A4", (4, 4)), ("w3a8", (3, 8)), ("W2A4", (2, 4)),
+                                           ("W8A8", (8, 8))])
+def test_parse_bits(bits, expected):
+    assert parse_bits(bits) == expected
+
+
+@pytest.mark.parametrize("bits", ["W0A4", "W4", "A4W4", "W4A4x", "W17A8", "W1A8", ""])
+def test_bad_bits_raise(net, images, bits):
+    with pytest.raises(ValueError, match=r"W\{w\}A\{a\}"):
+        quantize(net, images, bits)
+
+
+def test_clear_errors(net, images):
+    with pytest.raises(TypeError, match="bits"):
+        quantize(net, images, 44)
+    with pytest.raises(ValueError, match="empty"):
+        quantize(net, images[:0])
+    with pytest.raises(ValueError, match="empty"):
+        quantize(net, [])
+    with pytest.raises(TypeError, match="float"):
+        quantize(net, (images * 100).to(torch.uint8))
+    with pytest.raises(ValueError, match="preset"):
+        quantize(net, images, preset="fast")
+    with pytest.raises(ValueError, match="method"):
+        quantize(net, images, method="gptq")
+    with pytest.raises(ValueError, match="cache"):
+        quantize(net, images, method="brecq", cache="disk")
+
+    class WithNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.norm = nn.GroupNorm(2, 4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+    with pytest.raises(ValueError, match=r"norm \(GroupNorm\).*skip"):
+        quantize(WithNorm().eval(), images)
+    q = quantize(WithNorm().eval(), images, skip=["norm"])  # deliberately float, and recorded
+    assert q.quant_config["float_modules"] == ["norm"]
+
+    class Conv1dNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(3, 4, 3)
+
+        def forward(self, x):
+            return self.c(x.flatten(2))
+
+    with pytest.raises(ValueError, match=r"c \(Conv1d\)"):
+        quantize(Conv1dNet().eval(), images)
+
+
+# ---------------------------------------------------------------- calibration
+def test_mse_search_matches_per_channel_loop():
+    torch.manual_seed(0)
+    w = torch.randn(6, 40) * torch.linspace(0.1, 2, 6).view(-1, 1)
+    w[0, 0] = 9.0  # an outlier: MSE must clip it
+    spec = QuantSpec(3, signed=True, symmetric=True, axis=0)
+    s, z = mse_search(w, spec, candidates=50, p=2.0)
+    qmin, qmax = spec.qrange
+    for c in range(6):
+        best, best_err = None, math.inf
+        for r in torch.linspace(1.0, 0.01, 50):
+            sc, _ = scale_from_range(r * w[c].min().view(1), r * w[c].max().view(1), spec)
+            err = ((torch.clamp(torch.round(w[c] / sc), qmin, qmax) * sc - w[c]) ** 2).sum()
+            if err < best_err:
+                best, best_err = sc, err
+        torch.testing.assert_close(s[c:c + 1], best)
+    assert torch.all(z == 0)
+
+
+def test_asymmetric_range_covers_data():
+    spec = QuantSpec(4, signed=False, symmetric=False)
+    s, z = scale_from_range(torch.tensor([-1.0]), torch.tensor([3.0]), spec)
+    assert torch.allclose(s, torch.tensor([4.0 / 15])) and z.item() == 4.0
+
+
+# ---------------------------------------------------------------- reconstruction
+def test_beta_schedule():
+    cfg = ReconConfig(iterations=100)
+    assert beta_schedule(0, 100, cfg) is None and beta_schedule(19, 100, cfg) is None
+    assert beta_schedule(20, 100, cfg) == pytest.approx(20.0)
+    assert beta_schedule(99, 100, cfg) == pytest.approx(2.0, abs=0.3)
+    assert beta_schedule(60, 100, cfg) == pytest.approx(11.0)
+
+
+def test_adaround_beats_nearest_on_a_fixed_layer():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)).eval()
+    x = torch.randn(64, 4, 6, 6)
+    ref = layer(x).detach()
+    err = {}
+    for method in ("nearest", "adaround"):
+        q = quantize(layer, x, "W3A16", preset="hw", method=method, iterations=300, batch_size=16)
+        err[method] = (q(x).detach() - ref).pow(2).mean().item()
+        if method == "adaround":  # the weights are still on the 3-bit grid
+            w = q.model[0].w_int
+            assert w.dtype == torch.int8 and int(w.min()) >= -4 and int(w.max()) <= 3
+    assert err["adaround"] < 0.8 * err["nearest"], err
+
+
+def test_find_units(net, images):
+    q = quantize(net, images, "W8A8")
+    order = trace_model(q.model, images[:1]).order
+    units = find_units(q.model, order)
+    assert [(u.name, u.kind) for u in units] == [("conv1", "layer"), ("block1", "block"), ("block2", "block"),
+                                                  ("block3", "block"), ("fc", "layer")]
+    assert units[3].layers == ["block3.a", "block3.b"]
+    assert all(u.kind == "layer" for u in find_units(q.model, order, blocks=False))
+
+
+def test_brecq_on_tiny_residual_net(net, images):
+    ref = net(images).detach()
+    calls = []
+    near = quantize(net, images, "W4A8", preset="academic")
+    q = quantize(net, images, "W4A8", preset="academic", method="brecq", iterations=60, batch_size=16,
+                 qdrop=True, progress=lambda s, t, info: calls.append((s, t, info)))
+    units = q.quant_config["units"]
+    assert [u["kind"] for u in units] == ["layer", "block", "block", "block", "layer"]
+    assert q.quant_config["reconstruction"]["qdrop"] == 0.5
+    assert q.quant_config["reconstruction"]["learn_act_scale"] is True
+    steps = [c for c in calls if c[2]["stage"] == "reconstruct"]
+    assert steps[-1][0] == steps[-1][1] == 5 * 60 and all(math.isfinite(c[2]["loss"]) for c in steps)
+    # LSQ moved activation scales away from their calibrated values
+    assert not torch.equal(q.model.block1.conv2.input_quantizer.scale, near.model.block1.conv2.input_quantizer.scale)
+    err_b = (q(images).detach() - ref).pow(2).mean()
+    err_n = (near(images).detach() - ref).pow(2).mean()
+    assert err_b < err_n, (err_b, err_n)
+
+
+def test_torchvision_block_with_inplace_relu(images):
+    tv = pytest.importorskip("torchvision.models.resnet")
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), tv.BasicBlock(8, 16, stride=2, downsample=ds),
+                                        nn.Flatten(), nn.Linear(16 * 16, 3)))
+    q = quantize(model, images, "W16A16", method="brecq", iterations=2, batch_size=16)
+    assert [u["kind"] for u in q.quant_config["units"]] == ["layer", "block", "layer"]
+    assert len(q.quant_config["folded_bn"]) == 3
+    ref = model(images)
+    assert (q(images).detach() - ref).abs().max() < 5e-3 * ref.abs().max()
+
+
+def test_host_streamed_cache_equals_in_memory(net, images):
+    outs = {}
+    for cache in ("host", "device", "recompute"):
+        q = quantize(net, images, "W4A4", method="brecq", iterations=8, batch_size=16, qdrop=0.5, cache=cache)
+        outs[cache] = q(images).detach()
+        if cache != "host":
+            torch.testing.assert_close(outs[cache], outs["host"], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- export
+def test_save_load_round_trip(net, images, tmp_path):
+    q = quantize(net, images, "W4A4", preset="academic", method="adaround", iterations=5, batch_size=16)
+    path = tmp_path / "q.pt"
+    save_quantized(q, path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["state_dict"]["model.block1.conv1.w_int"].dtype == torch.uint8
+    assert not any(k.endswith(".weight") for k in raw["state_dict"])  # no float weights left
+    fresh = TinyResNet()  # the float architecture, untrained: only the structure matters
+    r = load_quantized(path, fresh)
+    assert r.quant_config == q.quant_config
+    torch.testing.assert_close(r(images), q(images), atol=0, rtol=0)
+    assert zsq_fast.load_quantized is load_quantized
+    with pytest.raises(ValueError, match="architecture"):
+        load_quantized(path, nn.Sequential(nn.Conv2d(3, 8, 3)))
+
+
+@pytest.mark.parametrize("preset", ["hw", "academic"])
+def test_onnx_round_trip(net, images, tmp_path, preset):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    q = quantize(net, images, "W4A4", preset=preset)
+    path = tmp_path / "q.onnx"
+    zsq_fast.export_onnx(q, path, images[:2])
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    x = images[:8]  # another batch size than the example: dynamic batch axis
+    want = q(x).detach().numpy()
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # default optimizations fuse QDQ into integer kernels: same predictions, outputs within a few steps
+    fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert (fused.argmax(1) == want.argmax(1)).mean() >= 0.75
+    assert np.abs(fused - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_onnx_refuses_more_than_8_bits(net, images, tmp_path):
+    q = quantize(net, images, "W16A16", calibration="minmax")
+    with pytest.raises(ValueError, match="8 bits"):
+        zsq_fast.export_onnx(q, tmp_path / "q.onnx", images[:2])
+
+
+def test_top_level_api_is_callable(net, images):
+    import zsq_fast.quantize  # noqa: F401  (the package import must not hide the function)
+    q = zsq_fast.quantize(net, images, "W8A8")
+    assert isinstance(q, QuantizedModel) and all(m.rounding == "frozen" for m in q.modules()
+                                                  if isinstance(m, QUANT_LAYERS))

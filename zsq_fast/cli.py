@@ -1,0 +1,500 @@
+"""`zsq-fast` command line: generate, quantize, eval, demo.
+
+Every command draws progress bars (tqdm, on stderr), takes --device/--seed/--precision and writes
+a JSON report (settings, timings, peak memory, losses, accuracies) beside its outputs. Bad input
+ends with one line `zsq-fast: error: ...` on stderr and exit code 2 (ZSQ_FAST_DEBUG=1 shows the
+traceback instead).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import os
+import pickle
+import re
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import ImageSet, load_images_for, one_per_class, random_subset
+from .evaluate import evaluate, predict_logits
+from .models.zoo import LoadedModel, has_batchnorm, load_model
+from .report import (LossLog, RunReport, check_precision, report_path_for, resolve_device,
+                     seed_everything)
+
+GENERATORS = ("dgh", "bns", "fdda")
+PRESETS = ("hw", "academic")
+ROUNDINGS = ("nearest", "adaround", "brecq")
+_BITS = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+
+
+class UsageError(ValueError):
+    """Bad command-line input (printed as one line, exit code 2)."""
+
+
+# ---------------------------------------------------------------- glue around the library
+class Progress:
+    """A tqdm bar fed by the library's progress callbacks callback(step, total, losses) + a loss log."""
+
+    def __init__(self, desc: str, enabled: bool = True, unit: str = "it", one_based: bool = True):
+        self.desc, self.enabled, self.unit, self.one_based = desc, enabled, unit, one_based
+        self.bar: tqdm | None = None
+        self.log: LossLog | None = None
+
+    def __call__(self, step: int, total: int, losses=None) -> None:
+        if total <= 0:  # a stage notice without steps (e.g. quantize's "calibrated")
+            return
+        if self.bar is None or self.bar.total != total:
+            self.close()
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, disable=not self.enabled,
+                            leave=False, dynamic_ncols=True)
+            if self.log is None:
+                self.log = LossLog(total)
+        self.bar.update(max(0, step + (0 if self.one_based else 1) - self.bar.n))
+        if isinstance(losses, dict) and losses:
+            self.bar.set_postfix({k: (f"{float(v):.4g}" if isinstance(v, (int, float)) else str(v))
+                                  for k, v in list(losses.items())[:3] if k != "stage"}, refresh=False)
+        self.log.add(step, losses, total + (0 if self.one_based else -1))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def losses(self) -> dict:
+        return self.log.to_dict() if self.log is not None else {}
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """'W4A4' -> (4, 4); each width 2..16 (the ops' limits). Checked before any long work starts."""
+    from .ops.checks import MAX_BITS, MIN_BITS
+
+    m = _BITS.match(bits.strip()) if isinstance(bits, str) else None
+    if m is None or not all(MIN_BITS <= int(b) <= MAX_BITS for b in m.groups()):
+        raise UsageError(f"bad bits {bits!r}: expected W<w>A<a> with {MIN_BITS} <= w, a <= {MAX_BITS}, e.g. W4A4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _accepted(fn, kwargs: dict) -> dict:
+    """kwargs the library function takes; an explicit setting it does not take is an error, not ignored."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        raise UsageError(f"{fn.__module__}.{fn.__name__} does not support {', '.join(unknown)}")
+    return kwargs
+
+
+def check_generator_model(model_src: LoadedModel, method: str) -> None:
+    if method not in GENERATORS:
+        raise UsageError(f"unknown generator {method!r}; choose from {', '.join(GENERATORS)}")
+    if isinstance(model_src.model, torch.jit.ScriptModule):
+        raise UsageError(f"generator {method} needs an nn.Module with hookable BatchNorm layers; "
+                         f"{model_src.source} is TorchScript (load it as ARCH --weights instead)")
+    if not has_batchnorm(model_src.model):
+        raise UsageError(f"model {model_src.source} has no BatchNorm layers; generator {method} matches BN "
+                         "statistics and cannot work without them (calibrate with real images: --images DATA)")
+
+
+def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, seed: int, precision: str,
+                 iterations: int | None = None, chunk_size: int | None = None, mode: str | None = None,
+                 real: ImageSet | None = None, per_class: int = 1, checkpoint: str | None = None,
+                 progress: bool = True, report: RunReport | None = None, extra: dict | None = None):
+    """zsq_fast.generate with a progress bar; returns (images (N,3,S,S) on CPU, record dict, labels or None)."""
+    import zsq_fast
+
+    check_generator_model(model_src, method)
+    kwargs = dict(method=method, image_size=model_src.input_size, mean=model_src.mean, std=model_src.std,
+                  seed=seed, device=device)
+    if precision != "fp32":  # autocast inside the generator's forward passes (CUDA only)
+        kwargs["amp"] = precision
+    if mode is not None and method != "dgh":
+        raise UsageError(f"--mode exact|stale is for generator dgh only (got {method})")
+    for k, v in (("iterations", iterations), ("chunk_size", chunk_size), ("aggregation", mode),
+                 ("checkpoint", checkpoint)):
+        if v is not None:
+            kwargs[k] = v
+    if method == "fdda":
+        if real is None or real.labels is None:
+            raise UsageError("generator fdda needs real labelled images for its class centers (--real DATA)")
+        rx, ry = real.take(one_per_class(real.labels, per_class, seed))
+        kwargs.update(real_images=rx, real_labels=ry, images_per_class=per_class)
+    elif real is not None:
+        raise UsageError(f"--real is for generator fdda only (got --method {method})")
+    kwargs.update(extra or {})
+    bar = Progress(f"generate {method}", progress)
+    kwargs["progress"] = bar
+    gen = zsq_fast.generate
+    try:
+        with report.timed(f"generate_{method}") if report is not None else contextlib.nullcontext():
+            images, record = gen(model_src.model.to(device), n_images, **_accepted(gen, kwargs))
+    finally:
+        bar.close()
+    record_d = record.to_dict() if hasattr(record, "to_dict") else dict(record or {})
+    labels = getattr(record, "labels", None)
+    if report is not None:  # the record holds the settings, per-step losses, timings and peak memory
+        report.extra.setdefault("generation", {})[method] = record_d
+    return images.detach().cpu(), record_d, labels
+
+
+def run_quantize(model_src: LoadedModel, calib: torch.Tensor, *, bits: str, preset: str, method: str,
+                 device, seed: int, precision: str, iterations: int | None = None,
+                 batch_size: int | None = None, progress: bool = True, report: RunReport | None = None,
+                 tag: str = "", extra: dict | None = None):
+    """zsq_fast.quantize on a copy of the float model, with a progress bar."""
+    import zsq_fast
+
+    parse_bits(bits)
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if method not in ROUNDINGS:
+        raise UsageError(f"unknown rounding method {method!r}; choose from {', '.join(ROUNDINGS)}")
+    # Reconstruction always runs in fp32 (its losses are small differences); --precision applies to
+    # generation and evaluation.
+    kwargs = dict(bits=bits, preset=preset, method=method, device=device, seed=seed)
+    for k, v in (("iterations", iterations), ("batch_size", batch_size)):
+        if v is not None:
+            kwargs[k] = v
+    kwargs.update(extra or {})
+    bar = Progress(f"quantize {bits} {preset} {method}", progress)
+    kwargs["progress"] = bar
+    q = zsq_fast.quantize
+    name = f"quantize_{tag or method}"
+    try:
+        with report.timed(name) if report is not None else contextlib.nullcontext():
+            qmodel = q(model_src.model, calib, **_accepted(q, kwargs))
+    finally:
+        bar.close()
+    if report is not None:
+        report.losses[name] = bar.losses()
+        cfg = getattr(qmodel, "quant_config", None)
+        if cfg is not None:
+            report.extra.setdefault("quant_config", {})[tag or method] = cfg
+    return qmodel
+
+
+# ---------------------------------------------------------------- commands
+def _model_from(args) -> LoadedModel:
+    return load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size)
+
+
+def _start(args, command: str) -> tuple[RunReport, torch.device]:
+    check_precision(args.precision)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    settings = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    settings["device"] = str(device)
+    return RunReport(command, settings), device
+
+
+def cmd_generate(args) -> int:
+    report, device = _start(args, "generate")
+    _check_output(args.out)
+    with report.timed("load_model"):
+        src = _model_from(args)
+    check_generator_model(src, args.method)
+    real = None
+    if args.real:
+        with report.timed("load_real"):
+            real = load_images_for(args.real, src.mean, src.std, src.input_size)
+    report.settings["model"] = src.settings()
+    images, record, labels = run_generate(
+        src, args.num_images or 1024, args.method, device=device, seed=args.seed, precision=args.precision,
+        iterations=args.iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
+        per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress, report=report)
+    import zsq_fast
+
+    with report.timed("save"):
+        _save_images(zsq_fast.save_images, images, args.out, src, labels)
+    path = report.write(args.report or report_path_for(args.out), device)
+    print(f"wrote {images.shape[0]} {args.method} images ({images.shape[-1]}x{images.shape[-2]}) to {args.out}; "
+          f"report {path}")
+    return 0
+
+
+def _save_images(save, images, path, src: LoadedModel, labels) -> None:
+    kwargs = {"mean": src.mean, "std": src.std, "labels": labels}
+    params = inspect.signature(save).parameters
+    save(images, path, **{k: v for k, v in kwargs.items() if k in params and v is not None})
+
+
+def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> torch.Tensor:
+    if args.images:
+        with report.timed("load_calibration"):
+            data = load_images_for(args.images, src.mean, src.std, src.input_size)
+            if args.num_images is not None and args.num_images < data.n:
+                data = data.subset(random_subset(data.n, args.num_images, args.seed))
+            x, _ = data.take(range(data.n))
+        report.settings["calibration"] = data.settings()
+        return x
+    real = None
+    if args.real:
+        with report.timed("load_real"):
+            real = load_images_for(args.real, src.mean, src.std, src.input_size)
+    images, _, _ = run_generate(
+        src, args.num_images or 1024, args.generator, device=device, seed=args.seed, precision=args.precision,
+        iterations=args.gen_iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
+        per_class=args.per_class, progress=not args.no_progress, report=report)
+    report.settings["calibration"] = {"source": f"generator {args.generator}", "n": images.shape[0]}
+    return images
+
+
+def cmd_quantize(args) -> int:
+    report, device = _start(args, "quantize")
+    parse_bits(args.bits)
+    _check_output(args.out)
+    if bool(args.images) == bool(args.generator):
+        raise UsageError("give calibration data: either --images DATA or --generator dgh|bns|fdda")
+    with report.timed("load_model"):
+        src = _model_from(args)
+    report.settings["model"] = src.settings()
+    if args.generator:
+        check_generator_model(src, args.generator)
+    evaldata = None
+    if args.eval:  # read before the long work so a bad path fails fast
+        evaldata = load_images_for(args.eval, src.mean, src.std, src.input_size, limit=args.eval_limit)
+    calib = _calibration_images(args, src, device, report)
+    qmodel = run_quantize(src, calib, bits=args.bits, preset=args.preset, method=args.method, device=device,
+                          seed=args.seed, precision=args.precision, iterations=args.iterations,
+                          batch_size=args.batch_size, progress=not args.no_progress, report=report)
+    import zsq_fast
+
+    with report.timed("save"):
+        zsq_fast.save_quantized(qmodel, args.out)
+    if args.onnx:
+        with report.timed("export_onnx"):
+            _export_onnx(zsq_fast.export_onnx, qmodel, args.onnx, src, device)
+    if evaldata is not None:
+        with report.timed("eval"):
+            report.metrics = _eval_pair(src.model, qmodel, evaldata, args, device)
+        print(_metrics_line(report.metrics))
+    path = report.write(args.report or report_path_for(args.out), device)
+    print(f"wrote quantized model ({args.bits} {args.preset} {args.method}) to {args.out}; report {path}")
+    return 0
+
+
+def _export_onnx(export, qmodel, path, src: LoadedModel, device) -> None:
+    params = inspect.signature(export).parameters
+    example = torch.zeros(1, 3, src.input_size, src.input_size)
+    kwargs = {}
+    if "example" in params:
+        kwargs["example"] = example
+    elif "example_input" in params:
+        kwargs["example_input"] = example
+    elif "input_size" in params:
+        kwargs["input_size"] = src.input_size
+    export(qmodel.cpu(), path, **kwargs)
+
+
+def _eval_pair(float_model, qmodel, data: ImageSet, args, device) -> dict:
+    progress = not args.no_progress
+    float_model = float_model.to(device)
+    ref = predict_logits(float_model, data, batch_size=args.batch_size_eval, device=device,
+                         precision=args.precision, progress=progress, desc="eval float")
+    out = {"float": evaluate(float_model, data, reference_logits=ref, batch_size=args.batch_size_eval,
+                             device=device, precision=args.precision)}
+    if qmodel is not None:
+        out["quantized"] = evaluate(qmodel.to(device), data, reference_logits=ref,
+                                    batch_size=args.batch_size_eval, device=device, precision=args.precision,
+                                    progress=progress)
+    out["data"] = data.settings()
+    return out
+
+
+def _metrics_line(m: dict) -> str:
+    parts = []
+    for k in ("float", "quantized"):
+        if k in m:
+            r = m[k]
+            s = ", ".join(f"{name} {r[name]:.2f}%" for name in ("top1", "top5", "agreement") if name in r
+                          and not (k == "float" and name == "agreement"))
+            parts.append(f"{k}: {s or 'no labels'}")
+    return f"{m['data']['n']} images | " + " | ".join(parts)
+
+
+def cmd_eval(args) -> int:
+    report, device = _start(args, "eval")
+    with report.timed("load_model"):
+        src = _model_from(args)
+        qmodel = _load_quantized(args.quantized, src) if args.quantized else None
+    report.settings["model"] = src.settings()
+    with report.timed("load_data"):
+        data = load_images_for(args.data, src.mean, src.std, src.input_size, limit=args.limit)
+    with report.timed("eval"):
+        report.metrics = _eval_pair(src.model, qmodel, data, args, device)
+    print(_metrics_line(report.metrics))
+    default = args.quantized or (args.model if os.path.isfile(args.model) else "eval")
+    path = report.write(args.report or report_path_for(default, "eval"), device)
+    print(f"report {path}")
+    return 0
+
+
+def _load_quantized(path: str, src: LoadedModel):
+    import zsq_fast
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"quantized model not found: {path}")
+    try:
+        return zsq_fast.load_quantized(path, src.model)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # not a torch file / truncated
+        raise ValueError(f"cannot read {path} as a quantized model ({type(e).__name__})") from None
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    check_precision(args.precision)
+    run_demo(out_dir=args.out, quick=args.quick, device=resolve_device(args.device), seed=args.seed,
+             progress=not args.no_progress)
+    return 0
+
+
+def _check_output(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"output folder does not exist: {parent}")
+
+
+# ---------------------------------------------------------------- argument parsing
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(v) for v in s.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.485,0.456,0.406, got {s!r}") from None
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16: autocast in generation (CUDA) and evaluation; reconstruction stays fp32")
+    g.add_argument("--report", help="JSON report path (default: beside the output)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if model:
+        m = p.add_argument_group("model")
+        m.add_argument("--model", required=True,
+                       help="zoo name (resnet20/32/44/56, digits_cnn), torchvision:<name>, a TorchScript file, "
+                            "or package.module:factory")
+        m.add_argument("--weights", help="state-dict file, or a torchvision weights name (IMAGENET1K_V1, DEFAULT)")
+        m.add_argument("--mean", type=_floats, help="input normalization mean (overrides the model's default)")
+        m.add_argument("--std", type=_floats, help="input normalization std")
+        m.add_argument("--input-size", type=_positive, help="input height = width in pixels")
+
+
+def _generator_args(p: argparse.ArgumentParser, iterations_flag: str) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("-n", "--num-images", type=_positive, default=None, help="number of images (default 1024; with --images: use N of them)")
+    g.add_argument(iterations_flag, type=_positive, dest=iterations_flag.lstrip("-").replace("-", "_"),
+                   help="optimization steps (default: the generator's)")
+    g.add_argument("--chunk-size", type=_positive, help="images per forward/backward chunk (memory)")
+    g.add_argument("--mode", choices=("exact", "stale"), help="dgh whole-set statistics: exact (default) or stale")
+    g.add_argument("--real", help="fdda: labelled real images for the class centers")
+    g.add_argument("--per-class", type=_positive, default=1, help="fdda: real images per class (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="zsq-fast", description="Data-free low-bit post-training quantization of CNNs.")
+    p.add_argument("--version", action="version", version=f"zsq_fast {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="{generate,quantize,eval,demo}", parser_class=_Parser)
+    sub.required = True
+
+    g = sub.add_parser("generate", help="synthesize calibration images from a model's BN statistics")
+    _common(g)
+    g.add_argument("--method", default="dgh", choices=GENERATORS, help="generator (default dgh)")
+    _generator_args(g, "--iterations")
+    g.add_argument("--checkpoint", help="checkpoint file: resume from it, save to it")
+    g.add_argument("--out", required=True, help="images.pt (tensor) or a folder (PNGs)")
+    g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("quantize", help="quantize a model with real or generated calibration images")
+    _common(q)
+    src = q.add_argument_group("calibration data (one of)")
+    src.add_argument("--images", help="calibration images: .npz, image folder or .pt from generate")
+    src.add_argument("--generator", choices=GENERATORS, help="generate calibration images first")
+    _generator_args(q, "--gen-iterations")
+    r = q.add_argument_group("quantization")
+    r.add_argument("--bits", default="W4A4", help="W<w>A<a>, e.g. W4A4, W3A8 (2..16)")
+    r.add_argument("--preset", default="hw", choices=PRESETS, help="hw (default) or academic")
+    r.add_argument("--method", default="brecq", choices=ROUNDINGS, help="rounding (default brecq)")
+    r.add_argument("--iterations", type=_positive, help="reconstruction steps per block/layer (default 20000, BRECQ's; use fewer on CPU)")
+    r.add_argument("--batch-size", type=_positive, help="reconstruction batch size")
+    q.add_argument("--out", required=True, help="quantized model file (.pt)")
+    q.add_argument("--onnx", help="also export ONNX (QuantizeLinear/DequantizeLinear) here")
+    q.add_argument("--eval", help="evaluate float and quantized on this data afterwards")
+    q.add_argument("--eval-limit", type=_positive, help="evaluate on the first N images only")
+    q.add_argument("--batch-size-eval", type=_positive, default=256)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="top-1/top-5 of a float or quantized model, agreement with the float model")
+    _common(e)
+    e.add_argument("--quantized", help="quantized model file from `zsq-fast quantize` (float model: --model)")
+    e.add_argument("--data", required=True, help=".npz (x uint8 NHWC, y), ImageFolder, or image folder")
+    e.add_argument("--limit", type=_positive, help="first N images only")
+    e.add_argument("--batch-size-eval", "--batch-size", type=_positive, default=256, dest="batch_size_eval")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="offline end-to-end demo on scikit-learn's bundled digits (CPU, minutes)")
+    _common(d, model=False)
+    d.add_argument("--out", default="demo_out", help="folder for the table, image grid and report")
+    d.add_argument("--quick", action="store_true", help="reduced iteration counts (seconds; for tests)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# Errors that mean "bad input" and end in one line + exit 2. A RuntimeError only when it is a
+# state-dict mismatch; any other RuntimeError is a bug and keeps its traceback.
+_INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError, IsADirectoryError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    debug = os.environ.get("ZSQ_FAST_DEBUG") == "1"
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except _INPUT_ERRORS + (RuntimeError,) as e:
+        if debug or (isinstance(e, RuntimeError) and "state_dict" not in str(e)):
+            raise
+        print(f"zsq-fast: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zsq-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in str(msg):
+        msg = f"{msg}: {e.filename}"
+    line = " ".join(str(msg).split()) or type(e).__name__
+    return line
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

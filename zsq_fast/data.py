@@ -1,0 +1,239 @@
+"""Image sets for calibration and evaluation: .npz, ImageFolder trees, PNG folders, tensor files.
+
+Everything becomes an `ImageSet`: N images, optional integer labels, and `batches()` that yields
+float (B, 3, S, S) tensors already normalized with the model's mean/std. Folders are read lazily,
+batch by batch, so an ImageNet-sized folder never sits in memory as floats.
+
+  .npz        `x` uint8 (N, H, W, C) with C in {1, 3} (or (N, H, W) gray), optional `y` int labels
+  folder/     class sub-folders of images (torchvision ImageFolder layout; labels = sorted folder index)
+              or a flat folder of images (no labels; e.g. PNGs written by `zsq-fast generate`; a
+              labels.txt/labels.json beside them, one int per image in sorted-name order, adds labels)
+  .pt/.pth    a float tensor (N, 3, H, W) already in normalized input space (zsq_fast.save_images)
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageSet:
+    n: int
+    labels: torch.Tensor | None  # int64 (N,) or None
+    source: str
+    # (indices) -> float (B, 3, S, S) normalized; indices are a 1-D int64 tensor
+    read: Callable[[torch.Tensor], torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batches(self, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        for start in range(0, self.n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, self.n))
+            yield self.read(idx), (None if self.labels is None else self.labels[idx])
+
+    def take(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return self.read(idx), (None if self.labels is None else self.labels[idx])
+
+    def subset(self, indices: Sequence[int] | torch.Tensor, source: str | None = None) -> "ImageSet":
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return ImageSet(len(idx), None if self.labels is None else self.labels[idx],
+                        source or f"{self.source}[{len(idx)} selected]", lambda i: self.read(idx[i]))
+
+    def settings(self) -> dict:
+        return {"source": self.source, "n": self.n, "labels": self.labels is not None}
+
+
+def load_images_for(path: str, mean: Sequence[float], std: Sequence[float], size: int,
+                    limit: int | None = None) -> ImageSet:
+    """Read `path` (see module docstring) for a model with input normalization mean/std and size."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data not found: {path}")
+    if os.path.isdir(path):
+        data = _folder(path, mean, std, size)
+    elif path.endswith(".npz"):
+        data = _npz(path, mean, std, size)
+    elif path.endswith((".pt", ".pth")):
+        data = _tensor_file(path, mean, std, size)
+    elif path.lower().endswith(IMAGE_EXTS):
+        raise ValueError(f"{path} is a single image; pass the folder that holds the images")
+    else:
+        raise ValueError(f"unsupported data file {path}: use .npz (x uint8 NHWC, y), an image folder, "
+                         "or a .pt tensor written by zsq-fast generate")
+    if limit is not None and limit < data.n:
+        data = data.subset(torch.arange(limit), f"{data.source}[:{limit}]")
+    return data
+
+
+def from_uint8(x: np.ndarray | torch.Tensor, y, mean, std, size: int, source: str) -> ImageSet:
+    """In-memory uint8 images (N, H, W, C) or (N, H, W) -> ImageSet (kept uint8 until a batch is read)."""
+    x = torch.as_tensor(np.asarray(x))
+    if x.dtype != torch.uint8:
+        raise ValueError(f"{source}: images must be uint8 in 0..255, got {x.dtype}")
+    if x.dim() == 3:
+        x = x.unsqueeze(-1)
+    if x.dim() != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"{source}: images must be (N, H, W, C) with C in (1, 3) (NHWC), got {tuple(x.shape)}")
+    labels = _labels(y, x.shape[0], source)
+    x = x.permute(0, 3, 1, 2)  # a view; made contiguous per batch
+    m, s = _norm_tensors(mean, std)
+    return ImageSet(x.shape[0], labels, source, lambda idx: _normalize(x[idx], m, s, size))
+
+
+def _npz(path: str, mean, std, size: int) -> ImageSet:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as .npz ({type(e).__name__})") from None
+    with z:
+        if "x" not in z.files:
+            raise ValueError(f"{path} has no array 'x' (found: {', '.join(z.files) or 'nothing'}); "
+                           "expected x uint8 (N, H, W, C) and optional y")
+        x = z["x"]
+        y = z["y"] if "y" in z.files else None
+    return from_uint8(x, y, mean, std, size, os.path.basename(path))
+
+
+def _labels(y, n: int, source: str) -> torch.Tensor | None:
+    if y is None:
+        return None
+    y = np.asarray(y)
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{source}: labels y must be {n} integers, got {y.dtype} {y.shape}")
+    return torch.as_tensor(y.astype(np.int64))
+
+
+def _norm_tensors(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor([float(v) for v in std], dtype=torch.float32).view(1, -1, 1, 1)
+    if m.numel() != 3 or s.numel() != 3:
+        raise ValueError("mean and std need 3 values (RGB)")
+    return m, s
+
+
+def _normalize(x_u8: torch.Tensor, m: torch.Tensor, s: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float normalized (B, 3, size, size); gray is replicated to RGB."""
+    x = x_u8.float().div_(255.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = resize_center(x, size)
+    return (x - m) / s
+
+
+def resize_center(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Standard evaluation geometry: images of the right size pass; others are resized so the short
+    side is size/0.875 (smaller images: exactly size) and center-cropped."""
+    h, w = x.shape[-2:]
+    if h == size and w == size:
+        return x.contiguous()
+    short = size if min(h, w) <= size else round(size / 0.875)
+    nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=min(h, w) > short)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top:top + size, left:left + size].contiguous()
+
+
+def _folder(path: str, mean, std, size: int) -> ImageSet:
+    entries = sorted(os.listdir(path))
+    classes = [d for d in entries if os.path.isdir(os.path.join(path, d))]
+    files = [f for f in entries if f.lower().endswith(IMAGE_EXTS)]
+    if classes and not files:  # ImageFolder layout
+        items, labels = [], []
+        for c, d in enumerate(classes):
+            for f in sorted(os.listdir(os.path.join(path, d))):
+                if f.lower().endswith(IMAGE_EXTS):
+                    items.append(os.path.join(path, d, f))
+                    labels.append(c)
+        y = torch.tensor(labels, dtype=torch.int64)
+        source = f"ImageFolder {path} ({len(classes)} classes)"
+    else:
+        items = [os.path.join(path, f) for f in files]
+        y = _sidecar_labels(path, len(items))
+        source = f"image folder {path}"
+    if not items:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) in {path}")
+    m, s = _norm_tensors(mean, std)
+    return ImageSet(len(items), y, source, lambda idx: torch.cat([
+        _normalize(_read_image(items[i]), m, s, size) for i in idx.tolist()]))
+
+
+def _sidecar_labels(path: str, n: int) -> torch.Tensor | None:
+    for name in ("labels.json", "labels.txt"):
+        p = os.path.join(path, name)
+        if os.path.exists(p):
+            with open(p) as f:
+                y = json.load(f) if name.endswith(".json") else [int(t) for t in f.read().split()]
+            if isinstance(y, dict):
+                y = y.get("labels")
+            return _labels(y, n, p)
+    return None
+
+
+def _read_image(path: str) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:
+        raise ValueError(f"cannot read image {path} ({type(e).__name__})") from None
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+def _tensor_file(path: str, mean, std, size: int) -> ImageSet:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a tensor file ({type(e).__name__})") from None
+    labels = None
+    if isinstance(obj, dict):  # {"images": T, "labels": T} style
+        x = obj.get("images", obj.get("x"))
+        labels = obj.get("labels", obj.get("y"))
+    else:
+        x = obj
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        raise ValueError(f"{path}: expected a float tensor (N, 3, H, W) in normalized input space")
+    if x.shape[-1] != size or x.shape[-2] != size:
+        raise ValueError(f"{path}: images are {x.shape[-2]}x{x.shape[-1]}, the model takes {size}x{size}")
+    x = x.float()
+    saved = (obj.get("mean"), obj.get("std")) if isinstance(obj, dict) else (None, None)
+    if saved[0] is not None and saved[1] is not None:  # saved under another normalization: re-normalize
+        m0, s0 = _norm_tensors(torch.as_tensor(saved[0]).tolist(), torch.as_tensor(saved[1]).tolist())
+        m, s = _norm_tensors(mean, std)
+        if not (torch.allclose(m0, m) and torch.allclose(s0, s)):
+            x = (x * s0 + m0 - m) / s
+    y = None if labels is None else _labels(labels.numpy() if isinstance(labels, torch.Tensor) else labels,
+                                            x.shape[0], path)
+    return ImageSet(x.shape[0], y, f"tensor file {path}", lambda idx: x[idx])
+
+
+def to_uint8_hwc(x: torch.Tensor, mean, std) -> np.ndarray:
+    """Normalized float (N, 3, H, W) -> uint8 (N, H, W, 3) for viewing (inverse of the normalization)."""
+    m, s = _norm_tensors(mean, std)
+    p = (x.detach().float().cpu() * s + m).clamp(0, 1)
+    return (p * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def one_per_class(labels: torch.Tensor, k: int = 1, seed: int = 0) -> torch.Tensor:
+    """Indices of k seeded-random examples of every class present (e.g. FDDA's class centers)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        out.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(out)
+
+
+def random_subset(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
+    if n > n_total:
+        raise ValueError(f"asked for {n} images but the data has {n_total}")
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values

@@ -1,0 +1,71 @@
+"""Top-1/top-5 accuracy and top-1 agreement with a reference (the float model) on an ImageSet.
+
+Agreement = fraction of images where the quantized model's arg-max equals the float model's; it
+needs no labels and is the fairer measure on degraded test sets (e.g. the JPEG CIFAR-10 copy).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ImageSet
+from .report import autocast
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: ImageSet, *, batch_size: int = 256, device="cpu",
+                   precision: str = "fp32", progress: bool = False, desc: str = "predict") -> torch.Tensor:
+    device = torch.device(device)
+    model.eval()
+    out = []
+    with tqdm(total=data.n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for x, _ in data.batches(batch_size):
+            with autocast(device, precision):
+                z = model(x.to(device))
+            out.append(_check_logits(z, x.shape[0]).float().cpu())
+            bar.update(x.shape[0])
+    return torch.cat(out)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    k = min(k, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    return (topk == labels[:, None]).any(1).float().mean().item()
+
+
+def evaluate(model: nn.Module, data: ImageSet, *, reference: nn.Module | None = None,
+             reference_logits: torch.Tensor | None = None, batch_size: int = 256, device="cpu",
+             precision: str = "fp32", progress: bool = False) -> dict:
+    """{'n', 'top1', 'top5' (with labels), 'agreement' (with a reference)}; accuracies as percentages."""
+    logits = predict_logits(model, data, batch_size=batch_size, device=device, precision=precision,
+                            progress=progress, desc="eval")
+    result: dict = {"n": data.n}
+    if data.labels is not None:
+        if int(data.labels.max()) >= logits.shape[1] or int(data.labels.min()) < 0:
+            raise ValueError(f"labels go up to {int(data.labels.max())} but the model has {logits.shape[1]} outputs")
+        result["top1"] = round(100 * accuracy(logits, data.labels, 1), 3)
+        if logits.shape[1] >= 5:
+            result["top5"] = round(100 * accuracy(logits, data.labels, 5), 3)
+    if reference is not None and reference_logits is None:
+        reference_logits = predict_logits(reference, data, batch_size=batch_size, device=device,
+                                          precision=precision, progress=progress, desc="eval float")
+    if reference_logits is not None:
+        result["agreement"] = round(100 * agreement(logits, reference_logits), 3)
+    return result
+
+
+def agreement(logits: torch.Tensor, reference_logits: torch.Tensor) -> float:
+    if logits.shape != reference_logits.shape:
+        raise ValueError(f"model outputs {tuple(logits.shape)} and reference outputs "
+                         f"{tuple(reference_logits.shape)} differ")
+    return (logits.argmax(1) == reference_logits.argmax(1)).float().mean().item()
+
+
+def _check_logits(z, n: int) -> torch.Tensor:
+    if isinstance(z, (tuple, list)):
+        z = z[0]
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != n:
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"model output must be logits (N, classes); got {shape}")
+    return z

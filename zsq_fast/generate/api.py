@@ -1,0 +1,304 @@
+"""generate(): validate, set up the run, loop steps with checkpoints and progress, return the
+images and a record."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import bns, dgh, fdda
+from .bn_capture import BNCapture, find_bn_layers, used_layers
+from .checkpoint import load_checkpoint, save_checkpoint
+from .context import Run, measure_bn_loss, output_images
+from .io import IMAGENET_MEAN, IMAGENET_STD
+from .losses import layer_weights
+from .optim import Plateau
+from .record import GenerationRecord
+from .store import make_store
+from .views import draw_views, margin_for
+
+METHODS = ("dgh", "bns", "fdda")
+# lambda_sigma per method: DGH paper code uses 10, MCT DataGen / ZeroQ-style matching 1.
+LAMBDA_SIGMA = {"dgh": 10.0, "bns": 1.0, "fdda": 1.0}
+# lr: the public DGH code uses 16 for 224 px ImageNet; with per-step clipping that mostly saturates
+# pixels. On the CIFAR ResNet-20 check, 0.1 (RAdam, reduce-on-plateau) reached a lower whole-set
+# BN loss than 16 or 1 in the same number of steps; see benchmarks/generate_check.py.
+DEFAULT_LR = 0.1
+FDDA_WEIGHTS = {"ce": 0.5, "bn": 0.2, "distort": 0.9, "center": 0.01}
+AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# settings that may differ between a run and its resume
+_NOT_COMPARED = ("device", "store", "checkpoint_every")
+
+
+@dataclass
+class Settings:
+    method: str
+    n_images: int
+    image_size: list
+    iterations: int
+    chunk_size: int
+    lr: float
+    seed: int
+    mean: list
+    std: list
+    lambda_sigma: float
+    layer_weighting: str
+    aggregation: str
+    augment: bool
+    margin: int
+    odsl_weight: float
+    odsl_form: str
+    amp: str | None
+    store: str
+    device: str
+    min_lr: float
+    patience: int
+    checkpoint_every: int
+    images_per_class: int
+    fdda_weights: dict
+
+
+def _int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _image_size(image_size) -> tuple[int, int]:
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 4 for s in image_size)):
+        raise ValueError(f"image_size must be an int or (H, W) of ints >= 4, got {image_size!r}")
+    return tuple(image_size)
+
+
+def _probe(model, size, device):
+    """One forward on a tiny batch: fails clearly when the model cannot take this image size."""
+    x = torch.zeros(2, 3, *size, device=device)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the size does not fit the model
+        raise ValueError(f"the model's forward fails on images of image_size={size[0]}x{size[1]} "
+                         f"({type(exc).__name__}: {exc}); pass the input size the model expects") from exc
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
+    return out
+
+
+def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=224, *,
+             iterations: int = 1000, chunk_size: int = 128, lr: float = DEFAULT_LR, seed: int = 0,
+             mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store: str = "host", amp: str | None = None,
+             lambda_sigma: float | None = None, layer_weighting: str = "average",
+             aggregation: str = "exact", augment: bool | None = None, margin: int | None = None,
+             odsl_weight: float | None = None, odsl_form: str = "hinged",
+             min_lr: float = 1e-4, patience: int | None = None,
+             real_images=None, real_labels=None, images_per_class: int = 1, fdda_weights: dict | None = None,
+             checkpoint=None, checkpoint_every: int = 50, progress=None):
+    """Synthesize n_images calibration images for `model` from its BN statistics.
+
+    method: "dgh" (whole-set aggregation, views, ODSL), "bns" (per-batch matching) or "fdda"
+    (class centers from real_images/real_labels or a dataset of (image, label)).
+    Returns (images (N, 3, H, W) in the model's normalized input space, GenerationRecord).
+    The model is put in eval mode with frozen parameters during the run and restored after.
+    """
+    settings, device = make_settings(
+        model, n_images, method, image_size, iterations=iterations, chunk_size=chunk_size, lr=lr, seed=seed,
+        mean=mean, std=std, device=device, store=store, amp=amp, lambda_sigma=lambda_sigma,
+        layer_weighting=layer_weighting, aggregation=aggregation, augment=augment, margin=margin,
+        odsl_weight=odsl_weight, odsl_form=odsl_form, min_lr=min_lr, patience=patience,
+        images_per_class=images_per_class, fdda_weights=fdda_weights, checkpoint_every=checkpoint_every)
+    if method == "fdda" and real_images is None:
+        raise ValueError("fdda needs real_images (a tensor with real_labels, or a dataset of (image, label))")
+    modes = [m.training for m in model.modules()]  # per module: a model may mix train and eval parts
+    requires = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        return _generate(model, settings, device, real_images, real_labels, checkpoint, progress)
+    finally:
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+
+
+def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1000, chunk_size=128,
+                  lr=DEFAULT_LR, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store="host",
+                  amp=None, lambda_sigma=None, layer_weighting="average", aggregation="exact", augment=None,
+                  margin=None, odsl_weight=None, odsl_form="hinged", min_lr=1e-4, patience=None,
+                  images_per_class=1, fdda_weights=None, checkpoint_every=50) -> tuple[Settings, torch.device]:
+    """Validated settings with the method's defaults filled in, and the compute device."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _int("n_images", n_images, 1)
+    _int("chunk_size", chunk_size, 1)
+    _int("iterations", iterations, 0)
+    _int("checkpoint_every", checkpoint_every, 1)
+    size = _image_size(image_size)
+    if aggregation not in ("exact", "stale"):
+        raise ValueError(f"aggregation must be 'exact' or 'stale', got {aggregation!r}")
+    if odsl_form not in ("plain", "hinged"):
+        raise ValueError(f"odsl_form must be 'plain' or 'hinged', got {odsl_form!r}")
+    if amp not in AMP:
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if store not in ("host", "device"):
+        raise ValueError(f"store must be 'host' or 'device', got {store!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(f"mean and std need 3 entries (std > 0), got {mean!r}, {std!r}")
+    augment = (method == "dgh") if augment is None else bool(augment)
+    margin = (margin_for(min(size)) if augment else 0) if margin is None else _int("margin", margin, 0)
+    params = list(model.parameters()) + list(model.buffers())
+    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    if amp is not None and device.type != "cuda":
+        raise ValueError(f"amp={amp!r} needs a CUDA device, the run is on {device}")
+    settings = Settings(
+        method=method, n_images=n_images, image_size=list(size), iterations=iterations, chunk_size=chunk_size,
+        lr=float(lr), seed=int(seed), mean=[float(m) for m in mean], std=[float(s) for s in std],
+        lambda_sigma=float(LAMBDA_SIGMA[method] if lambda_sigma is None else lambda_sigma),
+        layer_weighting=layer_weighting, aggregation=aggregation, augment=augment, margin=margin,
+        odsl_weight=float((1e-5 if method == "dgh" else 0.0) if odsl_weight is None else odsl_weight),
+        odsl_form=odsl_form, amp=amp, store=store, device=str(device), min_lr=float(min_lr),
+        patience=int(max(5, iterations // 50) if patience is None else patience),
+        checkpoint_every=checkpoint_every, images_per_class=images_per_class,
+        fdda_weights={**FDDA_WEIGHTS, **(fdda_weights or {})} if method == "fdda" else {})
+    layer_weights(2, layer_weighting)  # validates the name early
+    _int("images_per_class", images_per_class, 1)
+    return settings, device
+
+
+def build_run(model, s: Settings, device) -> tuple[Run, torch.Tensor]:
+    """The run state before step 1 (and the model's output on a probe batch). The model must
+    already be in eval mode; enter run.capture before any forward."""
+    size = tuple(s.image_size)
+    layers = find_bn_layers(model)
+    out = _probe(model, size, device)
+    layers = used_layers(model, layers, torch.zeros(2, 3, *size, device=device))
+    mean = torch.tensor(s.mean, device=device)
+    std = torch.tensor(s.std, device=device)
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    targets = [(torch.zeros(3, device=device), torch.ones(3, device=device))]
+    targets += [(l.mean.to(device), l.std.to(device)) for l in layers]
+    generator = torch.Generator().manual_seed(s.seed)
+    canvas = (size[0] + s.margin, size[1] + s.margin)
+    x0 = torch.randn(s.n_images, 3, *canvas, generator=generator)
+    x0 = torch.maximum(torch.minimum(x0, hi.cpu().view(1, -1, 1, 1)), lo.cpu().view(1, -1, 1, 1))
+    location = torch.device("cpu") if s.store == "host" else device
+    capture = BNCapture(layers)
+    run = Run(model=model, layers=layers, capture=capture, targets=targets,
+              weights=layer_weights(len(targets), s.layer_weighting), lambda_sigma=s.lambda_sigma,
+              store=make_store(x0, location), device=device, chunk_size=s.chunk_size, size=size, lo=lo, hi=hi,
+              generator=generator, plateau=Plateau(lr=s.lr, patience=s.patience, min_lr=s.min_lr),
+              augment=s.augment, odsl_weight=s.odsl_weight, odsl_hinged=s.odsl_form == "hinged",
+              amp_dtype=AMP[s.amp], loss_scale=1024.0 if s.amp == "fp16" else 1.0)
+    return run, out
+
+
+def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, progress):
+    t_start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run, out = build_run(model, s, device)
+    layers, capture = run.layers, run.capture
+    compared = {k: v for k, v in asdict(s).items() if k not in _NOT_COMPARED}
+    with capture:
+        if s.method == "fdda":
+            _setup_fdda(run, s, real_images, real_labels, out.shape[-1])
+        step_fn = {"bns": bns.bns_step, "fdda": fdda.fdda_step,
+                   "dgh": dgh.exact_step if s.aggregation == "exact" else dgh.stale_step}[s.method]
+        history, resumed = [], None
+        saved = load_checkpoint(checkpoint, compared) if checkpoint is not None else None
+        if saved is not None:
+            resumed = _restore(run, saved)
+            history, initial_bn = saved["history"], saved["initial_bn_loss"]
+        else:
+            initial_bn = measure_bn_loss(run)
+            if s.method == "dgh" and s.aggregation == "stale":
+                dgh.init_stale_cache(run, _views(run, s))
+        t_setup = time.perf_counter() - t_start
+        t_loop = time.perf_counter()
+        for step in range(run.step + 1, s.iterations + 1):
+            run.step = step
+            views = _views(run, s)
+            lr_used = run.plateau.lr
+            losses = step_fn(run, views)
+            run.plateau.step(losses["total"])
+            history.append({"step": step, "lr": lr_used, **losses})
+            if checkpoint is not None and (step % s.checkpoint_every == 0 or step == s.iterations):
+                save_checkpoint(checkpoint, _state(run, compared, history, initial_bn))
+            if progress is not None:
+                progress(step, s.iterations, losses)
+        steps_done = len(history)
+        t_steps = time.perf_counter() - t_loop
+        t_final = time.perf_counter()
+        final_bn = measure_bn_loss(run)
+        images = _output(run)
+    timings = {"setup_s": t_setup, "steps_s": t_steps,
+               "per_step_s": t_steps / max(1, s.iterations - (resumed or 0)),
+               "final_s": time.perf_counter() - t_final, "total_s": time.perf_counter() - t_start}
+    if device.type == "cuda":
+        peak = {"device": str(device), "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device))}
+    else:
+        peak = {"device": "cpu", "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    record = GenerationRecord(
+        settings=json.loads(json.dumps(asdict(s))), losses=history, initial_bn_loss=initial_bn,
+        final_bn_loss=final_bn, timings=timings, peak_memory=peak, bn_layers=[l.name for l in layers],
+        steps_done=steps_done, resumed_from_step=resumed,
+        labels=run.state["labels"].clone() if s.method == "fdda" else None)
+    return images, record
+
+
+def _views(run: Run, s: Settings):
+    return draw_views(run.n, s.margin, run.generator) if s.augment else None
+
+
+def _setup_fdda(run: Run, s: Settings, real_images, real_labels, num_classes: int) -> None:
+    x, y = fdda.select_per_class(real_images, real_labels, s.images_per_class, num_classes)
+    if tuple(x.shape[1:]) != (3, *run.size):
+        raise ValueError(f"fdda: real images have shape {tuple(x.shape[1:])}, expected (3, {run.size[0]}, "
+                         f"{run.size[1]}) in the model's normalized input space")
+    centers = fdda.class_centers(run, x, y)
+    labels = fdda.synthetic_labels(run.n, centers.classes)
+    run.state.update(centers=centers, labels=labels,
+                     batches=fdda.class_batches(labels, run.chunk_size), weights=s.fdda_weights,
+                     noise_mean_std=0.5, noise_var_std=1.0)
+
+
+@torch.no_grad()
+def _output(run: Run) -> torch.Tensor:
+    if not run.augment:
+        return run.store.x.clone()
+    out = torch.empty(run.n, 3, *run.size, dtype=torch.float32, device=run.store.x.device)
+    for sl in run.store.chunks(run.chunk_size):
+        out[sl] = output_images(run, run.store.load(sl, run.device)).to(out.device)
+    return out
+
+
+def _state(run: Run, compared: dict, history: list, initial_bn: float) -> dict:
+    return {"settings": json.dumps(compared), "step": run.step, "x": run.store.x.cpu(),
+            "exp_avg": run.store.exp_avg.cpu(), "exp_avg_sq": run.store.exp_avg_sq.cpu(),
+            "plateau": run.plateau.state(), "generator": run.generator.get_state(),
+            "history": history, "initial_bn_loss": initial_bn, "stale_cache": dgh.cache_state(run)}
+
+
+def _restore(run: Run, saved: dict) -> int:
+    run.store.put(slice(None), saved["x"], saved["exp_avg"], saved["exp_avg_sq"])
+    for k, v in saved["plateau"].items():
+        setattr(run.plateau, k, v)
+    run.generator.set_state(saved["generator"])
+    run.step = int(saved["step"])
+    dgh.restore_cache(run, saved["stale_cache"])
+    return run.step

@@ -1,0 +1,35 @@
+"""bns: per-batch BN-statistics matching (ZeroQ / DeepInversion), the baseline.
+
+Each chunk is a batch with its own loss L_BN(mu_hat_batch, sigma_hat_batch); its images get the
+gradient of that loss only.
+"""
+from __future__ import annotations
+
+from ..ops import channel_mean_var
+from .context import Run, check_finite, forward, grad_of, see, update
+from .losses import bn_loss, odsl, std_from_var
+
+
+def bns_step(run: Run, views) -> dict:
+    n_total, bn_sum, out_sum = run.n, 0.0, 0.0
+    for sl in run.store.chunks(run.chunk_size):
+        x, m, v = run.store.load(sl, run.device, moments=True)
+        x.requires_grad_(True)
+        acts, logits = forward(run, see(run, x, None if views is None else views[sl]))
+        stats = []
+        for a in acts:
+            mu, var = channel_mean_var(a)
+            stats.append((mu, std_from_var(var)))
+        loss = l_bn = bn_loss(stats, run.targets, run.weights, run.lambda_sigma)
+        if run.odsl_weight:
+            per = odsl(logits, acts[-1], run.targets[-1], run.odsl_hinged)
+            loss = loss + run.odsl_weight * per.mean()
+            out_sum += float(per.detach().sum())
+        check_finite(run, loss, "the bns loss")
+        update(run, sl, x.detach(), grad_of(run, loss, x), m, v)
+        bn_sum += float(l_bn.detach()) * (sl.stop - sl.start)
+    bn = bn_sum / n_total
+    losses = {"bn": bn, "total": bn + run.odsl_weight * out_sum / n_total}
+    if run.odsl_weight:
+        losses["odsl"] = out_sum / n_total
+    return losses

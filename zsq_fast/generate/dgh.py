@@ -1,0 +1,138 @@
+"""dgh: Data Generation for Hardware-friendly quantization (Dikstein et al., WACV 2025).
+
+Whole-set aggregation of the BN statistics, in two modes:
+- exact: pass 1 streams every chunk without autograd and merges per-channel sums (channel_stats);
+  L_BN and dL/d(mu_bar, var_bar) are computed on the global statistics; pass 2 streams each chunk
+  with autograd and injects that gradient at every BN input (inject_stats_grad), together with the
+  per-image losses (ODSL). The result equals the gradient of the same loss on the full set.
+- stale: one pass per step; a chunk's statistics are merged with the cached statistics of the
+  other chunks from their last visit (what the public implementations do).
+Views (flip, smoothing, crop from a larger canvas, clip) are drawn once per step (views.py), so
+both passes of an exact step see the same images.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import ChannelStats, channel_mean_var, channel_stats, inject_stats_grad
+from .context import Run, check_finite, forward, grad_of, see, update, whole_set_stats
+from .losses import bn_loss, merge_mean_var, odsl, std_from_var
+
+
+def _odsl(run: Run, acts, logits) -> torch.Tensor:
+    return odsl(logits, acts[-1], run.targets[-1], run.odsl_hinged)
+
+
+def exact_gradients(run: Run, views, on_grad) -> dict:
+    """One exact step's losses; on_grad(sl, x, grad, exp_avg, exp_avg_sq) receives each chunk's
+    gradient of L = L_BN(global stats) + w_odsl * mean_i L_out,i."""
+    n = run.n
+    vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
+    # pass 1: global statistics, no autograd
+    totals = whole_set_stats(run, lambda sl: see(run, run.store.load(sl, run.device), vsl(sl)))
+    means = [t.mean.detach().clone().requires_grad_(True) for t in totals]
+    variances = [t.var.detach().clone().requires_grad_(True) for t in totals]
+    l_bn = bn_loss([(mu, std_from_var(var)) for mu, var in zip(means, variances)],
+                   run.targets, run.weights, run.lambda_sigma)
+    check_finite(run, l_bn, "the dgh BN loss")
+    grads = torch.autograd.grad(l_bn, means + variances)
+    g_mean, g_var = grads[:len(means)], grads[len(means):]
+    # pass 2: each chunk with autograd; the exact dL/dx flows in at every BN input
+    out_sum = 0.0
+    for sl in run.store.chunks(run.chunk_size):
+        x, m, v = run.store.load(sl, run.device, moments=True)
+        x.requires_grad_(True)
+        acts, logits = forward(run, see(run, x, vsl(sl)))
+        loss = sum(inject_stats_grad(a, t.mean, gm, gv, t.count)
+                   for a, t, gm, gv in zip(acts, totals, g_mean, g_var))
+        if run.odsl_weight:
+            per = _odsl(run, acts, logits)
+            check_finite(run, per.sum(), "the ODSL loss")
+            loss = loss + run.odsl_weight * per.sum() / n
+            out_sum += float(per.detach().sum())
+        on_grad(sl, x.detach(), grad_of(run, loss, x), m, v)
+    bn = float(l_bn.detach())
+    losses = {"bn": bn, "total": bn + run.odsl_weight * out_sum / n}
+    if run.odsl_weight:
+        losses["odsl"] = out_sum / n
+    return losses
+
+
+def exact_step(run: Run, views) -> dict:
+    return exact_gradients(run, views, lambda sl, x, g, m, v: update(run, sl, x, g, m, v))
+
+
+def init_stale_cache(run: Run, views) -> None:
+    """Statistics of every chunk before the first stale step."""
+    vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
+    cache = []
+    with torch.no_grad():
+        for sl in run.store.chunks(run.chunk_size):
+            acts, _ = forward(run, see(run, run.store.load(sl, run.device), vsl(sl)))
+            cache.append([channel_stats(a) for a in acts])
+    run.state["cache"] = cache
+
+
+def _others(cache, j: int, layer: int) -> ChannelStats:
+    total = ChannelStats(0.0, cache[j][layer].mean * 0, cache[j][layer].m2 * 0)
+    for k, chunk in enumerate(cache):
+        if k != j:
+            total = total.merge(chunk[layer])
+    return total
+
+
+def stale_gradients(run: Run, views, on_grad) -> dict:
+    """One stale step: chunk j's loss is L_BN on (its fresh statistics merged with the cached
+    statistics of the other chunks); its cache entry is refreshed from this forward."""
+    n, cache = run.n, run.state["cache"]
+    vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
+    bn_sum, out_sum = 0.0, 0.0
+    chunks = run.store.chunks(run.chunk_size)
+    for j, sl in enumerate(chunks):
+        x, m, v = run.store.load(sl, run.device, moments=True)
+        x.requires_grad_(True)
+        acts, logits = forward(run, see(run, x, vsl(sl)))
+        stats, fresh = [], []
+        for layer, a in enumerate(acts):
+            mu_j, var_j = channel_mean_var(a)
+            mu_j, var_j = mu_j.double(), var_j.double()
+            n_j = float(a.numel() // a.shape[1])
+            o = _others(cache, j, layer)
+            mu, var = (mu_j, var_j) if o.count == 0 else merge_mean_var(o.count, o.mean, o.var, n_j, mu_j, var_j)
+            stats.append((mu, std_from_var(var)))
+            fresh.append(ChannelStats(n_j, mu_j.detach(), var_j.detach() * n_j))
+        loss = l_bn = bn_loss(stats, run.targets, run.weights, run.lambda_sigma)
+        if run.odsl_weight:
+            per = _odsl(run, acts, logits)
+            loss = loss + run.odsl_weight * per.sum() / n
+            out_sum += float(per.detach().sum())
+        check_finite(run, loss, "the dgh (stale) loss")
+        g = grad_of(run, loss, x)
+        cache[j] = fresh
+        bn_sum += float(l_bn.detach())
+        on_grad(sl, x.detach(), g, m, v)
+    bn = bn_sum / len(chunks)
+    losses = {"bn": bn, "total": bn + run.odsl_weight * out_sum / n}
+    if run.odsl_weight:
+        losses["odsl"] = out_sum / n
+    return losses
+
+
+def stale_step(run: Run, views) -> dict:
+    return stale_gradients(run, views, lambda sl, x, g, m, v: update(run, sl, x, g, m, v))
+
+
+def cache_state(run: Run) -> dict:
+    cache = run.state.get("cache")
+    if cache is None:
+        return {}
+    return {"counts": [[c.count for c in chunk] for chunk in cache],
+            "means": [[c.mean.cpu() for c in chunk] for chunk in cache],
+            "m2s": [[c.m2.cpu() for c in chunk] for chunk in cache]}
+
+
+def restore_cache(run: Run, saved: dict) -> None:
+    if not saved:
+        return
+    run.state["cache"] = [[ChannelStats(c, mu.to(run.device), m2.to(run.device)) for c, mu, m2 in zip(cs, ms, m2s)]
+                          for cs, ms, m2s in zip(saved["counts"], saved["means"], saved["m2s"])]

@@ -1,0 +1,246 @@
+"""Model loading: built-in zoo, torchvision by name, state dicts, TorchScript files, `pkg.mod:factory`.
+
+`load_model(spec, weights=...)` returns a `LoadedModel`: the module in eval mode plus the input
+normalization (mean/std in [0, 1] pixel units) and the input size the model expects. Every failure
+is a ValueError/FileNotFoundError whose message names the problem (the CLI prints it as one line).
+
+Spec forms:
+  resnet20 | resnet32 | resnet44 | resnet56 | digits_cnn      built-in zoo (weights: a state dict)
+  torchvision:resnet18 (or a bare torchvision name)           weights: a state dict, an enum name
+                                                              (IMAGENET1K_V1, DEFAULT: downloads once), or none
+  path/to/model.ts                                            a TorchScript archive
+  package.module:factory                                      factory() -> nn.Module (weights: a state dict)
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .cifar_resnet import resnet20, resnet32, resnet44, resnet56
+from .digits_cnn import digits_cnn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Gray digits replicated to RGB; measured over sklearn's load_digits scaled to [0, 1] and upsampled.
+DIGITS_MEAN = (0.305,) * 3
+DIGITS_STD = (0.319,) * 3
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    factory: Callable[[], nn.Module]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int
+    num_classes: int
+    note: str
+
+
+# The CIFAR ResNets were trained on x/255 normalized with the ImageNet constants (see shared/data/README.md).
+ZOO: dict[str, ZooEntry] = {
+    "resnet20": ZooEntry(resnet20, IMAGENET_MEAN, IMAGENET_STD, 32, 10, "CIFAR-10 ResNet-20, option-A shortcut"),
+    "resnet32": ZooEntry(resnet32, IMAGENET_MEAN, IMAGENET_STD, 32, 10, "CIFAR-10 ResNet-32, option-A shortcut"),
+    "resnet44": ZooEntry(resnet44, IMAGENET_MEAN, IMAGENET_STD, 32, 10, "CIFAR-10 ResNet-44, option-A shortcut"),
+    "resnet56": ZooEntry(resnet56, IMAGENET_MEAN, IMAGENET_STD, 32, 10, "CIFAR-10 ResNet-56, option-A shortcut"),
+    "digits_cnn": ZooEntry(digits_cnn, DIGITS_MEAN, DIGITS_STD, 16, 10, "4-layer BN CNN for 16x16 sklearn digits"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int
+    source: str
+    num_classes: int | None = None
+    info: dict = field(default_factory=dict)
+
+    def settings(self) -> dict:
+        return {"source": self.source, "mean": list(self.mean), "std": list(self.std),
+                "input_size": self.input_size, "num_classes": self.num_classes, **self.info}
+
+
+def load_model(spec: str, weights: str | None = None, *, mean=None, std=None, input_size: int | None = None,
+               map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Build/load a float model from `spec` (see module docstring); mean/std/input_size override the defaults."""
+    if not spec:
+        raise ValueError("no model given")
+    if os.path.exists(spec):
+        if weights is not None:
+            raise ValueError(f"--weights is for an architecture name; {spec!r} is a file (pass it alone)")
+        loaded = _load_file(spec, map_location)
+    elif spec in ZOO:
+        e = ZOO[spec]
+        model = e.factory()
+        if weights is not None:
+            load_state_dict_file(model, weights, spec)
+        loaded = LoadedModel(model, e.mean, e.std, e.input_size, f"zoo:{spec}", e.num_classes,
+                             {"weights": weights or "random init"})
+    elif spec.startswith("torchvision:") or _is_torchvision_name(spec):
+        loaded = _load_torchvision(spec.removeprefix("torchvision:"), weights)
+    elif ":" in spec:
+        loaded = _load_factory(spec, weights)
+    elif spec.endswith((".pt", ".pth", ".ts", ".jit")):
+        raise FileNotFoundError(f"model file not found: {spec}")
+    else:
+        raise ValueError(f"unknown model {spec!r}: use a zoo name ({', '.join(ZOO)}), torchvision:<name>, "
+                         "a TorchScript file or package.module:factory")
+    loaded.model.eval()
+    return override(loaded, mean=mean, std=std, input_size=input_size)
+
+
+def override(loaded: LoadedModel, *, mean=None, std=None, input_size=None) -> LoadedModel:
+    if mean is not None:
+        loaded.mean = _triple(mean, "mean")
+    if std is not None:
+        loaded.std = _triple(std, "std")
+        if any(s <= 0 for s in loaded.std):
+            raise ValueError(f"std must be positive, got {loaded.std}")
+    if input_size is not None:
+        if int(input_size) < 1:
+            raise ValueError(f"input size must be positive, got {input_size}")
+        loaded.input_size = int(input_size)
+    return loaded
+
+
+def _triple(v, name: str) -> tuple[float, ...]:
+    v = tuple(float(a) for a in (v if isinstance(v, (list, tuple)) else [v]))
+    if len(v) == 1:
+        v = v * 3
+    if len(v) != 3:
+        raise ValueError(f"{name} needs 1 or 3 values, got {len(v)}")
+    return v
+
+
+# ---------------------------------------------------------------- state dicts
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A plain tensor dict from `path`; unwraps {"state_dict": ...} and a DataParallel `module.` prefix."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle of arbitrary objects, truncated file, not a torch file at all
+        raise ValueError(f"cannot read {path} as a state dict ({type(e).__name__}: {_first_line(e)})") from None
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} is not a state dict (a mapping of names to tensors)")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def load_state_dict_file(model: nn.Module, path: str, arch: str) -> None:
+    """Strict load; a mismatch becomes one ValueError naming missing/unexpected/misshapen keys."""
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+                parts.append(f"{name}: {', '.join(keys[:3])}{more}")
+        raise ValueError(f"weights {path} do not fit architecture {arch}: " + "; ".join(parts))
+    for k, v in own.items():  # old checkpoints lack num_batches_tracked
+        sd.setdefault(k, v)
+    model.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------- other sources
+def _is_torchvision_name(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models(module=torchvision.models)
+
+
+def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
+    import torchvision
+    from torchvision.models import get_model, get_model_weights
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"torchvision has no classification model {name!r}")
+    mean, std, size, info = IMAGENET_MEAN, IMAGENET_STD, 224, {"weights": weights or "random init"}
+    if weights is None or weights.lower() == "none" or os.path.exists(weights):
+        model = get_model(name, weights=None)
+        if weights is not None and os.path.exists(weights):
+            load_state_dict_file(model, weights, f"torchvision:{name}")
+    else:
+        enum = get_model_weights(name)
+        try:
+            w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+        except KeyError:
+            raise ValueError(f"{name} has no weights {weights!r}; choose from "
+                             f"{', '.join(m.name for m in enum)} or a state-dict file") from None
+        try:  # downloads into the torch hub cache the first time; needs network then
+            model = get_model(name, weights=w)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"could not get torchvision weights {w} (offline? {_first_line(e)})") from None
+        t = w.transforms()
+        mean, std, size = tuple(t.mean), tuple(t.std), int(t.crop_size[0])
+        info["weights"] = str(w)
+    return LoadedModel(model, mean, std, size, f"torchvision:{name}", _out_features(model), info)
+
+
+def _load_factory(spec: str, weights: str | None) -> LoadedModel:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import factory {spec!r} ({_first_line(e)})") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        load_state_dict_file(model, weights, spec)
+    # A factory may declare its input convention as attributes of the module.
+    mean = tuple(getattr(model, "input_mean", IMAGENET_MEAN))
+    std = tuple(getattr(model, "input_std", IMAGENET_STD))
+    size = int(getattr(model, "input_size", 224))
+    return LoadedModel(model, mean, std, size, f"factory:{spec}", _out_features(model),
+                       {"weights": weights or "as built by the factory"})
+
+
+def is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.split("/", 2)[1:2] == ["code"] for n in z.namelist())
+
+
+def _load_file(path: str, map_location) -> LoadedModel:
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a model file")
+    if is_torchscript(path):
+        try:
+            model = torch.jit.load(path, map_location=map_location)
+        except Exception as e:
+            raise ValueError(f"cannot load TorchScript {path} ({_first_line(e)})") from None
+        return LoadedModel(model, IMAGENET_MEAN, IMAGENET_STD, 224, f"torchscript:{path}", None,
+                           {"note": "normalization/input size are defaults; override if the model differs"})
+    raise ValueError(f"{path} is not a TorchScript archive; for a state dict give the architecture: "
+                     f"--model ARCH --weights {path} (ARCH: {', '.join(ZOO)}, torchvision:<name> or pkg.mod:factory)")
+
+
+def _out_features(model: nn.Module) -> int | None:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

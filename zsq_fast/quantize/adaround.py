@@ -1,0 +1,106 @@
+"""AdaRound (Nagel et al. 2020) and the reconstruction loop it shares with BRECQ.
+
+For one unit (a layer, or a block for BRECQ) with quantized layers l, minimise over the rounding
+variables V_l
+    || f_fp(x) - f_q(x_q) ||^2  +  lambda * sum_l sum (1 - |2 h(V_l) - 1|^beta)
+with Adam, where f_q uses w_hat_l = s (clamp(floor(w/s) + h(V_l) + z) - z) from the fused op
+zsq_fast.ops.adaround_quantize. The regularizer is off for the first 20 % of the iterations (warm-up);
+then beta decays linearly from 20 to 2. At the end every weight is rounded by h = 1[V >= 0].
+Optionally (BRECQ) the units' activation scales are learned with LSQ, and QDrop keeps activations
+float element-wise with probability p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import UnitData
+
+
+@dataclass
+class ReconConfig:
+    iterations: int = 20000       # per unit (BRECQ default)
+    batch_size: int = 32
+    lr: float = 1e-3              # Adam on V
+    reg_weight: float = 0.01      # lambda (0.1 is BRECQ's choice for MobileNetV2)
+    warmup: float = 0.2           # fraction of iterations without the regularizer
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    learn_act_scale: bool = False  # LSQ on the unit's activation scales
+    act_lr: float = 4e-4            # relative to each calibrated scale
+    qdrop: float = 0.0            # QDrop probability (0 = off)
+
+
+def beta_schedule(t: int, total: int, cfg: ReconConfig) -> float | None:
+    """beta at iteration t; None during the warm-up (no regularizer)."""
+    warm = int(cfg.warmup * total)
+    if t < warm:
+        return None
+    rel = (t - warm) / max(1, total - warm)
+    return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - rel)
+
+
+def reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed per sample, averaged over the batch."""
+    return (out - target).pow(2).flatten(1).sum(1).mean()
+
+
+def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,
+                generator: torch.Generator, on_step=None) -> float:
+    """Learn the rounding of `layers` (inside `unit`) so that unit(x_q) matches the float target.
+
+    Leaves every layer with hard rounding (h = 1[V >= 0]); returns the last reconstruction loss.
+    on_step(t, loss_fn) is called each iteration (loss_fn() gives the loss as a float).
+    """
+    vs = [layer.init_adaround() for layer in layers]
+    opt_v = torch.optim.Adam(vs, lr=cfg.lr)
+    act = [layer.input_quantizer for layer in layers if layer.input_quantizer.enabled]
+    opt_s = None
+    if cfg.learn_act_scale and act:
+        for q in act:
+            q.scale.requires_grad_(True)
+        # Adam's steps are about lr in size whatever the gradient's scale, so each scale gets a step
+        # relative to its calibrated value (act_lr * s0): the same schedule works at 4 and at 16 bits.
+        opt_s = torch.optim.Adam([{"params": [q.scale], "lr": cfg.act_lr * float(q.scale.detach().mean())}
+                                  for q in act])
+    for q in act:
+        q.drop_prob = cfg.qdrop
+    last = float("nan")
+    try:
+        for t in range(cfg.iterations):
+            idx = torch.randint(0, data.n, (min(cfg.batch_size, data.n),), generator=generator)
+            b = data.get(idx)
+            x = b["x_q"]
+            if cfg.qdrop > 0:  # QDrop on the unit's input: mix the quantized-prefix and float inputs
+                x = torch.where(torch.rand_like(x) < cfg.qdrop, b["x_fp"], x)
+            beta = beta_schedule(t, cfg.iterations, cfg)
+            for layer in layers:
+                layer.beta = cfg.beta_start if beta is None else beta
+            rec = reconstruction_loss(unit(x), b["y_fp"])
+            loss = rec
+            if beta is not None:
+                loss = loss + cfg.reg_weight * sum(layer.reg for layer in layers)
+            opt_v.zero_grad(set_to_none=True)
+            if opt_s is not None:
+                opt_s.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_v.step()
+            if opt_s is not None:
+                opt_s.step()
+                for q in act:
+                    q.scale.data.clamp_(min=1e-8)
+            if on_step is not None:
+                on_step(t, lambda: rec.item())
+            if t == cfg.iterations - 1:
+                last = rec.item()
+    finally:
+        for layer in layers:
+            layer.rounding = "hard"
+            layer.reg = None
+            layer.v.requires_grad_(False)
+        for q in act:
+            q.drop_prob = 0.0
+            q.scale.requires_grad_(False)
+    return last

@@ -1,0 +1,236 @@
+"""quantize(): float model + calibration images -> fake-quantized model (a QuantizedModel).
+
+Steps: trace one batch with hooks -> fold BN -> calibrate activation ranges on the float model ->
+swap Conv2d/Linear for quantized layers (weight scales from the calibration method) -> optional
+AdaRound / BRECQ reconstruction -> freeze weights to integers -> attach .quant_config.
+
+What a model needs: an nn.Module whose forward takes one image batch tensor and returns one tensor;
+Conv2d/Linear layers as modules (functional F.conv2d calls are not seen); every BatchNorm directly
+fed by a Conv2d/Linear (it is folded). Modules holding other parameters (LayerNorm, PReLU, Conv1d,
+ConvTranspose2d, ...) would stay float, so they are refused unless named in `skip`. No torch.fx.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adaround import ReconConfig
+from .blocks import find_units
+from .brecq import reconstruct_model
+from .cache import MODES as CACHE_MODES
+from .calibrate import METHODS as CALIBRATIONS
+from .calibrate import ActObserver, weight_scale
+from .fold import fold_bn, set_module
+from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
+from .presets import PRESETS, get_preset, parse_bits
+from .quantizer import Quantizer
+from .trace import trace_model
+
+METHODS = ("nearest", "adaround", "brecq")
+_QUANTIZABLE = (nn.Conv2d, nn.Linear)
+_FOLDED = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _as_images(calib_images) -> torch.Tensor:
+    if isinstance(calib_images, np.ndarray):
+        calib_images = torch.from_numpy(calib_images)
+    if isinstance(calib_images, (list, tuple)):
+        if len(calib_images) == 0:
+            raise ValueError("calib_images is empty: quantize needs at least one calibration image")
+        calib_images = torch.cat([torch.as_tensor(t) for t in calib_images])
+    if not isinstance(calib_images, torch.Tensor):
+        raise TypeError(f"calib_images must be a tensor (N, C, H, W), a list of such batches or a numpy array, "
+                        f"got {type(calib_images).__name__}")
+    if not calib_images.is_floating_point():
+        raise TypeError(f"calib_images must be float, already preprocessed as the model expects "
+                        f"(got dtype {calib_images.dtype})")
+    if calib_images.dim() < 2 or calib_images.shape[0] == 0:
+        raise ValueError(f"calib_images is empty (shape {tuple(calib_images.shape)}): "
+                         "quantize needs at least one calibration image")
+    return calib_images
+
+
+def _check_args(preset, method, calibration, cache, iterations, batch_size, qdrop):
+    get_preset(preset)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; choose one of {CALIBRATIONS}")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
+                                   or iterations < 1):
+        raise ValueError(f"iterations must be a positive int or None (BRECQ default 20000), got {iterations!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    p = 0.5 if qdrop is True else float(qdrop or 0.0)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"qdrop must be a bool or a probability in [0, 1), got {qdrop!r}")
+    return p
+
+
+def _unsupported(model: nn.Module, ran: set[str], skip: set[str]) -> list[str]:
+    """Modules that ran and hold parameters but would not be quantized (they would stay float)."""
+    bad = []
+    for name, m in model.named_modules():
+        if not name or name not in ran or name in skip or isinstance(m, _QUANTIZABLE):
+            continue
+        if any(p is not None for p in m._parameters.values()):
+            bad.append(f"{name} ({type(m).__name__})")
+    return bad
+
+
+def _no_inplace(model: nn.Module) -> None:
+    """In-place activations (torchvision uses ReLU(inplace=True)) would overwrite captured tensors."""
+    for m in model.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+
+
+@torch.no_grad()
+def _observe_activations(model, names, images, batch_size, device, max_samples, generator):
+    """One pass of the float model: an ActObserver per layer input (by name) and one for the output."""
+    n_batches = (images.shape[0] + batch_size - 1) // batch_size
+    obs = {n: ActObserver(max_samples, n_batches, generator) for n in names}
+    out_obs = ActObserver(max_samples, n_batches, generator)
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, n=n: obs[n].observe(args[0])) for n in names]
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            y = model(images[i:i + batch_size].to(device))
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"the model must return one tensor, got {type(y).__name__}")
+            out_obs.observe(y)
+    finally:
+        for h in handles:
+            h.remove()
+    return obs, out_obs
+
+
+def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "hw", method: str = "nearest", *,
+             calibration: str = "mse", iterations: int | None = None, batch_size: int = 32,
+             device: str | torch.device | None = None,
+             progress: Callable[[int, int, dict], None] | None = None, seed: int = 0,
+             qdrop: bool | float = False, cache: str = "host", learn_act_scale: bool | None = None,
+             reg_weight: float = 0.01, lr: float = 1e-3, act_lr: float = 4e-4, percentile: float = 99.99,
+             act_samples: int = 1 << 16, skip: Sequence[str] = ()) -> QuantizedModel:
+    """Post-training quantization of `model` (left unchanged) with calibration images.
+
+    bits         'W{w}A{a}' (e.g. 'W4A4', 'W3A8'), each width 2..16.
+    preset       'hw' or 'academic' (see zsq_fast.quantize.presets).
+    method       'nearest' (round to nearest), 'adaround' (layer by layer) or 'brecq' (block by block,
+                 with LSQ on activation scales unless learn_act_scale=False).
+    calibration  initial scales: 'mse' (clipping search), 'minmax' or 'percentile' (`percentile`).
+    iterations   per reconstruction unit (None = 20000, BRECQ's default); batch_size also bounds
+                 device memory; cache 'host' | 'device' | 'recompute' (see zsq_fast.quantize.cache).
+    qdrop        True (p = 0.5) or a probability: QDrop during reconstruction.
+    progress     called as progress(step, total, info) with info['stage'] and, while reconstructing,
+                 info['unit'] and info['loss'].
+    skip         names of modules to leave float (recorded in quant_config['float_modules']).
+    Returns a QuantizedModel in eval mode; .quant_config says exactly what is quantized.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    w_bits, a_bits = parse_bits(bits)
+    p_drop = _check_args(preset, method, calibration, cache, iterations, batch_size, qdrop)
+    pre = get_preset(preset)
+    images = _as_images(calib_images)
+    skip = set(skip)
+    names = {n for n, _ in model.named_modules()}
+    if skip - names:
+        raise ValueError(f"skip names modules the model does not have: {sorted(skip - names)}")
+    if device is None:
+        p0 = next(iter(model.parameters()), None)
+        device = p0.device if p0 is not None else torch.device("cpu")
+    device = torch.device(device)
+    if learn_act_scale is None:
+        learn_act_scale = method == "brecq"
+
+    fork = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        fp = copy.deepcopy(model).eval().to(device)
+        for prm in fp.parameters():
+            prm.requires_grad_(False)
+        _no_inplace(fp)
+        tr = trace_model(fp, images[: min(2, images.shape[0])].to(device))
+        orphans = [n for n in tr.orphan_bns if n not in skip]
+        if orphans:
+            raise ValueError(f"BatchNorm layers not fed directly by a Conv2d/Linear cannot be folded: {orphans}")
+        pairs = [p for p in tr.bn_pairs if p[0] not in skip]
+        fold_bn(fp, pairs)
+        ran = set(tr.order)
+        bad = [b for b in _unsupported(fp, ran, skip) if not isinstance(fp.get_submodule(b.split(" ")[0]), _FOLDED)]
+        if bad:
+            raise ValueError(f"these modules have parameters but cannot be quantized, so they would stay float: "
+                             f"{bad}. Supported layers: Conv2d, Linear (BatchNorm is folded). Pass their names "
+                             f"in skip=[...] to keep them float deliberately.")
+        layer_names = [n for n in tr.order if isinstance(fp.get_submodule(n), _QUANTIZABLE) and n not in skip]
+        if not layer_names:
+            raise ValueError("the model has no Conv2d/Linear layer that runs; nothing to quantize")
+
+        obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples, gen)
+        if progress is not None:
+            progress(0, 0, {"stage": "calibrated"})
+        q_inner = copy.deepcopy(fp)
+        layers_cfg = {}
+        edge = {layer_names[0]: "first", layer_names[-1]: "last"}
+        for name in layer_names:
+            wb = ab = None
+            if name in edge and pre.first_last_bits is not None:
+                wb = ab = pre.first_last_bits
+            w_spec = pre.weight_spec(wb or w_bits)
+            a_spec = pre.act_spec(ab or a_bits, obs[name].nonnegative)
+            layer = quant_layer_for(fp.get_submodule(name), w_spec, a_spec).to(device)
+            layer.weight_quantizer.set_params(*weight_scale(layer.weight, w_spec, calibration,
+                                                            percentile=percentile))
+            layer.input_quantizer.set_params(*obs[name].scale(a_spec, calibration, percentile=percentile))
+            set_module(q_inner, name, layer)
+            layers_cfg[name] = {"type": layer.kind, "role": edge.get(name, "inner"),
+                                "weight": w_spec.to_dict(), "input": a_spec.to_dict()}
+        out_q = None
+        out_cfg = {"quantized": False}
+        if pre.quantize_output:
+            o_spec = pre.act_spec(a_bits, out_obs.nonnegative)
+            out_q = Quantizer(o_spec, 1).to(device)
+            out_q.set_params(*out_obs.scale(o_spec, calibration, percentile=percentile))
+            out_cfg = {"quantized": True, **o_spec.to_dict()}
+
+        units_done: list[dict] = []
+        recon = None
+        if method != "nearest":
+            recon = ReconConfig(iterations=iterations or 20000, batch_size=batch_size, lr=lr, reg_weight=reg_weight,
+                                learn_act_scale=learn_act_scale, act_lr=act_lr, qdrop=p_drop)
+            units = find_units(q_inner, tr.order, blocks=method == "brecq")
+            units_done = reconstruct_model(q_inner, fp, units, tr.order, images, recon, device=device,
+                                           cache=cache, generator=gen, progress=progress)
+        for m in q_inner.modules():
+            if isinstance(m, QUANT_LAYERS):
+                m.freeze()
+            if isinstance(m, Quantizer):
+                m.set_params(m.scale, m.zero_point)  # scales stored as exact powers of two under pow2
+        if out_q is not None:
+            out_q.set_params(out_q.scale, out_q.zero_point)
+
+    config = {
+        "format_version": 1,
+        "bits": bits.strip().upper(),
+        "preset": preset,
+        "preset_rules": {k: v for k, v in vars(PRESETS[preset]).items()},
+        "method": method,
+        "calibration": calibration,
+        "reconstruction": None if recon is None else {**vars(recon), "cache": cache, "seed": seed},
+        "num_calibration_images": int(images.shape[0]),
+        "folded_bn": [list(p) for p in pairs],
+        "layers": layers_cfg,
+        "output": out_cfg,
+        "float_modules": sorted(skip),
+        "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"]} for u in units_done],
+    }
+    qmodel = QuantizedModel(q_inner, out_q, config).eval()
+    return qmodel

@@ -1,0 +1,82 @@
+"""Reconstruction units: which modules BRECQ reconstructs as one block, which layer by layer.
+
+Blocks are the residual blocks of torchvision (BasicBlock, Bottleneck, InvertedResidual) and of
+zsq_fast.models.cifar_resnet (BasicBlock). Generic rule for other models: a module that is not a plain
+container (Sequential/ModuleList/ModuleDict), holds >= 2 quantized layers, and has no block inside it
+is a block too (so a custom residual module is reconstructed as a unit). Quantized layers outside any
+block are reconstructed alone (layer-wise fallback), and so are the layers of a block whose forward
+does not take exactly one tensor and return one tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..models.cifar_resnet import BasicBlock as CifarBasicBlock
+from .modules import QUANT_LAYERS
+
+
+def _known_blocks() -> tuple[type, ...]:
+    known: list[type] = [CifarBasicBlock]
+    try:
+        from torchvision.models.mobilenetv2 import InvertedResidual
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+        known += [BasicBlock, Bottleneck, InvertedResidual]
+    except ImportError:  # torchvision is optional for the known-block list
+        pass
+    return tuple(known)
+
+
+KNOWN_BLOCKS = _known_blocks()
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass
+class Unit:
+    name: str                 # module name inside the quantized model
+    kind: str                 # "block" or "layer"
+    layers: list[str]         # names of the quantized layers it holds
+
+
+def _n_layers(m: nn.Module) -> int:
+    return sum(isinstance(d, QUANT_LAYERS) for d in m.modules())
+
+
+def is_block(m: nn.Module) -> bool:
+    if isinstance(m, KNOWN_BLOCKS):
+        return True
+    if isinstance(m, _CONTAINERS) or isinstance(m, QUANT_LAYERS) or _n_layers(m) < 2:
+        return False
+    return not any(is_block(c) for c in m.children()) and not any(
+        isinstance(d, KNOWN_BLOCKS) for d in m.modules() if d is not m)
+
+
+def find_units(model: nn.Module, order: list[str], blocks: bool = True) -> list[Unit]:
+    """Units in execution order (`order` = module names by first call). blocks=False: every layer alone."""
+    units: list[Unit] = []
+
+    def layers_in(prefix: str, m: nn.Module) -> list[str]:
+        return [f"{prefix}.{n}" if n else prefix for n, d in m.named_modules() if isinstance(d, QUANT_LAYERS)]
+
+    def visit(prefix: str, m: nn.Module) -> None:
+        for name, child in m.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, QUANT_LAYERS):
+                units.append(Unit(full, "layer", [full]))
+            elif blocks and is_block(child):
+                units.append(Unit(full, "block", layers_in(full, child)))
+            else:
+                visit(full, child)
+
+    visit("", model)
+    rank = {n: i for i, n in enumerate(order)}
+    ran = [u for u in units if u.name in rank]
+    return sorted(ran, key=lambda u: rank[u.name])
+
+
+def split_block(unit: Unit, order: list[str]) -> list[Unit]:
+    """Layer-wise fallback for a block: its layers as single units, in execution order."""
+    rank = {n: i for i, n in enumerate(order)}
+    names = sorted((n for n in unit.layers if n in rank), key=lambda n: rank[n])
+    return [Unit(n, "layer", [n]) for n in names]

@@ -1,0 +1,52 @@
+"""BRECQ (Li et al. 2021): reconstruct the quantized model unit by unit, in data-flow order.
+
+Each unit's input comes from the already-quantized prefix (x_q), its target from the float model
+(y_fp = f_fp(x_fp)); see cache.py for how those are fetched per batch and adaround.py for the loop.
+Units are residual blocks (blocks.py) for method="brecq" and single layers for method="adaround".
+A block whose call is not one tensor in / one tensor out falls back to its layers, one by one.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from torch import nn
+
+from .adaround import ReconConfig, reconstruct
+from .blocks import Unit, split_block
+from .cache import UnitData
+
+
+def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], order: list[str],
+                      images: torch.Tensor, cfg: ReconConfig, *, device: torch.device, cache: str,
+                      generator: torch.Generator, progress=None) -> list[dict]:
+    """Reconstruct every unit in turn; returns [{name, kind, layers, loss}] for the units done."""
+    todo = deque(units)
+    done: list[dict] = []
+    n_total = len(units)
+    every = max(1, cfg.iterations // 100)
+    while todo:
+        unit = todo.popleft()
+        q_unit, fp_unit = qmodel.get_submodule(unit.name), fpmodel.get_submodule(unit.name)
+        try:
+            data = UnitData(qmodel, q_unit, fpmodel, fp_unit, images, batch_size=cfg.batch_size,
+                            device=device, mode=cache, need_fp_input=cfg.qdrop > 0)
+        except TypeError:
+            if unit.kind != "block":
+                raise
+            parts = split_block(unit, order)
+            todo.extendleft(reversed(parts))
+            n_total += len(parts) - 1
+            continue
+        k = len(done)
+
+        def on_step(t, loss_fn, name=unit.name, k=k, n_total=n_total):
+            if progress is not None and (t % every == 0 or t == cfg.iterations - 1):
+                progress(k * cfg.iterations + t + 1, n_total * cfg.iterations,
+                         {"stage": "reconstruct", "unit": name, "loss": loss_fn()})
+
+        layers = [qmodel.get_submodule(n) for n in unit.layers]
+        loss = reconstruct(q_unit, layers, data, cfg, generator, on_step)
+        done.append({"name": unit.name, "kind": unit.kind, "layers": list(unit.layers), "loss": loss})
+        del data
+    return done

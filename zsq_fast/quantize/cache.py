@@ -1,0 +1,108 @@
+"""Inputs and targets of one reconstruction unit, fetched per batch.
+
+For a unit U the loop needs, for a batch of calibration images:
+  x_q   U's input in the quantized model (the already-quantized prefix),
+  x_fp  U's input in the float model (for QDrop's input mixing),
+  y_fp  U's output in the float model (the reconstruction target).
+cache="host"      computed once for all images, kept in host memory (pinned when the device is a GPU),
+                  copied to the device per batch: device memory depends on the batch size only.
+cache="device"    computed once, kept on the device (fastest; needs room for the whole set).
+cache="recompute" nothing kept: each batch re-runs both models' prefixes up to U (slowest, least memory).
+The calibration images themselves stay where the caller put them (host) and move per batch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODES = ("host", "device", "recompute")
+
+
+class _Stop(Exception):
+    """Raised by a hook once the unit's tensors are captured: the rest of the forward is skipped."""
+
+
+@torch.no_grad()
+def capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, want_output: bool):
+    """(input, output or None) of `unit` when `model` runs on `images`."""
+    got: dict[str, torch.Tensor] = {}
+
+    def pre(mod, args, kwargs):
+        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+            raise TypeError("unit must be called with exactly one tensor argument")
+        got["x"] = args[0].detach().clone()  # clone: a later in-place op must not change what we keep
+        if not want_output:
+            raise _Stop
+
+    def post(mod, args, out):
+        if not isinstance(out, torch.Tensor):
+            raise TypeError("unit must return one tensor")
+        got["y"] = out.detach().clone()
+        raise _Stop
+
+    handles = [unit.register_forward_pre_hook(pre, with_kwargs=True)]
+    if want_output:
+        handles.append(unit.register_forward_hook(post))
+    try:
+        model(images)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "x" not in got:
+        raise RuntimeError("the unit did not run during the forward pass")
+    return got["x"], got.get("y")
+
+
+class UnitData:
+    """Batches (x_q, x_fp, y_fp) of one unit; see the module docstring for the three modes."""
+
+    def __init__(self, qmodel: nn.Module, q_unit: nn.Module, fpmodel: nn.Module, fp_unit: nn.Module,
+                 images: torch.Tensor, *, batch_size: int, device: torch.device, mode: str = "host",
+                 need_fp_input: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"cache must be one of {MODES}, got {mode!r}")
+        self.qmodel, self.q_unit, self.fpmodel, self.fp_unit = qmodel, q_unit, fpmodel, fp_unit
+        self.images, self.device, self.mode, self.need_fp_input = images, device, mode, need_fp_input
+        self.n = images.shape[0]
+        self.store: dict[str, torch.Tensor] = {}
+        if mode != "recompute":
+            self._fill(batch_size)
+
+    def _compute(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        imgs = imgs.to(self.device, non_blocking=True)
+        x_q, _ = capture(self.qmodel, self.q_unit, imgs, want_output=False)
+        x_fp, y_fp = capture(self.fpmodel, self.fp_unit, imgs, want_output=True)
+        out = {"x_q": x_q, "y_fp": y_fp}
+        if self.need_fp_input:
+            out["x_fp"] = x_fp
+        return out
+
+    def _fill(self, batch_size: int) -> None:
+        pin = self.mode == "host" and self.device.type == "cuda"
+        where = torch.device("cpu") if self.mode == "host" else self.device
+        for i in range(0, self.n, batch_size):
+            part = self._compute(self.images[i:i + batch_size])
+            for k, t in part.items():
+                if k not in self.store:
+                    buf = torch.empty((self.n, *t.shape[1:]), dtype=t.dtype, device=where)
+                    self.store[k] = buf.pin_memory() if pin else buf
+                self.store[k][i:i + t.shape[0]].copy_(t)
+
+    def get(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch of samples `idx` (a CPU LongTensor) on the device."""
+        if self.mode == "recompute":
+            return self._compute(self.images[idx])
+        if self.mode == "device":
+            return {k: t[idx.to(self.device)] for k, t in self.store.items()}
+        out = {}
+        for k, t in self.store.items():
+            if t.is_pinned():  # gather into pinned memory so the copy is asynchronous (the caching host
+                # allocator keeps the buffer alive until the copy is done)
+                buf = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+                torch.index_select(t, 0, idx, out=buf)
+                out[k] = buf.to(self.device, non_blocking=True)
+            else:
+                out[k] = t[idx].to(self.device)
+        return out

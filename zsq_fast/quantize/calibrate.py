@@ -1,0 +1,137 @@
+"""Initial scales: min/max, percentile, or an MSE search over clipping ratios.
+
+The MSE search (Sec. 4 of ALGORITHMS) tries R clipping ratios r in [1, 0.01] of the observed range
+and keeps, per channel, the one minimising sum |x - x_hat|^p. It is one batched fake_quant call over
+a (R * C, K) view, so it runs on the tensor's device for all channels and candidates at once.
+Activations are per tensor: their range comes from every calibration element, the percentile and
+MSE search from a uniform random sample of at most `max_samples` elements.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops import fake_quant
+from .quantizer import QuantSpec
+
+METHODS = ("mse", "minmax", "percentile")
+
+
+def scale_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) so that the grid covers [lo, hi] (which always includes 0)."""
+    qmin, qmax = spec.qrange
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if spec.symmetric:
+        amax = hi if not spec.signed else torch.maximum(-lo, hi)
+        scale = amax / qmax
+        zp = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        scale = torch.clamp(scale, min=1e-8)
+        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    scale = torch.clamp(scale, min=1e-8)
+    if spec.pow2:  # round up: the grid still covers [lo, hi] (the MSE search tries smaller ranges itself)
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return scale, zp
+
+
+def _lp_error(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: QuantSpec, p: float) -> torch.Tensor:
+    """x (C, K), scale/zp (R, C) -> sum_k |x - x_hat|^p as (R, C), one fake_quant call per candidate chunk."""
+    r, c = scale.shape
+    qmin, qmax = spec.qrange
+    k = x.shape[1]
+    step = max(1, min(r, (1 << 24) // max(1, c * k)))  # bound the (chunk, C, K) temporary to 16M elements
+    out = []
+    for i in range(0, r, step):
+        s, z = scale[i:i + step], zp[i:i + step]
+        n = s.shape[0]
+        xx = x.unsqueeze(0).expand(n, c, k).reshape(n * c, k)
+        x_hat = fake_quant(xx, s.reshape(-1).contiguous(), z.reshape(-1).contiguous(), qmin, qmax, axis=0)
+        out.append((x_hat - xx).abs().pow(p).sum(1).view(n, c))
+    return torch.cat(out)
+
+
+def mse_search(x: torch.Tensor, spec: QuantSpec, *, candidates: int = 100, p: float = 2.4,
+               lo: torch.Tensor | None = None, hi: torch.Tensor | None = None):
+    """Best (scale, zero_point) per row of x (C, K) over clipping ratios linspace(1, 0.01, candidates)."""
+    x = x.float()
+    lo = x.min(1).values if lo is None else lo
+    hi = x.max(1).values if hi is None else hi
+    ratios = torch.linspace(1.0, 0.01, candidates, device=x.device).view(-1, 1)
+    scale, zp = scale_from_range(ratios * lo, ratios * hi, spec)          # (R, C)
+    err = _lp_error(x, scale, zp, spec, p)
+    best = err.argmin(0)
+    cols = torch.arange(x.shape[0], device=x.device)
+    return scale[best, cols], zp[best, cols]
+
+
+def _quantile_rows(x: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row q-quantile (0..1) of x (C, K) by sorting (no size limit, unlike torch.quantile)."""
+    k = x.shape[1]
+    idx = min(k - 1, max(0, int(round(q * (k - 1)))))
+    return x.sort(1).values[:, idx]
+
+
+def weight_scale(w: torch.Tensor, spec: QuantSpec, method: str = "mse", *, percentile: float = 99.99,
+                 candidates: int = 100, p: float = 2.4):
+    """Per-output-channel (scale, zero_point) of a weight (C_out, ...)."""
+    x = w.detach().flatten(1).float()
+    if method == "minmax":
+        return scale_from_range(x.min(1).values, x.max(1).values, spec)
+    if method == "percentile":
+        lo, hi = _quantile_rows(x, 1 - percentile / 100), _quantile_rows(x, percentile / 100)
+        if spec.symmetric and spec.signed:
+            hi = _quantile_rows(x.abs(), percentile / 100)
+            lo = -hi
+        return scale_from_range(lo, hi, spec)
+    if method == "mse":
+        return mse_search(x, spec, candidates=candidates, p=p)
+    raise ValueError(f"unknown calibration {method!r}; choose one of {METHODS}")
+
+
+class ActObserver:
+    """Streams one activation tensor's range and a random sample of its elements over the calibration set."""
+
+    def __init__(self, max_samples: int, n_batches: int, generator: torch.Generator):
+        self.lo, self.hi = math.inf, -math.inf
+        self.per_batch = max(1, math.ceil(max_samples / max(1, n_batches)))
+        self.samples: list[torch.Tensor] = []
+        self.gen = generator
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        if x.numel() == 0:
+            return
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+        if x.numel() > self.per_batch:
+            idx = torch.randint(0, x.numel(), (self.per_batch,), generator=self.gen).to(x.device)
+            x = x[idx]
+        self.samples.append(x)
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.lo >= 0
+
+    def scale(self, spec: QuantSpec, method: str, *, percentile: float = 99.99, candidates: int = 100,
+              p: float = 2.4):
+        if not self.samples:
+            raise ValueError("activation quantizer saw no data during calibration")
+        x = torch.cat(self.samples).view(1, -1)
+        dev = x.device
+        lo, hi = torch.tensor([self.lo], device=dev), torch.tensor([self.hi], device=dev)
+        if method == "minmax":
+            return scale_from_range(lo, hi, spec)
+        if method == "percentile":
+            if spec.symmetric and spec.signed:
+                hi = _quantile_rows(x.abs(), percentile / 100)
+                lo = -hi
+            else:
+                lo, hi = _quantile_rows(x, 1 - percentile / 100), _quantile_rows(x, percentile / 100)
+            return scale_from_range(lo, hi, spec)
+        if method == "mse":
+            return mse_search(x, spec, candidates=candidates, p=p, lo=lo, hi=hi)
+        raise ValueError(f"unknown calibration {method!r}; choose one of {METHODS}")

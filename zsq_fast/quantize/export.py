@@ -1,0 +1,162 @@
+"""Saving, loading and ONNX export of a quantized model.
+
+save_quantized writes {"format", "config" (JSON string), "state_dict"}: integer weights (int8/uint8 up
+to 8 bits), per-channel weight scales and zero points, biases, activation/output scales and zero
+points, and any other float tensors of the model. torch.load(path, weights_only=True) reads it.
+
+load_quantized(path, model) needs the float architecture (like load_state_dict): `model` is an
+instance of the same class as the one that was quantized (its weights do not matter). The recorded
+BN folds and layer swaps are replayed on a copy of it, then the saved tensors are loaded (strict).
+
+export_onnx writes QuantizeLinear/DequantizeLinear (QDQ) graphs: weights as int8/uint8 initializers
+behind DequantizeLinear (per channel, axis 0), activations as Q -> DQ with int8/uint8 zero points;
+below 8 bits a Clip to the b-bit range precedes Q (same result as clamping the integers). Up to 8 bits.
+onnxruntime with graph optimizations disabled reproduces the fake-quant model's outputs (to float
+rounding); its default optimizations fuse QDQ pairs into integer kernels (QLinearConv, with int32
+biases), which changes results by a few quantization steps at most.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from ..ops import fake_quant
+from .fold import set_module
+from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
+from .quantizer import Quantizer, QuantSpec
+
+FORMAT = "zsq_fast.quantized"
+
+
+def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike | io.IOBase) -> None:
+    """Write the quantized model (integers, scales, config) to `path`."""
+    if not isinstance(qmodel, QuantizedModel):
+        raise TypeError(f"save_quantized needs a QuantizedModel from zsq_fast.quantize(), got {type(qmodel).__name__}")
+    _check_frozen(qmodel)
+    state = {k: v.detach().cpu().clone() for k, v in qmodel.state_dict().items()}
+    torch.save({"format": FORMAT, "config": json.dumps(qmodel.quant_config), "state_dict": state}, path)
+
+
+def load_quantized(path, model: nn.Module, device: str | torch.device | None = None) -> QuantizedModel:
+    """Rebuild a saved QuantizedModel on top of `model`, the float architecture (left unchanged)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a file written by zsq_fast.save_quantized")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_quantized needs the float architecture as an nn.Module, got {type(model).__name__}")
+    config = json.loads(payload["config"])
+    state = payload["state_dict"]
+    m = copy.deepcopy(model).eval()
+    for mod in m.modules():
+        if isinstance(getattr(mod, "inplace", None), bool):
+            mod.inplace = False
+    try:
+        for _, bn in config["folded_bn"]:
+            set_module(m, bn, nn.Identity())
+        for name, lc in config["layers"].items():
+            layer = quant_layer_for(m.get_submodule(name), QuantSpec(**lc["weight"]), QuantSpec(**lc["input"]))
+            if layer.bias is None and f"model.{name}.bias" in state:  # BN folding gave it a bias
+                layer.bias = nn.Parameter(torch.zeros_like(state[f"model.{name}.bias"]), requires_grad=False)
+            layer.freeze()
+            set_module(m, name, layer)
+    except (AttributeError, TypeError) as exc:
+        raise ValueError(f"`model` does not match the saved quantized model's architecture: {exc}") from exc
+    out_cfg = config["output"]
+    out_q = None
+    if out_cfg.get("quantized"):
+        out_q = Quantizer(QuantSpec(**{k: v for k, v in out_cfg.items() if k != "quantized"}), 1)
+    qmodel = QuantizedModel(m, out_q, config)
+    try:
+        qmodel.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"`model` does not match the saved quantized model's architecture: {exc}") from exc
+    if device is not None:
+        qmodel.to(device)
+    return qmodel.eval()
+
+
+def _check_frozen(qmodel: nn.Module) -> None:
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QUANT_LAYERS) and m.rounding != "frozen":
+            raise ValueError(f"layer {name} is not frozen to integers (rounding={m.rounding!r})")
+
+
+# ---------------------------------------------------------------- ONNX
+def _onnx_int_dtype(signed: bool) -> torch.dtype:
+    return torch.int8 if signed else torch.uint8
+
+
+class _QDQ(torch.autograd.Function):
+    """Fake quantization whose ONNX form is [Clip] -> QuantizeLinear -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zp, qmin, qmax, signed, lo, hi):
+        s = torch.tensor([scale], dtype=torch.float32, device=x.device)
+        z = torch.tensor([float(zp)], dtype=torch.float32, device=x.device)
+        return fake_quant(x, s, z, qmin, qmax, None)
+
+    @staticmethod
+    def symbolic(g, x, scale, zp, qmin, qmax, signed, lo, hi):
+        dt = _onnx_int_dtype(signed)
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        z = g.op("Constant", value_t=torch.tensor(zp, dtype=dt))
+        full = (-128, 127) if signed else (0, 255)
+        if (qmin, qmax) != full:
+            x = g.op("Clip", x, g.op("Constant", value_t=torch.tensor(lo, dtype=torch.float32)),
+                     g.op("Constant", value_t=torch.tensor(hi, dtype=torch.float32)))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+def qdq_activation(x: torch.Tensor, q: Quantizer) -> torch.Tensor:
+    sp = q.spec
+    qmin, qmax = sp.qrange
+    s = float(q.scale.detach().reshape(-1)[0])  # frozen: already an exact power of two under pow2
+    z = int(q.zero_point.reshape(-1)[0]) if not sp.symmetric else 0
+    s32 = torch.tensor(s, dtype=torch.float32)
+    lo, hi = float((qmin - z) * s32), float((qmax - z) * s32)
+    return _QDQ.apply(x, s, z, qmin, qmax, sp.signed, lo, hi)
+
+
+class _DQWeight(torch.autograd.Function):
+    """w_hat = s (w_int - z) per output channel; ONNX form DequantizeLinear(w_int, s, z, axis=0)."""
+
+    @staticmethod
+    def forward(ctx, w_int, scale, zp):
+        shape = (-1,) + (1,) * (w_int.dim() - 1)
+        return (w_int.float() - zp.view(shape)) * scale.view(shape)
+
+    @staticmethod
+    def symbolic(g, w_int, scale, zp):
+        return g.op("DequantizeLinear", w_int, scale, zp, axis_i=0)
+
+
+def dq_weight(layer: nn.Module) -> torch.Tensor:
+    q = layer.weight_quantizer
+    z = q.zero_point.detach().round().to(layer.w_int.dtype)
+    return _DQWeight.apply(layer.w_int, q.scale.detach().float(), z)
+
+
+def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, example_input: torch.Tensor,
+                opset: int = 13, dynamic_batch: bool = True) -> None:
+    """Export the quantized model as an ONNX QDQ graph (onnxruntime runs it). Bit widths up to 8."""
+    if not isinstance(qmodel, QuantizedModel):
+        raise TypeError(f"export_onnx needs a QuantizedModel from zsq_fast.quantize(), got {type(qmodel).__name__}")
+    _check_frozen(qmodel)
+    if opset < 13:
+        raise ValueError(f"per-channel DequantizeLinear needs opset >= 13, got {opset}")
+    for name, m in qmodel.named_modules():
+        if isinstance(m, Quantizer) and m.spec.bits > 8:
+            raise ValueError(f"ONNX QDQ export supports at most 8 bits; {name} has {m.spec.bits}")
+    qmodel = qmodel.eval()
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(qmodel, (example_input,), path, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["output"], dynamic_axes=axes,
+                          do_constant_folding=False)

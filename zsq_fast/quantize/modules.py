@@ -1,0 +1,163 @@
+"""Quantized layers (Conv2d, Linear) built on the fused ops, and the output-quantizer wrapper.
+
+A quantized layer computes  y = op(q_in(x), w_hat) + b  where q_in is its input activation quantizer
+and w_hat its weight on the integer grid. How w_hat is made is the layer's `rounding`:
+  "nearest"  w_hat = fake_quantize(w)                                  (round to nearest)
+  "soft"     w_hat = adaround_quantize(w, V, beta) and self.reg = its rounding regularizer
+  "hard"     w_hat = adaround_quantize(w, V, hard=True)                (h = 1[V >= 0])
+  "frozen"   w_hat = s (w_int - z): the float weight is gone, only integers remain (after quantize())
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import adaround_init_v, adaround_quantize, fake_quantize
+from .quantizer import Quantizer, QuantSpec
+
+
+class _QuantLayer(nn.Module):
+    kind = ""
+
+    def _init_quant(self, weight: torch.Tensor, bias: torch.Tensor | None, w_spec: QuantSpec, a_spec: QuantSpec):
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.weight_quantizer = Quantizer(w_spec, weight.shape[0])
+        self.input_quantizer = Quantizer(a_spec, 1)
+        self.rounding = "nearest"
+        self.v: nn.Parameter | None = None   # AdaRound's continuous rounding variable
+        self.beta = 2.0
+        self.reg = None                       # last rounding regularizer (soft rounding only)
+
+    # ---------------------------------------------------------------- weights
+    def _wq_args(self):
+        q = self.weight_quantizer
+        sp = q.spec
+        return q.effective_scale(), (None if sp.symmetric else q.zero_point), sp
+
+    def init_adaround(self) -> nn.Parameter:
+        """Start soft rounding at V0 with h(V0) = frac(w/s), i.e. at the float weight."""
+        s, _, _ = self._wq_args()
+        self.v = nn.Parameter(adaround_init_v(self.weight, s, axis=0))
+        self.rounding = "soft"
+        return self.v
+
+    def weight_hat(self) -> torch.Tensor:
+        if self.rounding == "frozen":
+            q = self.weight_quantizer
+            shape = (-1,) + (1,) * (self.w_int.dim() - 1)
+            return (self.w_int.to(q.scale.dtype) - q.zero_point.view(shape)) * q.effective_scale().view(shape)
+        s, z, sp = self._wq_args()
+        if self.rounding == "nearest":
+            return fake_quantize(self.weight, s, z, bits=sp.bits, signed=sp.signed, axis=0)
+        soft = self.rounding == "soft"
+        w_hat, reg = adaround_quantize(self.weight, self.v, s, z, bits=sp.bits, signed=sp.signed, axis=0,
+                                       hard=not soft, beta=self.beta, compute_reg=soft)
+        self.reg = reg if soft else None
+        return w_hat
+
+    def integer_weight(self) -> torch.Tensor:
+        """The weight's integers q in [qmin, qmax] under the current rounding."""
+        if self.rounding == "frozen":
+            return self.w_int.clone()
+        s, _, sp = self._wq_args()
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        z = self.weight_quantizer.zero_point.view(shape) if not sp.symmetric else 0.0
+        ws = self.weight / s.view(shape)
+        if self.rounding == "nearest":
+            q = torch.round(ws) + z
+        else:
+            q = torch.floor(ws) + (self.v >= 0).to(ws.dtype) + z
+        qmin, qmax = sp.qrange
+        return q.clamp(qmin, qmax)
+
+    def freeze(self) -> None:
+        """Replace the float weight by its integers (int8/uint8 up to 8 bits, int16/int32 above)."""
+        if self.rounding == "frozen":
+            return
+        q = self.integer_weight().detach()
+        sp = self.weight_quantizer.spec
+        del self.weight
+        self.v = None
+        self.register_buffer("w_int", q.to(integer_dtype(sp)))
+        self.weight_quantizer.set_params(self.weight_quantizer.scale, self.weight_quantizer.zero_point)
+        self.rounding = "frozen"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export() and self.rounding == "frozen":
+            from .export import dq_weight
+            w_hat = dq_weight(self)
+        else:
+            w_hat = self.weight_hat()
+        return self._op(self.input_quantizer(x), w_hat)
+
+    def extra_repr(self) -> str:
+        return f"{self._shape_repr()}, rounding={self.rounding}"
+
+
+class QuantConv2d(_QuantLayer):
+    kind = "conv2d"
+
+    def __init__(self, conv: nn.Conv2d, w_spec: QuantSpec, a_spec: QuantSpec):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self._init_quant(conv.weight, conv.bias, w_spec, a_spec)
+
+    def _op(self, x, w):
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _shape_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, groups={self.groups}"
+
+
+class QuantLinear(_QuantLayer):
+    kind = "linear"
+
+    def __init__(self, linear: nn.Linear, w_spec: QuantSpec, a_spec: QuantSpec):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._init_quant(linear.weight, linear.bias, w_spec, a_spec)
+
+    def _op(self, x, w):
+        return F.linear(x, w, self.bias)
+
+    def _shape_repr(self):
+        return f"{self.in_features}, {self.out_features}"
+
+
+QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+
+def integer_dtype(spec: QuantSpec) -> torch.dtype:
+    if spec.bits <= 8:
+        return torch.int8 if spec.signed else torch.uint8
+    return torch.int16 if spec.bits <= 15 or spec.signed else torch.int32
+
+
+def quant_layer_for(module: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec) -> _QuantLayer:
+    if isinstance(module, nn.Conv2d):
+        return QuantConv2d(module, w_spec, a_spec)
+    if isinstance(module, nn.Linear):
+        return QuantLinear(module, w_spec, a_spec)
+    raise TypeError(f"cannot quantize {type(module).__name__}")
+
+
+class QuantizedModel(nn.Module):
+    """The quantized network: `model` (layers swapped, BN folded) followed by the output quantizer.
+
+    `quant_config` (a JSON-serialisable dict) says exactly what is quantized and how.
+    """
+
+    def __init__(self, model: nn.Module, output_quantizer: Quantizer | None, quant_config: dict):
+        super().__init__()
+        self.model = model
+        self.output_quantizer = output_quantizer
+        self.quant_config = quant_config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x)
+        return y if self.output_quantizer is None else self.output_quantizer(y)

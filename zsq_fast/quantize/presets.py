@@ -1,0 +1,63 @@
+"""The two quantization presets and the W{w}A{a} bit-width notation.
+
+hw        every layer (first conv and last linear included) at the target bits, the network output
+          quantized, symmetric per-channel weights, symmetric per-tensor activations (unsigned where the
+          calibration data is non-negative, e.g. after ReLU), power-of-two scales.
+academic  first and last layer at 8 bits (weights and their input), asymmetric per-channel weights,
+          asymmetric per-tensor activations, free (real-valued) scales, network output left float.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..ops.checks import MAX_BITS, MIN_BITS
+from .quantizer import QuantSpec
+
+_BITS = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """'W4A4' -> (4, 4). Each width must be within [2, 16]."""
+    form = f"expected the form 'W{{w}}A{{a}}' with {MIN_BITS} <= w, a <= {MAX_BITS}, e.g. 'W4A4', 'W3A8'"
+    if not isinstance(bits, str):
+        raise TypeError(f"bits must be a string ({form}), got {type(bits).__name__}")
+    m = _BITS.match(bits.strip())
+    if m is None:
+        raise ValueError(f"bad bits {bits!r}: {form}")
+    w, a = int(m.group(1)), int(m.group(2))
+    if not (MIN_BITS <= w <= MAX_BITS and MIN_BITS <= a <= MAX_BITS):
+        raise ValueError(f"bad bits {bits!r}: {form}")
+    return w, a
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    first_last_bits: int | None   # None: first/last layers use the target bits
+    weight_symmetric: bool
+    act_symmetric: bool
+    pow2: bool
+    quantize_output: bool
+
+    def weight_spec(self, bits: int) -> QuantSpec:
+        # symmetric -> signed grid, z = 0; asymmetric -> unsigned grid with a zero point per channel
+        return QuantSpec(bits, signed=self.weight_symmetric, symmetric=self.weight_symmetric, axis=0, pow2=self.pow2)
+
+    def act_spec(self, bits: int, nonnegative: bool) -> QuantSpec:
+        if self.act_symmetric:  # unsigned grid for non-negative inputs (after ReLU), signed otherwise
+            return QuantSpec(bits, signed=not nonnegative, symmetric=True, axis=None, pow2=self.pow2)
+        return QuantSpec(bits, signed=False, symmetric=False, axis=None, pow2=self.pow2)
+
+
+PRESETS = {
+    "hw": Preset("hw", None, weight_symmetric=True, act_symmetric=True, pow2=True, quantize_output=True),
+    "academic": Preset("academic", 8, weight_symmetric=False, act_symmetric=False, pow2=False,
+                       quantize_output=False),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,64 @@
+"""What one forward pass with hooks tells us about a model (no torch.fx needed).
+
+- the order in which modules run (first call), so layers and blocks are reconstructed in data-flow order;
+- which Conv2d/Linear output each BatchNorm reads (the tensor object itself), so BN folding pairs
+  exactly the layers that feed a BN, whatever the attribute names are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_FOLDABLE = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class Trace:
+    order: list[str] = field(default_factory=list)             # module names by first call
+    bn_pairs: list[tuple[str, str]] = field(default_factory=list)  # (conv/linear name, bn name)
+    orphan_bns: list[str] = field(default_factory=list)         # BNs not reading a conv/linear output
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def trace_model(model: nn.Module, example: torch.Tensor) -> Trace:
+    tr = Trace()
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (layer name, output kept alive)
+    handles = []
+
+    def pre_hook(name):
+        def hook(mod, args):
+            tr.calls[name] = tr.calls.get(name, 0) + 1
+            if tr.calls[name] == 1:
+                tr.order.append(name)
+            if isinstance(mod, _BN) and args:
+                src = produced.get(id(args[0]))
+                src = src[0] if src is not None and src[1] is args[0] else None
+                pair = next((p for p in tr.bn_pairs if p[1] == name), None)
+                if src is None or (pair is not None and pair[0] != src):
+                    if name not in tr.orphan_bns:  # not fed by a layer, or shared by several layers
+                        tr.orphan_bns.append(name)
+                elif pair is None:
+                    tr.bn_pairs.append((src, name))
+        return hook
+
+    def post_hook(name):
+        def hook(mod, args, out):
+            if isinstance(out, torch.Tensor):
+                produced[id(out)] = (name, out)
+        return hook
+
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_pre_hook(pre_hook(name)))
+            if isinstance(mod, _FOLDABLE):
+                handles.append(mod.register_forward_hook(post_hook(name)))
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return tr
