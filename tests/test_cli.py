@@ -54,9 +54,9 @@ def test_generate_quantize_eval_end_to_end(tiny, tmp_path, capsys):
 
     q = tmp_path / "q.pt"
     code, out, err = _run(capsys, "quantize", *_model(tiny), "--images", imgs, "--bits", "W4A8", "--method",
-                          "nearest", "--out", q, "--eval", tiny / "data.npz")
+                          "nearest", "--out", q, "--eval", tiny / "data.npz", "--onnx", tmp_path / "q.onnx")
     assert code == 0, err
-    assert "quantized: top1" in out and q.exists()
+    assert "quantized: top1" in out and q.exists() and (tmp_path / "q.onnx").stat().st_size > 1000
     rep = json.loads((tmp_path / "q.report.json").read_text())
     assert rep["quant_config"]["nearest"]["bits"] == "W4A8"
     assert rep["metrics"]["float"]["agreement"] == 100.0 and rep["metrics"]["data"]["n"] == 24

@@ -34,9 +34,11 @@ def test_training_is_deterministic_and_learns():
 
 
 def test_table_and_grid(tmp_path):
-    rows = [Row("float32", "-", 99.5, 100.0, 1.0), Row("W4A4 BRECQ", "DGH synthetic (8)", 97.25, 98.0, 2.5)]
-    t = format_table(rows, 539, "title")
-    assert "| W4A4 BRECQ | DGH synthetic (8) | 97.25 % | 98.00 % | 2.5 s |" in t and "n=539" in t
+    rows = [Row("float32", "-", {"W4A4": (99.5, 100.0), "W2A4": (99.5, 100.0)}),
+            Row("BRECQ", "DGH synthetic (8)", {"W4A4": (97.25, 98.0), "W2A4": (50.0, 51.125)})]
+    t = format_table(rows, ("W4A4", "W2A4"), "hw", 539)
+    assert "| model | calibration images | W4A4 hw | W2A4 hw |" in t
+    assert "| BRECQ | DGH synthetic (8) | 97.25 / 98.00 | 50.00 / 51.12 |" in t and "539 held-out" in t
     imgs = np.zeros((5, 2, 3, 3), np.uint8)
     imgs[1] = 255
     g = image_grid(imgs, cols=3, scale=2, pad=1)
@@ -48,14 +50,15 @@ def test_table_and_grid(tmp_path):
 
 def test_run_demo_reduced(tmp_path):
     lines = []
-    s = DemoSettings(epochs=1, n_images=16, gen_iterations=2, recon_iterations=2)
+    s = DemoSettings(epochs=1, n_images=16, gen_iterations=2, recon_iterations=2, bits=("W4A4",))
     out = run_demo(str(tmp_path), settings=s, progress=False, echo=lines.append)
     names = [(r.name, r.calibration.split(" (")[0]) for r in out["rows"]]
-    assert names == [("float32", "-"), ("W4A4 round-to-nearest", "DGH synthetic"), ("W4A4 BRECQ", "DGH synthetic"),
-                     ("W4A4 round-to-nearest", "real training images"), ("W4A4 BRECQ", "real training images")]
-    assert all(0 <= r.top1 <= 100 and 0 <= r.agreement <= 100 for r in out["rows"])
-    assert out["table"] in "\n".join(lines) and (tmp_path / "table.md").read_text().strip() == out["table"]
+    assert names == [("float32", "-"), ("round-to-nearest", "DGH synthetic"), ("BRECQ", "Gaussian noise"),
+                     ("BRECQ", "DGH synthetic"), ("BRECQ", "real training images")]
+    assert all(0 <= r.cells["W4A4"][0] <= 100 and 0 <= r.cells["W4A4"][1] <= 100 for r in out["rows"])
+    assert out["table"] in "\n".join(lines) and (tmp_path / "table.md").read_text().startswith(out["table"])
     assert Image.open(out["grid"]).size[0] > 100
     rep = json.loads((tmp_path / "demo.report.json").read_text())
     assert rep["settings"]["epochs"] == 1 and len(rep["metrics"]["rows"]) == 5
     assert "generate_dgh" in rep["timings_s"] and rep["generation"]["dgh"]["settings"]["n_images"] == 16
+    assert "quantize_W4A4_brecq_real" in rep["timings_s"]

@@ -62,7 +62,8 @@ def test_labels_beyond_the_model_outputs_are_an_error():
 
 def test_bf16_autocast_on_cpu_is_close():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    model.eval()
     x = np.random.default_rng(0).integers(0, 256, (64, 6, 6, 3), dtype=np.uint8)
     data = from_uint8(x, np.zeros(64, np.int64), (0.5,) * 3, (0.25,) * 3, 6, "t")
     r = evaluate(model, data, reference=model, precision="bf16")

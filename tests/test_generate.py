@@ -262,6 +262,8 @@ def test_save_and_load_images(tmp_path):
     back, lab = load_images(tmp_path / "png", with_labels=True)
     torch.testing.assert_close(back, images, rtol=0, atol=1e-5)  # 8-bit pixels survive exactly
     assert torch.equal(lab, labels)
+    with pytest.raises(ValueError, match="already holds PNG"):
+        save_images(images, tmp_path / "png")
     with pytest.raises(ValueError, match="no images"):
         load_images(tmp_path / "missing")
 
@@ -272,3 +274,33 @@ def test_short_real_run_lowers_bn_loss(shared_data):
     model.load_state_dict(torch.load(shared_data / "weights" / "cifar10_resnet20.pt", weights_only=True))
     _, rec = zsq_fast.generate(model, 16, "dgh", 32, iterations=4, chunk_size=8, lr=1.0)
     assert rec.final_bn_loss < rec.initial_bn_loss
+
+
+class MixedBN(nn.Module):
+    """FrozenBatchNorm2d and BatchNorm1d, and data-dependent control flow torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fbn = FrozenBatchNorm2d(4)
+        self.fbn.running_mean.fill_(0.2)
+        self.fc1 = nn.Linear(4, 6)
+        self.bn1d = nn.BatchNorm1d(6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fbn(self.conv(x))).mean((2, 3))
+        if h.sum() > 0:  # fx cannot trace this branch
+            h = h * 2
+        return self.fc2(torch.relu(self.bn1d(self.fc1(h))))
+
+
+def test_frozen_bn_bn1d_and_untraceable_models():
+    from zsq_fast.generate.bn_capture import find_bn_layers
+    model = MixedBN()
+    assert [l.name for l in find_bn_layers(model)] == ["fbn", "bn1d"]
+    _, rec = zsq_fast.generate(model, 6, "dgh", 8, iterations=12, chunk_size=4, layer_weighting="first_x10")
+    assert rec.bn_layers == ["fbn", "bn1d"] and rec.final_bn_loss < rec.initial_bn_loss
+    with pytest.raises(ValueError, match="layer_weighting"):
+        zsq_fast.generate(model, 6, "dgh", 8, layer_weighting="last")

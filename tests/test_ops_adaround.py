@@ -148,3 +148,18 @@ def test_direct_bad_arguments():
         _C.adaround_backward(w, torch.zeros(2), w, v, s, z, -8, 7, 0, 2.0)
     with pytest.raises(ValueError, match="beta"):
         _C.adaround_backward(w, torch.zeros(()), w, v, s, z, -8, 7, 0, 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_floor_at_integers_and_huge_values(device, dtype):
+    s = 0.25
+    w = torch.tensor([-3 * s, 3 * s, -0.0, 0.0, 2.5 * s, -2.5 * s, 1e30, -1e30, 9e6 * s, -9e6 * s, 1.75, -1.75,
+                      float("inf"), -float("inf")], dtype=dtype, device=device)[None]
+    v = torch.linspace(-4, 4, w.numel(), dtype=dtype, device=device)[None]
+    scale = torch.tensor([s], device=device)
+    zero = torch.zeros(1, device=device)
+    for hard in (False, True):
+        w_hat, _ = ops.adaround_quantize(w, v, scale, zero, bits=16, axis=0, hard=hard)
+        want, _ = ref.adaround_forward(w, v, scale, zero, -2 ** 15, 2 ** 15 - 1, 0, hard, 2.0, True)
+        torch.testing.assert_close(w_hat, want)

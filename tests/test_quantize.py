@@ -20,6 +20,15 @@ from zsq_fast.quantize.quantizer import Quantizer, QuantSpec
 from zsq_fast.quantize.trace import trace_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP barrier stalls on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _randomize_bn(model):
     for m in model.modules():
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -226,18 +235,18 @@ def test_beta_schedule():
 
 
 def test_adaround_beats_nearest_on_a_fixed_layer():
+    # academic: the 3-bit middle layer dominates the error (first/last stay at 8 bits)
     torch.manual_seed(0)
-    layer = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)).eval()
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 4, 1)).eval()
     x = torch.randn(64, 4, 6, 6)
-    ref = layer(x).detach()
+    ref = model(x).detach()
     err = {}
     for method in ("nearest", "adaround"):
-        q = quantize(layer, x, "W3A16", preset="hw", method=method, iterations=300, batch_size=16)
+        q = quantize(model, x, "W3A16", preset="academic", method=method, iterations=100, lr=1e-2, batch_size=16)
         err[method] = (q(x).detach() - ref).pow(2).mean().item()
-        if method == "adaround":  # the weights are still on the 3-bit grid
-            w = q.model[0].w_int
-            assert w.dtype == torch.int8 and int(w.min()) >= -4 and int(w.max()) <= 3
-    assert err["adaround"] < 0.8 * err["nearest"], err
+        w = q.model[1].w_int  # still on the 3-bit (unsigned, asymmetric) grid
+        assert w.dtype == torch.uint8 and int(w.max()) <= 7
+    assert err["adaround"] < 0.85 * err["nearest"], err
 
 
 def test_find_units(net, images):
@@ -253,17 +262,15 @@ def test_find_units(net, images):
 def test_brecq_on_tiny_residual_net(net, images):
     ref = net(images).detach()
     calls = []
-    near = quantize(net, images, "W4A8", preset="academic")
-    q = quantize(net, images, "W4A8", preset="academic", method="brecq", iterations=60, batch_size=16,
+    near = quantize(net, images, "W3A8", preset="hw")
+    q = quantize(net, images, "W3A8", preset="hw", method="brecq", iterations=25, lr=1e-2, batch_size=16,
                  qdrop=True, progress=lambda s, t, info: calls.append((s, t, info)))
     units = q.quant_config["units"]
     assert [u["kind"] for u in units] == ["layer", "block", "block", "block", "layer"]
     assert q.quant_config["reconstruction"]["qdrop"] == 0.5
     assert q.quant_config["reconstruction"]["learn_act_scale"] is True
     steps = [c for c in calls if c[2]["stage"] == "reconstruct"]
-    assert steps[-1][0] == steps[-1][1] == 5 * 60 and all(math.isfinite(c[2]["loss"]) for c in steps)
-    # LSQ moved activation scales away from their calibrated values
-    assert not torch.equal(q.model.block1.conv2.input_quantizer.scale, near.model.block1.conv2.input_quantizer.scale)
+    assert steps[-1][0] == steps[-1][1] == 5 * 25 and all(math.isfinite(c[2]["loss"]) for c in steps)
     err_b = (q(images).detach() - ref).pow(2).mean()
     err_n = (near(images).detach() - ref).pow(2).mean()
     assert err_b < err_n, (err_b, err_n)
@@ -285,10 +292,14 @@ def test_torchvision_block_with_inplace_relu(images):
 def test_host_streamed_cache_equals_in_memory(net, images):
     outs = {}
     for cache in ("host", "device", "recompute"):
-        q = quantize(net, images, "W4A4", method="brecq", iterations=8, batch_size=16, qdrop=0.5, cache=cache)
+        q = quantize(net, images, "W4A4", preset="academic", method="brecq", iterations=8, batch_size=16,
+                     qdrop=0.5, cache=cache)
         outs[cache] = q(images).detach()
         if cache != "host":
             torch.testing.assert_close(outs[cache], outs["host"], atol=1e-5, rtol=0)
+    # LSQ moved the (free) activation scales away from their calibrated values
+    near = quantize(net, images, "W4A4", preset="academic")
+    assert not torch.equal(q.model.block1.conv2.input_quantizer.scale, near.model.block1.conv2.input_quantizer.scale)
 
 
 # ---------------------------------------------------------------- export
@@ -326,8 +337,9 @@ def test_onnx_round_trip(net, images, tmp_path, preset):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     # default optimizations fuse QDQ into integer kernels: same predictions, outputs within a few steps
     fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    step = float(q.output_quantizer.scale) if q.output_quantizer is not None else 0.0
     assert (fused.argmax(1) == want.argmax(1)).mean() >= 0.75
-    assert np.abs(fused - want).max() < 0.05 * np.abs(want).max()
+    assert np.abs(fused - want).max() <= 0.05 * np.abs(want).max() + step
 
 
 def test_onnx_refuses_more_than_8_bits(net, images, tmp_path):
@@ -337,7 +349,10 @@ def test_onnx_refuses_more_than_8_bits(net, images, tmp_path):
 
 
 def test_top_level_api_is_callable(net, images):
+    import inspect
+
     import zsq_fast.quantize  # noqa: F401  (the package import must not hide the function)
+    assert "calibration" in inspect.signature(zsq_fast.quantize).parameters
     q = zsq_fast.quantize(net, images, "W8A8")
     assert isinstance(q, QuantizedModel) and all(m.rounding == "frozen" for m in q.modules()
                                                   if isinstance(m, QUANT_LAYERS))

@@ -387,7 +387,8 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16: autocast in generation (CUDA) and evaluation; reconstruction stays fp32")
+    g.add_argument("--precision", default="fp32",
+                   help="fp32 | bf16 | fp16: autocast in generation (CUDA) and evaluation; reconstruction stays fp32")
     g.add_argument("--report", help="JSON report path (default: beside the output)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     if model:
@@ -403,7 +404,8 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 def _generator_args(p: argparse.ArgumentParser, iterations_flag: str) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("-n", "--num-images", type=_positive, default=None, help="number of images (default 1024; with --images: use N of them)")
+    g.add_argument("-n", "--num-images", type=_positive, default=None,
+                   help="number of images (default 1024; with --images: a seeded random N of them)")
     g.add_argument(iterations_flag, type=_positive, dest=iterations_flag.lstrip("-").replace("-", "_"),
                    help="optimization steps (default: the generator's)")
     g.add_argument("--chunk-size", type=_positive, help="images per forward/backward chunk (memory)")
@@ -436,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bits", default="W4A4", help="W<w>A<a>, e.g. W4A4, W3A8 (2..16)")
     r.add_argument("--preset", default="hw", choices=PRESETS, help="hw (default) or academic")
     r.add_argument("--method", default="brecq", choices=ROUNDINGS, help="rounding (default brecq)")
-    r.add_argument("--iterations", type=_positive, help="reconstruction steps per block/layer (default 20000, BRECQ's; use fewer on CPU)")
+    r.add_argument("--iterations", type=_positive,
+                   help="reconstruction steps per block/layer (default 20000, BRECQ's; use fewer on CPU)")
     r.add_argument("--batch-size", type=_positive, help="reconstruction batch size")
     q.add_argument("--out", required=True, help="quantized model file (.pt)")
     q.add_argument("--onnx", help="also export ONNX (QuantizeLinear/DequantizeLinear) here")

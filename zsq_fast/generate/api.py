@@ -25,10 +25,12 @@ from .views import draw_views, margin_for
 METHODS = ("dgh", "bns", "fdda")
 # lambda_sigma per method: DGH paper code uses 10, MCT DataGen / ZeroQ-style matching 1.
 LAMBDA_SIGMA = {"dgh": 10.0, "bns": 1.0, "fdda": 1.0}
-# lr: the public DGH code uses 16 for 224 px ImageNet; with per-step clipping that mostly saturates
-# pixels. On the CIFAR ResNet-20 check, 0.1 (RAdam, reduce-on-plateau) reached a lower whole-set
-# BN loss than 16 or 1 in the same number of steps; see benchmarks/generate_check.py.
-DEFAULT_LR = 0.1
+# lr per method (RAdam, pixels in normalized space, reduce-on-plateau). The public DGH code uses 16
+# for 224 px ImageNet; on the CIFAR ResNet-20 check (64 images, 60 steps) 16 also gave the lowest
+# whole-set BN loss of {0.25, 1, 4, 16} (0.097 vs 1.05 / 0.37 / 0.18) with only ~5 % of the pixels at
+# the clip bounds, and bns behaved alike (16: 0.118, 1: 0.132 after 40 steps). FDDA's cross-entropy
+# term dominates at large steps (BN loss 2.41 at lr 16 vs 1.13 at lr 1), so it defaults to 1.
+DEFAULT_LR = {"dgh": 16.0, "bns": 16.0, "fdda": 1.0}
 FDDA_WEIGHTS = {"ce": 0.5, "bn": 0.2, "distort": 0.9, "center": 0.01}
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # settings that may differ between a run and its resume
@@ -95,7 +97,7 @@ def _probe(model, size, device):
 
 
 def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=224, *,
-             iterations: int = 1000, chunk_size: int = 128, lr: float = DEFAULT_LR, seed: int = 0,
+             iterations: int = 1000, chunk_size: int = 128, lr: float | None = None, seed: int = 0,
              mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store: str = "host", amp: str | None = None,
              lambda_sigma: float | None = None, layer_weighting: str = "average",
              aggregation: str = "exact", augment: bool | None = None, margin: int | None = None,
@@ -109,6 +111,18 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     (class centers from real_images/real_labels or a dataset of (image, label)).
     Returns (images (N, 3, H, W) in the model's normalized input space, GenerationRecord).
     The model is put in eval mode with frozen parameters during the run and restored after.
+
+    image_size: int or (H, W). lr: None = per-method default (DEFAULT_LR). mean/std: the model's input
+    normalization (pixels are clipped to [(0-mean)/std, (1-mean)/std]). device: default the model's.
+    store: "host" (images + RAdam moments in pinned host memory, streamed per chunk) or "device".
+    amp: None, "bf16" or "fp16" (CUDA only). lambda_sigma: None = 10 for dgh, 1 otherwise.
+    layer_weighting: "average" or "first_x10". aggregation (dgh): "exact" or "stale".
+    augment: None = on for dgh only; margin: None = min(image_size) // 7 when augmenting.
+    odsl_weight: None = 1e-5 for dgh, 0 otherwise; odsl_form: "hinged" or "plain".
+    patience: None = max(5, iterations // 50); min_lr 1e-4 (reduce-on-plateau, factor 0.5).
+    fdda: real_images, real_labels, images_per_class (1), fdda_weights (ce 0.5, bn 0.2, distort 0.9,
+    center 0.01). checkpoint: a path; written atomically every checkpoint_every steps and resumed from
+    when it exists. progress: called as progress(step, iterations, losses_dict) after every step.
     """
     settings, device = make_settings(
         model, n_images, method, image_size, iterations=iterations, chunk_size=chunk_size, lr=lr, seed=seed,
@@ -133,7 +147,7 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
 
 
 def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1000, chunk_size=128,
-                  lr=DEFAULT_LR, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store="host",
+                  lr=None, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store="host",
                   amp=None, lambda_sigma=None, layer_weighting="average", aggregation="exact", augment=None,
                   margin=None, odsl_weight=None, odsl_form="hinged", min_lr=1e-4, patience=None,
                   images_per_class=1, fdda_weights=None, checkpoint_every=50) -> tuple[Settings, torch.device]:
@@ -155,7 +169,8 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if store not in ("host", "device"):
         raise ValueError(f"store must be 'host' or 'device', got {store!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    lr = DEFAULT_LR[method] if lr is None else lr
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ValueError(f"mean and std need 3 entries (std > 0), got {mean!r}, {std!r}")

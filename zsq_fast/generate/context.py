@@ -75,8 +75,7 @@ def output_images(run: Run, canvas: torch.Tensor) -> torch.Tensor:
 
 
 def check_finite(run: Run, value: float | torch.Tensor, what: str) -> None:
-    ok = bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else (value == value and abs(value) != float("inf"))
-    if not ok:
+    if not bool(torch.isfinite(torch.as_tensor(value)).all()):
         raise NonFiniteLossError(f"{what} is NaN or inf at step {run.step}; lower the learning rate, "
                                  "disable fp16, or check the model for overflow")
 

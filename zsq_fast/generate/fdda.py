@@ -106,11 +106,10 @@ def fdda_step(run: Run, views) -> dict:
     w = st["weights"]
     deep = deep_layers(len(run.layers))
     # BNS-distorted targets, redrawn every step from the run's generator
-    noisy = []
-    for l in deep:
-        nm = centers.mean[l] + st["noise_mean_std"] * torch.randn(centers.mean[l].shape, generator=run.generator).to(run.device)
-        nv = centers.var[l] + st["noise_var_std"] * torch.randn(centers.var[l].shape, generator=run.generator).to(run.device)
-        noisy.append((nm, nv))
+    def noise(t: torch.Tensor, std: float) -> torch.Tensor:
+        return std * torch.randn(t.shape, generator=run.generator).to(t.device)
+    noisy = [(centers.mean[l] + noise(centers.mean[l], st["noise_mean_std"]),
+              centers.var[l] + noise(centers.var[l], st["noise_var_std"])) for l in deep]
     totals = {"bn": 0.0, "ce": 0.0, "center": 0.0, "distort": 0.0, "total": 0.0}
     for k, sl in st["batches"]:
         x, m, v = run.store.load(sl, run.device, moments=True)

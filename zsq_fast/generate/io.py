@@ -55,6 +55,8 @@ def save_images(images: torch.Tensor, path: str | os.PathLike, *, labels: torch.
         raise ValueError(f"PNG folders hold 1- or 3-channel images, got {images.shape[1]} channels")
     m, s = _stats(mean, std, images.shape[1])
     pixels = ((images * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
+    if path.is_dir() and any(p.suffix.lower() == ".png" for p in path.iterdir()):
+        raise ValueError(f"{path} already holds PNG files; save into an empty or new folder")
     path.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(pixels):
         arr = img.permute(1, 2, 0).numpy()

@@ -46,7 +46,7 @@ def odsl(logits: torch.Tensor, last_act: torch.Tensor | None = None, last_target
     z = logits.float().flatten(1)
     loss = -(z.amax(1) - z.amin(1))
     if hinged:
-        a = last_act.float().flatten(2)  # (N, C, spatial)
+        a = last_act.float().reshape(last_act.shape[0], last_act.shape[1], -1)  # (N, C, spatial); BN1d: 1
         mu_i = a.mean(2)
         sigma_i = std_from_var(a.var(2, unbiased=False))
         mu, sigma = last_target

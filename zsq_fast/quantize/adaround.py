@@ -43,8 +43,9 @@ def beta_schedule(t: int, total: int, cfg: ReconConfig) -> float | None:
 
 
 def reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed per sample, averaged over the batch."""
-    return (out - target).pow(2).flatten(1).sum(1).mean()
+    """Squared error summed over channels (dim 1), averaged over batch and positions (as in BRECQ),
+    which sets its balance against lambda * regularizer."""
+    return (out - target).pow(2).sum(1).mean()
 
 
 def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,

@@ -176,7 +176,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
 
         obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples, gen)
         if progress is not None:
-            progress(0, 0, {"stage": "calibrated"})
+            progress(1, 1, {"stage": "calibrate"})
         q_inner = copy.deepcopy(fp)
         layers_cfg = {}
         edge = {layer_names[0]: "first", layer_names[-1]: "last"}
@@ -230,6 +230,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "layers": layers_cfg,
         "output": out_cfg,
         "float_modules": sorted(skip),
+        # Conv2d/Linear that did not run on the calibration batch stay float (e.g. an unused head)
+        "not_run": sorted(n for n, m in q_inner.named_modules() if isinstance(m, _QUANTIZABLE)),
         "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"]} for u in units_done],
     }
     qmodel = QuantizedModel(q_inner, out_q, config).eval()
