@@ -8,24 +8,11 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402,F401
 
-_LAZY = {
-    "generate": ("zsq_fast.generate", "generate"),
-    "save_images": ("zsq_fast.generate", "save_images"),
-    "load_images": ("zsq_fast.generate", "load_images"),
-    "quantize": ("zsq_fast.quantize", "quantize"),
-    "save_quantized": ("zsq_fast.quantize", "save_quantized"),
-    "load_quantized": ("zsq_fast.quantize", "load_quantized"),
-    "export_onnx": ("zsq_fast.quantize", "export_onnx"),
-}
+# The subpackages zsq_fast.generate and zsq_fast.quantize share their names with the two main
+# functions. Importing the functions here, after the subpackages are loaded, makes the package
+# attributes the functions; later `import zsq_fast.generate` statements do not rebind them.
+from .generate import generate, load_images, save_images  # noqa: E402
+from .quantize import export_onnx, load_quantized, quantize, save_quantized  # noqa: E402
 
-
-def __getattr__(name):  # lazy, so `import zsq_fast` stays light and subpackages stay independent
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'zsq_fast' has no attribute {name!r}")
-
-
-__all__ = ["ops", "__version__", *_LAZY]
+__all__ = ["ops", "__version__", "generate", "save_images", "load_images",
+           "quantize", "save_quantized", "load_quantized", "export_onnx"]

@@ -12,15 +12,3 @@ from .quantizer import Quantizer, QuantSpec
 
 __all__ = ["quantize", "save_quantized", "load_quantized", "export_onnx", "METHODS", "PRESETS", "parse_bits",
            "QuantizedModel", "QuantConv2d", "QuantLinear", "Quantizer", "QuantSpec"]
-
-
-class _CallableModule(__import__("types").ModuleType):
-    """`zsq_fast.quantize` is both this package and the function: importing the package makes it the
-    attribute of zsq_fast, so the package itself forwards calls to quantize()."""
-
-    def __call__(self, *args, **kwargs):
-        return quantize(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
-__signature__ = __import__("inspect").signature(quantize)  # inspect.signature(zsq_fast.quantize) either way
