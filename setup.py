@@ -1,7 +1,7 @@
 """Builds zsq_fast._C: the C++ CPU kernels always, the CUDA kernels when a CUDA toolkit is found.
 
 ZSQ_FAST_CUDA=1 forces the CUDA kernels (fails without a toolkit), ZSQ_FAST_CUDA=0 skips them,
-unset = auto. Install with `pip install --no-build-isolation -e .` so the build uses the torch
+unset = auto. Install with `pip install --no-build-isolation --use-pep517 -e .` so the build uses the torch
 already installed.
 """
 import glob

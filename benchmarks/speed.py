@@ -43,7 +43,7 @@ def _model(name: str):
 
 def one_generation(cfg: dict) -> dict:
     """Runs in a child process: one generate() call; returns throughput and peak memory."""
-    import zsq_fast
+    from zsq_fast.generate import generate
     from zsq_fast.report import peak_memory
 
     torch.set_num_threads(cfg["threads"])
@@ -51,12 +51,12 @@ def one_generation(cfg: dict) -> dict:
     src = _model(cfg["model"])
     model = src.model.to(device)
     # warm-up (kernel selection, allocator, thread pools) on a small problem, not timed
-    zsq_fast.generate(model, min(cfg["n"], 8), method="dgh", image_size=cfg["size"], iterations=1,
+    generate(model, min(cfg["n"], 8), method="dgh", image_size=cfg["size"], iterations=1,
                       chunk_size=min(cfg["chunk"], 8), aggregation=cfg["mode"], mean=src.mean, std=src.std,
                       device=device, seed=1)
-    images, rec = zsq_fast.generate(model, cfg["n"], method="dgh", image_size=cfg["size"],
-                                    iterations=cfg["iterations"], chunk_size=cfg["chunk"], aggregation=cfg["mode"],
-                                    mean=src.mean, std=src.std, device=device, seed=0)
+    images, rec = generate(model, cfg["n"], method="dgh", image_size=cfg["size"], iterations=cfg["iterations"],
+                           chunk_size=cfg["chunk"], aggregation=cfg["mode"], mean=src.mean, std=src.std,
+                           device=device, seed=0)
     t = rec.timings
     mem = peak_memory(device)
     return {**cfg, "steps_s": t["steps_s"], "setup_s": t["setup_s"], "total_s": t["total_s"],
@@ -76,7 +76,7 @@ def _child(cfg: dict, timeout: int) -> dict:
 
 def reconstruction_per_block(device, n_images: int, iterations: int, progress: bool) -> list[dict]:
     """BRECQ W4A4 hw on ResNet-20 with random calibration images; wall time of each unit."""
-    import zsq_fast
+    from zsq_fast.quantize import quantize
 
     src = _model("resnet20")
     calib = torch.randn(n_images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -88,7 +88,7 @@ def reconstruction_per_block(device, n_images: int, iterations: int, progress: b
             marks.append((unit, time.perf_counter()))
 
     t0 = time.perf_counter()
-    q = zsq_fast.quantize(src.model, calib, bits="W4A4", preset="hw", method="brecq", iterations=iterations,
+    q = quantize(src.model, calib, bits="W4A4", preset="hw", method="brecq", iterations=iterations,
                           batch_size=32, device=device, progress=on_progress)
     end = time.perf_counter()
     rows = []

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements-test.txt
-MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation --no-deps -e .
+# PEP 660 editable install without build isolation: builds _C in place against the installed torch.
+MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation --no-deps --use-pep517 -e .
 python -c "import zsq_fast, json; print('zsq_fast backends:', json.dumps(zsq_fast.ops.backend()))"

@@ -104,7 +104,7 @@ def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, 
                  real: ImageSet | None = None, per_class: int = 1, checkpoint: str | None = None,
                  progress: bool = True, report: RunReport | None = None, extra: dict | None = None):
     """zsq_fast.generate with a progress bar; returns (images (N,3,S,S) on CPU, record dict, labels or None)."""
-    import zsq_fast
+    from .generate import generate as gen
 
     check_generator_model(model_src, method)
     kwargs = dict(method=method, image_size=model_src.input_size, mean=model_src.mean, std=model_src.std,
@@ -127,7 +127,6 @@ def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, 
     kwargs.update(extra or {})
     bar = Progress(f"generate {method}", progress)
     kwargs["progress"] = bar
-    gen = zsq_fast.generate
     try:
         with report.timed(f"generate_{method}") if report is not None else contextlib.nullcontext():
             images, record = gen(model_src.model.to(device), n_images, **_accepted(gen, kwargs))
@@ -144,8 +143,8 @@ def run_quantize(model_src: LoadedModel, calib: torch.Tensor, *, bits: str, pres
                  device, seed: int, precision: str, iterations: int | None = None,
                  batch_size: int | None = None, progress: bool = True, report: RunReport | None = None,
                  tag: str = "", extra: dict | None = None):
-    """zsq_fast.quantize on a copy of the float model, with a progress bar."""
-    import zsq_fast
+    """zsq_fast.quantize (it leaves the float model unchanged) with a progress bar."""
+    from .quantize import quantize as q
 
     parse_bits(bits)
     if preset not in PRESETS:
@@ -161,7 +160,6 @@ def run_quantize(model_src: LoadedModel, calib: torch.Tensor, *, bits: str, pres
     kwargs.update(extra or {})
     bar = Progress(f"quantize {bits} {preset} {method}", progress)
     kwargs["progress"] = bar
-    q = zsq_fast.quantize
     name = f"quantize_{tag or method}"
     try:
         with report.timed(name) if report is not None else contextlib.nullcontext():
@@ -207,10 +205,10 @@ def cmd_generate(args) -> int:
         src, args.num_images or 1024, args.method, device=device, seed=args.seed, precision=args.precision,
         iterations=args.iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
         per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress, report=report)
-    import zsq_fast
+    from .generate import save_images
 
     with report.timed("save"):
-        _save_images(zsq_fast.save_images, images, args.out, src, labels)
+        _save_images(save_images, images, args.out, src, labels)
     path = report.write(args.report or report_path_for(args.out), device)
     print(f"wrote {images.shape[0]} {args.method} images ({images.shape[-1]}x{images.shape[-2]}) to {args.out}; "
           f"report {path}")
@@ -262,13 +260,13 @@ def cmd_quantize(args) -> int:
     qmodel = run_quantize(src, calib, bits=args.bits, preset=args.preset, method=args.method, device=device,
                           seed=args.seed, precision=args.precision, iterations=args.iterations,
                           batch_size=args.batch_size, progress=not args.no_progress, report=report)
-    import zsq_fast
+    from .quantize import export_onnx, save_quantized
 
     with report.timed("save"):
-        zsq_fast.save_quantized(qmodel, args.out)
+        save_quantized(qmodel, args.out)
     if args.onnx:
         with report.timed("export_onnx"):
-            _export_onnx(zsq_fast.export_onnx, qmodel, args.onnx, src, device)
+            _export_onnx(export_onnx, qmodel, args.onnx, src, device)
     if evaldata is not None:
         with report.timed("eval"):
             report.metrics = _eval_pair(src.model, qmodel, evaldata, args, device)
@@ -335,12 +333,12 @@ def cmd_eval(args) -> int:
 
 
 def _load_quantized(path: str, src: LoadedModel):
-    import zsq_fast
+    from .quantize import load_quantized
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"quantized model not found: {path}")
     try:
-        return zsq_fast.load_quantized(path, src.model)
+        return load_quantized(path, src.model)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # not a torch file / truncated
         raise ValueError(f"cannot read {path} as a quantized model ({type(e).__name__})") from None
 

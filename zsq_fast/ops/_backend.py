@@ -15,7 +15,7 @@ except ImportError as exc:  # not built here, or built against another torch
     warnings.warn(
         "zsq_fast._C is not built or failed to load "
         f"({type(exc).__name__}: {exc}); every op uses its pure-PyTorch reference. "
-        "Build it with `pip install --no-build-isolation -e .`.",
+        "Build it with `pip install --no-build-isolation --use-pep517 -e .`.",
         RuntimeWarning,
         stacklevel=2,
     )
