@@ -219,6 +219,25 @@ def test_mse_search_matches_per_channel_loop():
     assert torch.all(z == 0)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_mse_search_pow2_distinct_candidates_equal_full_search(signed):
+    """hw grids search only the distinct powers of two; the choice must equal the 100-ratio search."""
+    from zsq_fast.quantize.calibrate import _lp_error
+
+    torch.manual_seed(1)
+    x = torch.randn(16, 300) * torch.logspace(-3, 1, 16).view(-1, 1)
+    x = x if signed else x.abs()
+    x[3, 7] = 50.0
+    spec = QuantSpec(4, signed=signed, symmetric=True, axis=0, pow2=True)
+    s, z = mse_search(x, spec, candidates=100, p=2.4)
+    ratios = torch.linspace(1.0, 0.01, 100).view(-1, 1)
+    full_s, full_z = scale_from_range(ratios * x.min(1).values, ratios * x.max(1).values, spec)
+    err = _lp_error(x, full_s, full_z, spec, 2.4)
+    best = full_s[err.argmin(0), torch.arange(16)]
+    torch.testing.assert_close(s, best, rtol=0, atol=0)
+    assert torch.all(z == 0) and torch.all(torch.log2(s) == torch.log2(s).round())
+
+
 def test_asymmetric_range_covers_data():
     spec = QuantSpec(4, signed=False, symmetric=False)
     s, z = scale_from_range(torch.tensor([-1.0]), torch.tensor([3.0]), spec)

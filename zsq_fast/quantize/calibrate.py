@@ -61,10 +61,24 @@ def mse_search(x: torch.Tensor, spec: QuantSpec, *, candidates: int = 100, p: fl
     hi = x.max(1).values if hi is None else hi
     ratios = torch.linspace(1.0, 0.01, candidates, device=x.device).view(-1, 1)
     scale, zp = scale_from_range(ratios * lo, ratios * hi, spec)          # (R, C)
+    if spec.pow2 and spec.symmetric:
+        scale, zp = _distinct_pow2(scale)
     err = _lp_error(x, scale, zp, spec, p)
     best = err.argmin(0)
     cols = torch.arange(x.shape[0], device=x.device)
     return scale[best, cols], zp[best, cols]
+
+
+def _distinct_pow2(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric power-of-two candidates (R, C) -> the distinct powers of two they span, largest first.
+
+    The ratios step by at most a factor of 2, so every exponent between the extremes occurs; the 100
+    ratios collapse to about log2(100) + 1 = 8 grids, and the search result is unchanged."""
+    e = torch.log2(scale).round()
+    e_hi, e_lo = e[0], e[-1]
+    j = torch.arange(int((e_hi - e_lo).max()) + 1, device=scale.device, dtype=scale.dtype).view(-1, 1)
+    pow2 = torch.exp2(torch.maximum(e_hi - j, e_lo))
+    return pow2, torch.zeros_like(pow2)
 
 
 def _quantile_rows(x: torch.Tensor, q: float) -> torch.Tensor:
