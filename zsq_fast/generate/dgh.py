@@ -23,6 +23,14 @@ def _odsl(run: Run, acts, logits) -> torch.Tensor:
     return odsl(logits, acts[-1], run.targets[-1], run.odsl_hinged)
 
 
+def _step_losses(run: Run, bn: float, out_sum: float) -> dict:
+    """The step's reported losses: L_BN, the mean ODSL term (when on) and their weighted total."""
+    losses = {"bn": bn, "total": bn + run.odsl_weight * out_sum / run.n}
+    if run.odsl_weight:
+        losses["odsl"] = out_sum / run.n
+    return losses
+
+
 def exact_gradients(run: Run, views, on_grad) -> dict:
     """One exact step's losses; on_grad(sl, x, grad, exp_avg, exp_avg_sq) receives each chunk's
     gradient of L = L_BN(global stats) + w_odsl * mean_i L_out,i."""
@@ -51,11 +59,7 @@ def exact_gradients(run: Run, views, on_grad) -> dict:
             loss = loss + run.odsl_weight * per.sum() / n
             out_sum += float(per.detach().sum())
         on_grad(sl, x.detach(), grad_of(run, loss, x), m, v)
-    bn = float(l_bn.detach())
-    losses = {"bn": bn, "total": bn + run.odsl_weight * out_sum / n}
-    if run.odsl_weight:
-        losses["odsl"] = out_sum / n
-    return losses
+    return _step_losses(run, float(l_bn.detach()), out_sum)
 
 
 def exact_step(run: Run, views) -> dict:
@@ -111,11 +115,7 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
         cache[j] = fresh
         bn_sum += float(l_bn.detach())
         on_grad(sl, x.detach(), g, m, v)
-    bn = bn_sum / len(chunks)
-    losses = {"bn": bn, "total": bn + run.odsl_weight * out_sum / n}
-    if run.odsl_weight:
-        losses["odsl"] = out_sum / n
-    return losses
+    return _step_losses(run, bn_sum / len(chunks), out_sum)
 
 
 def stale_step(run: Run, views) -> dict:
