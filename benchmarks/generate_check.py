@@ -13,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import zsq_fast  # noqa: E402
+from zsq_fast.data import load_images_for  # noqa: E402
 from zsq_fast.generate import IMAGENET_MEAN, IMAGENET_STD, bn_loss_of  # noqa: E402
 from zsq_fast.models import resnet20  # noqa: E402
 
@@ -34,10 +34,9 @@ def load_model() -> torch.nn.Module:
 
 
 def real_images(n: int) -> torch.Tensor:
-    """The first n images of cifar10_train_subset.npz: uint8 NHWC -> /255 -> ImageNet-normalized."""
-    x = np.load(DATA / "cifar10_train_subset.npz", allow_pickle=False)["x"][:n]
-    x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """The first n images of cifar10_train_subset.npz, ImageNet-normalized (the package's npz loader)."""
+    data = load_images_for(str(DATA / "cifar10_train_subset.npz"), IMAGENET_MEAN, IMAGENET_STD, 32, limit=n)
+    return data.take(torch.arange(data.n))[0]
 
 
 @torch.no_grad()

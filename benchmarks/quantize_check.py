@@ -14,24 +14,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import zsq_fast  # noqa: E402
+from zsq_fast.data import load_images_for  # noqa: E402
 from zsq_fast.models import resnet20  # noqa: E402
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
+from zsq_fast.models.zoo import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 def load_npz(path: Path, n: int | None = None):
-    d = np.load(path, allow_pickle=False)
-    x, y = d["x"][:n], d["y"][:n]
-    x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
-    return (x - MEAN) / STD, torch.from_numpy(y)
+    """(images ImageNet-normalized, labels) of the first n images of an npz, via the package's loader."""
+    data = load_images_for(str(path), IMAGENET_MEAN, IMAGENET_STD, 32, limit=n)
+    return data.take(torch.arange(data.n))
 
 
 @torch.no_grad()

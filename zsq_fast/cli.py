@@ -12,7 +12,6 @@ import contextlib
 import inspect
 import os
 import pickle
-import re
 import sys
 
 import torch
@@ -21,13 +20,13 @@ from tqdm.auto import tqdm
 from .data import ImageSet, load_images_for, one_per_class, random_subset
 from .evaluate import evaluate, predict_logits
 from .models.zoo import LoadedModel, has_batchnorm, load_model
+from .quantize.presets import parse_bits as quant_parse_bits
 from .report import (LossLog, RunReport, check_precision, report_path_for, resolve_device,
                      seed_everything)
 
 GENERATORS = ("dgh", "bns", "fdda")
 PRESETS = ("hw", "academic")
 ROUNDINGS = ("nearest", "adaround", "brecq")
-_BITS = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 
 
 class UsageError(ValueError):
@@ -68,13 +67,11 @@ class Progress:
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
-    """'W4A4' -> (4, 4); each width 2..16 (the ops' limits). Checked before any long work starts."""
-    from .ops.checks import MAX_BITS, MIN_BITS
-
-    m = _BITS.match(bits.strip()) if isinstance(bits, str) else None
-    if m is None or not all(MIN_BITS <= int(b) <= MAX_BITS for b in m.groups()):
-        raise UsageError(f"bad bits {bits!r}: expected W<w>A<a> with {MIN_BITS} <= w, a <= {MAX_BITS}, e.g. W4A4")
-    return int(m.group(1)), int(m.group(2))
+    """'W4A4' -> (4, 4), checked before any long work starts (the quantizer's own parser)."""
+    try:
+        return quant_parse_bits(bits)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
 
 
 def _accepted(fn, kwargs: dict) -> dict:

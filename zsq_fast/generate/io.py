@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..models.zoo import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 
 
 def _stats(mean, std, c: int):
