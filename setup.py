@@ -53,10 +53,26 @@ if mode not in ("auto", "0", "1"):
 cuda_home = None if mode == "0" else _find_cuda_home()
 if mode == "1" and cuda_home is None:
     sys.exit("ZSQ_FAST_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+
+
+def _local_gpu_arch() -> str | None:
+    """'M.m' of the first visible GPU when torch sees one at build time, else None."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return f"{major}.{minor}"
+    except Exception:  # a broken driver must not break a CPU build
+        pass
+    return None
+
+
 if cuda_home:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    # An explicit TORCH_CUDA_ARCH_LIST wins; else the GPU present at build time; else Hopper (sm_90).
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _local_gpu_arch() or "9.0")
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 

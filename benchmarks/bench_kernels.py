@@ -4,8 +4,8 @@ CIFAR ResNet-20 (32x32) shapes.
     pytest benchmarks/bench_kernels.py                 # pytest-benchmark; extra_info: bytes, GB/s
     python benchmarks/bench_kernels.py --table         # both side by side, a markdown table
 
-Runs on CUDA when available, else on CPU with smaller batches (CPU_BATCH) so a full run takes
-a few minutes. Bytes moved count each op's unavoidable traffic (read inputs, write outputs,
+Runs on CUDA when available (timed with CUDA events), else on CPU with smaller batches (CPU_BATCH)
+so a full run takes a few minutes; `--threads 1` gives the single-thread CPU figures. Bytes moved count each op's unavoidable traffic (read inputs, write outputs,
 forward and backward), the same for ours and the composite, so GB/s compares like with like.
 """
 from __future__ import annotations
@@ -21,13 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zsq_fast import ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU_BATCH = {"resnet18": 128, "cifar": 128}
-CPU_BATCH = {"resnet18": 4, "cifar": 32}
+GPU_BATCH = {"resnet18": 128, "cifar": 128, "cifar_chunk1024": 1024}
+CPU_BATCH = {"resnet18": 4, "cifar": 32, "cifar_chunk1024": 64}
 BATCH = GPU_BATCH if DEVICE == "cuda" else CPU_BATCH
 
 # (name, per-sample activation shape or weight shape)
 ACTIVATIONS = [("resnet18", (64, 112, 112)), ("resnet18", (64, 56, 56)), ("resnet18", (512, 7, 7)),
-               ("cifar", (16, 32, 32)), ("cifar", (64, 8, 8))]
+               ("cifar", (16, 32, 32)), ("cifar", (64, 8, 8)), ("cifar_chunk1024", (16, 32, 32)),
+               ("cifar_chunk1024", (64, 8, 8))]
 WEIGHTS = [("resnet18", (512, 512, 3, 3)), ("resnet18", (64, 3, 7, 7)), ("cifar", (64, 64, 3, 3)),
            ("cifar", (16, 3, 3, 3))]
 BITS = 4
@@ -39,21 +40,40 @@ def _sync():
         torch.cuda.synchronize()
 
 
+# Each case gives (forward, forward + backward) callables for ours and the composite, and the bytes
+# each moves. The timed callables reset .grad first, so no gradient accumulation kernel is timed.
+def _fresh(*ts):
+    for t in ts:
+        t.grad = None
+
+
 # ---------------------------------------------------------------- op 1: channel statistics
 def _stats_case(shape):
     torch.manual_seed(0)
     x = torch.randn(shape, device=DEVICE, requires_grad=True)
     gm, gv = torch.randn(shape[1], device=DEVICE), torch.randn(shape[1], device=DEVICE)
+    dims = [d for d in range(x.dim()) if d != 1]
+
+    def ours_fwd():
+        with torch.no_grad():
+            ops.channel_stats(x)
 
     def ours():
+        _fresh(x)
         m, v = ops.channel_mean_var(x)
         torch.autograd.backward((m, v), (gm, gv))
 
+    def comp_fwd():
+        with torch.no_grad():
+            torch.var_mean(x, dims, unbiased=False)
+
     def composite():
-        v, m = torch.var_mean(x, [d for d in range(x.dim()) if d != 1], unbiased=False)
+        _fresh(x)
+        v, m = torch.var_mean(x, dims, unbiased=False)
         torch.autograd.backward((m, v), (gm, gv))
 
-    return ours, composite, 3 * x.numel() * x.element_size()  # fwd: read x; bwd: read x, write dx
+    n = x.numel() * x.element_size()
+    return ours_fwd, comp_fwd, ours, composite, n, 3 * n  # fwd: read x; bwd: read x, write dx
 
 
 # ---------------------------------------------------------------- op 2: fake quantization (LSQ)
@@ -65,17 +85,29 @@ def _fake_quant_case(shape, axis):
     zero = torch.zeros(n, device=DEVICE)
     g = torch.randn_like(x)
 
+    def ours_fwd():
+        with torch.no_grad():
+            ops.fake_quant(x, scale, zero, QMIN, QMAX, axis)
+
     def ours():
+        _fresh(x, scale)
         torch.autograd.backward(ops.fake_quant(x, scale, zero, QMIN, QMAX, axis), g)
 
-    def composite():  # ATen's fused learnable (LSQ) fake quantization
+    def _aten(inp):  # ATen's fused learnable (LSQ) fake quantization
         if axis is None:
-            y = torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero, QMIN, QMAX, 1.0)
-        else:
-            y = torch._fake_quantize_learnable_per_channel_affine(x, scale, zero, axis, QMIN, QMAX, 1.0)
-        torch.autograd.backward(y, g)
+            return torch._fake_quantize_learnable_per_tensor_affine(inp, scale, zero, QMIN, QMAX, 1.0)
+        return torch._fake_quantize_learnable_per_channel_affine(inp, scale, zero, axis, QMIN, QMAX, 1.0)
 
-    return ours, composite, 5 * x.numel() * x.element_size()  # fwd: x -> y; bwd: g, x -> gx
+    def comp_fwd():
+        with torch.no_grad():
+            _aten(x)
+
+    def composite():
+        _fresh(x, scale)
+        torch.autograd.backward(_aten(x), g)
+
+    b = x.numel() * x.element_size()
+    return ours_fwd, comp_fwd, ours, composite, 2 * b, 5 * b  # fwd: x -> y; bwd: g, x -> gx
 
 
 # ---------------------------------------------------------------- op 3: AdaRound
@@ -87,23 +119,44 @@ def _adaround_case(shape):
     g = torch.randn_like(w)
     lam = 0.01
     s = scale[:, None, None, None]
+    beta = 7.3  # mid-anneal: a non-integer exponent, the general (pow) path
+
+    def ours_fwd():
+        with torch.no_grad():
+            ops.adaround_quantize(w, v, scale, bits=BITS, axis=0, beta=beta)
 
     def ours():
-        w_hat, reg = ops.adaround_quantize(w, v, scale, bits=BITS, axis=0, beta=2.0)
+        _fresh(v)
+        w_hat, reg = ops.adaround_quantize(w, v, scale, bits=BITS, axis=0, beta=beta)
         ((w_hat * g).sum() + lam * reg).backward()
 
-    def composite():
+    def _eager():
         h = torch.clamp(torch.sigmoid(v) * (ops.ZETA - ops.GAMMA) + ops.GAMMA, 0, 1)
         w_hat = s * torch.clamp(torch.floor(w / s) + h, QMIN, QMAX)
-        reg = (1 - (2 * h - 1).abs().pow(2.0)).sum()
+        reg = (1 - (2 * h - 1).abs().pow(beta)).sum()
+        return w_hat, reg
+
+    def comp_fwd():
+        with torch.no_grad():
+            _eager()
+
+    def composite():
+        _fresh(v)
+        w_hat, reg = _eager()
         ((w_hat * g).sum() + lam * reg).backward()
 
+    b = w.numel() * w.element_size()
     # fwd: w, v -> w_hat; bwd: g, w, v -> grad_v (the loss' own w_hat * g product is not counted)
-    return ours, composite, 7 * w.numel() * w.element_size()
+    return ours_fwd, comp_fwd, ours, composite, 3 * b, 7 * b
+
+
+def _copy_case(shape):
+    x = torch.randn(shape, device=DEVICE)
+    return (lambda: x.clone()), 2 * x.numel() * x.element_size()
 
 
 def cases():
-    """(op, shape label, (ours, composite, bytes) factory) for every benchmarked configuration."""
+    """(op, shape label, factory of the case's callables and bytes) for every benchmarked configuration."""
     out = []
     for net, per_sample in ACTIVATIONS:
         shape = (BATCH[net],) + per_sample
@@ -116,29 +169,43 @@ def cases():
 
 
 def _time(fn, repeat):
+    """Median seconds of fn: CUDA events on a GPU, perf_counter on the CPU."""
     fn()  # warm up (allocations, first-call dispatch)
     _sync()
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
 
 
 def table(repeat: int = 7) -> str:
-    rows = [f"Device: {DEVICE} ({torch.cuda.get_device_name() if DEVICE == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-            f"batch {BATCH}, median of {repeat}, forward + backward, fp32, backend {ops.backend()['fake_quant'][DEVICE]}",
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else f"{torch.get_num_threads()} threads"
+    rows = [f"Device: {DEVICE} ({where}), batch {BATCH}, median of {repeat}, fp32, "
+            f"backend {ops.backend()['fake_quant'][DEVICE]}. fwd: forward only (no autograd); fwd+bwd: forward "
+            "and backward with autograd. copy GB/s: x.clone() of the same tensor, the bandwidth ceiling.",
             "",
-            "| op | shape | ours ms | composite ms | ours/composite | ours GB/s | composite GB/s |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+            "| op | shape | fwd ours ms | fwd composite ms | fwd+bwd ours ms | fwd+bwd composite ms | "
+            "composite/ours (fwd+bwd) | ours GB/s fwd | ours GB/s fwd+bwd | copy GB/s |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for op, shape, make in cases():
-        ours, composite, nbytes = make()
-        t_ours, t_comp = _time(ours, repeat), _time(composite, repeat)
-        rows.append(f"| {op} | {tuple(shape)} | {t_ours * 1e3:.2f} | {t_comp * 1e3:.2f} | {t_ours / t_comp:.2f} | "
-                    f"{nbytes / t_ours / 1e9:.1f} | {nbytes / t_comp / 1e9:.1f} |")
+        ours_fwd, comp_fwd, ours, composite, b_fwd, b_all = make()
+        copy, b_copy = _copy_case(shape)
+        tf, tcf = _time(ours_fwd, repeat), _time(comp_fwd, repeat)
+        t, tc = _time(ours, repeat), _time(composite, repeat)
+        tcopy = _time(copy, repeat)
+        rows.append(f"| {op} | {tuple(shape)} | {tf * 1e3:.3f} | {tcf * 1e3:.3f} | {t * 1e3:.3f} | {tc * 1e3:.3f} | "
+                    f"{tc / t:.2f} | {b_fwd / tf / 1e9:.1f} | {b_all / t / 1e9:.1f} | {b_copy / tcopy / 1e9:.1f} |")
     return "\n".join(rows)
 
 
@@ -155,7 +222,7 @@ if pytest is not None:
     @pytest.mark.parametrize("case", _CASES, ids=[f"{op}-{'x'.join(map(str, s))}" for op, s, _ in _CASES])
     def test_kernel(benchmark, case, impl):
         op, shape, make = case
-        ours, composite, nbytes = make()
+        _, _, ours, composite, _, nbytes = make()
         fn = ours if impl == "ours" else composite
         benchmark.extra_info.update(op=op, shape=list(shape), device=DEVICE, bytes_moved=nbytes)
         benchmark.pedantic(lambda: (fn(), _sync()), rounds=5, iterations=1, warmup_rounds=1)
@@ -166,7 +233,19 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="print ours vs composite as a markdown table")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a dry run of the script")
+    parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
     if not args.table:
         parser.error("use --table, or run it with pytest for pytest-benchmark")
-    print(table(args.repeat))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        BATCH = {"resnet18": 1, "cifar": 2, "cifar_chunk1024": 2}
+        ACTIVATIONS[:] = [("cifar", (16, 8, 8))]
+        WEIGHTS[:] = [("cifar", (16, 3, 3, 3))]
+    text = table(args.repeat)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")

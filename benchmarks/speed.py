@@ -31,6 +31,7 @@ GEN_GRID = {
     "cpu": [("resnet20", 32, [64, 256, 1024]), ("torchvision:resnet18", 224, [8, 32])],
     "quick": [("resnet20", 32, [32, 128]), ("torchvision:resnet18", 224, [4])],
     "cuda": [("resnet20", 32, [256, 1024, 4096, 16384]), ("torchvision:resnet18", 224, [64, 256, 1024])],
+    "tiny": [("resnet20", 32, [8])],  # a dry run of the script (benchmarks/gpu_check.sh in CI)
 }
 
 
@@ -56,7 +57,7 @@ def one_generation(cfg: dict) -> dict:
                       device=device, seed=1)
     images, rec = generate(model, cfg["n"], method="dgh", image_size=cfg["size"], iterations=cfg["iterations"],
                            chunk_size=cfg["chunk"], aggregation=cfg["mode"], mean=src.mean, std=src.std,
-                           device=device, seed=0)
+                           device=device, seed=0, amp=cfg.get("amp"), store=cfg.get("store", "host"))
     t = rec.timings
     mem = peak_memory(device)
     return {**cfg, "steps_s": t["steps_s"], "setup_s": t["setup_s"], "total_s": t["total_s"],
@@ -126,12 +127,17 @@ def markdown(gen: list[dict], recon: list[dict], recon_cfg: dict, e2e: dict | No
         ms = "" if r["ms_per_iteration"] is None else f"{r['ms_per_iteration']:.2f}"
         out.append(f"| {r['unit']} | {r['kind']} | {r['seconds']:.2f} | {ms} |")
     if e2e is not None:
-        out += ["", "### ResNet-18, 224 px, 1024 images x 1000 iterations, DGH exact, end to end", ""]
+        out += ["", f"### ResNet-18, 224 px, 1024 images, DGH exact, bf16 autocast, {e2e.get('store', 'host')} store, "
+                f"{e2e['iterations']} iterations timed", ""]
         if "error" in e2e:
             out.append(f"failed: {e2e['error']}")
         else:
             out.append(f"{e2e['total_s']:.1f} s total ({e2e['img_it_per_s']:.0f} image-iterations/s), "
                        f"peak {e2e['peak_mib']:.0f} MiB ({e2e['peak_kind']}).")
+            if e2e["iterations"] < 1000:
+                est = e2e["setup_s"] + e2e["steps_s"] * 1000 / e2e["iterations"]
+                out.append(f"**Extrapolated** to 1000 iterations (setup + steps x 1000/{e2e['iterations']}): "
+                           f"{est:.1f} s.")
     return "\n".join(out) + "\n"
 
 
@@ -143,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--recon-iterations", type=int)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--e2e-iterations", type=int, default=1000,
+                   help="timed steps of the GPU end-to-end run (fewer are extrapolated to 1000, labelled)")
+    p.add_argument("--tiny", action="store_true", help="smallest settings: a dry run of the script")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results_speed.md"))
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -154,8 +163,8 @@ def main(argv=None) -> int:
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    grid = GEN_GRID["cuda" if cuda else ("quick" if args.quick else "cpu")]
-    iters = args.iterations or (20 if cuda else (3 if args.quick else 5))
+    grid = GEN_GRID["tiny" if args.tiny else ("cuda" if cuda else ("quick" if args.quick else "cpu"))]
+    iters = args.iterations or (1 if args.tiny else (20 if cuda else (3 if args.quick else 5)))
     gen = []
     for model, size, ns in grid:
         for n in ns:
@@ -167,13 +176,14 @@ def main(argv=None) -> int:
                 g = gen[-1]
                 print(f"{model} {size}px N={n} {mode}: " + (g.get("error") or
                       f"{g['img_it_per_s']:.1f} img-it/s, peak {g['peak_mib']:.0f} MiB"), file=sys.stderr)
-    recon_cfg = {"n": 1024 if cuda else (64 if args.quick else 256),
-                 "iterations": args.recon_iterations or (200 if cuda else (5 if args.quick else 20))}
+    recon_cfg = {"n": 16 if args.tiny else (1024 if cuda else (64 if args.quick else 256)),
+                 "iterations": args.recon_iterations or (1 if args.tiny else (200 if cuda else (5 if args.quick else 20)))}
     recon = reconstruction_per_block(device, recon_cfg["n"], recon_cfg["iterations"], progress=False)
     e2e = None
-    if cuda and not args.skip_e2e:
-        e2e = _child({"model": "torchvision:resnet18", "size": 224, "n": 1024, "mode": "exact", "iterations": 1000,
-                      "chunk": 256, "device": str(device), "threads": args.threads}, timeout=7200)
+    if cuda and not args.skip_e2e and not args.tiny:
+        e2e = _child({"model": "torchvision:resnet18", "size": 224, "n": 1024, "mode": "exact",
+                      "iterations": args.e2e_iterations, "chunk": 256, "device": str(device), "threads": args.threads,
+                      "amp": "bf16", "store": "device"}, timeout=7200)
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "threads": args.threads,
            "backend": json.dumps(zsq_fast.ops.backend())}
     md = markdown(gen, recon, recon_cfg, e2e, env)

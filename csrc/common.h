@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 
 namespace zsq {
 
@@ -54,6 +55,13 @@ inline at::Tensor like_layout(const at::Tensor& t, const at::Tensor& ref) {
 // A per-channel parameter (scale, zero_point, mean, ...) as a flat contiguous vector of dtype t.
 inline at::Tensor param(const at::Tensor& p, at::ScalarType t) { return p.reshape(-1).to(t).contiguous(); }
 
+// True when the data of every tensor starts on a `bytes` boundary (vector loads/stores allowed).
+inline bool aligned_to(std::initializer_list<const at::Tensor*> ts, int64_t bytes) {
+  for (const at::Tensor* t : ts)
+    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % bytes != 0) return false;
+  return true;
+}
+
 struct Layout {
   int64_t numel;
   int64_t channels;  // C: 1 for per-tensor
@@ -63,7 +71,7 @@ struct Layout {
 // axis < 0: per-tensor (a single "channel" spanning everything).
 inline Layout channel_layout(const at::Tensor& x, int64_t axis) {
   const int64_t n = x.numel();
-  if (axis < 0 || x.size(axis) == 1) return {n, 1, n > 0 ? n : 1};
+  if (axis < 0 || x.size(axis) <= 1 || n == 0) return {n, 1, n > 0 ? n : 1};  // empty: never C = 0
   return {n, x.size(axis), x.stride(axis)};
 }
 
@@ -130,6 +138,28 @@ C10_HOST_DEVICE inline T clamp_nan(T x, T lo, T hi) {
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid(T v) {
   return T(1) / (T(1) + zexp(-v));
+}
+
+// Chan et al.'s merge of (nb, mean_b, m2_b) into (na, mean, m2), fp64, in the operation order of
+// zsq_fast.ops.ChannelStats.merge (so device and host merges agree bit for bit).
+C10_HOST_DEVICE inline void chan_merge(double na, double& mean, double& m2, double nb, double mean_b, double m2_b) {
+  if (nb == 0) return;
+  if (na == 0) {
+    mean = mean_b;
+    m2 = m2_b;
+    return;
+  }
+  const double n = na + nb, delta = mean_b - mean;
+  mean = mean + delta * (nb / n);
+  m2 = m2 + m2_b + delta * delta * (na * nb / n);
+}
+
+// The shift K of a channel's shifted sums: its first element, or 0 when that is not finite
+// (an inf shift would turn every difference into inf - inf = NaN).
+template <typename T>
+C10_HOST_DEVICE inline double stats_shift(T first) {
+  const double k = static_cast<double>(first);
+  return (k - k == 0.0) ? k : 0.0;  // false for inf and NaN
 }
 
 }  // namespace zsq

@@ -5,9 +5,7 @@ from conftest import cuda_only
 
 from zsq_fast import ops
 from zsq_fast.ops import reference as ref
-from zsq_fast.ops._backend import _C
 
-needs_c = pytest.mark.skipif(_C is None, reason="zsq_fast._C is not built (python setup.py build_ext --inplace)")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
 # fp16/bf16 inputs are exact in fp64; their stats differ only by summation order
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
@@ -27,7 +25,6 @@ def _stats_close(got, want, dtype):
     torch.testing.assert_close(got[1], want[1], rtol=tol, atol=tol * max(1.0, float(want[1].abs().max())))
 
 
-@needs_c
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(4, 5, 6, 7), (1, 1, 3, 3), (3, 1, 2, 2), (2, 3), (5, 4, 9), (2, 40, 3, 3)])
@@ -35,33 +32,31 @@ def test_forward_matches_reference(device, dtype, shape):
     torch.manual_seed(0)
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype).to(device)
     for name, xl in _layouts(x):
-        got = _C.channel_stats_forward(xl)
+        got = torch.ops.zsq_fast.channel_stats(xl)
         assert got.dtype == torch.float64 and got.shape == (2, shape[1]), name
         _stats_close(got, ref.channel_stats_forward(xl), dtype)
 
 
-@needs_c
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_empty_chunk_and_large_mean(device):
     x = torch.empty(0, 3, 4, 4, device=device)
-    assert torch.equal(_C.channel_stats_forward(x), torch.zeros(2, 3, dtype=torch.float64, device=device))
+    assert torch.equal(torch.ops.zsq_fast.channel_stats(x), torch.zeros(2, 3, dtype=torch.float64, device=device))
     torch.manual_seed(1)
     # mean 1e4, std 1e-2: raw sums of squares would cancel catastrophically in fp32
     x = (1e4 + 1e-2 * torch.randn(16, 3, 8, 8, dtype=torch.float64)).float().to(device)
     want = ref.channel_stats_forward(x)
     for _, xl in _layouts(x):
-        got = _C.channel_stats_forward(xl)
+        got = torch.ops.zsq_fast.channel_stats(xl)
         torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-9)
         torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)
 
 
-@needs_c
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_non_finite_propagates(device):
     x = torch.randn(2, 3, 4, 4, device=device)
     x[0, 1, 2, 2] = float("nan")
     x[1, 2, 0, 1] = float("inf")
-    got = _C.channel_stats_forward(x)
+    got = torch.ops.zsq_fast.channel_stats(x)
     assert torch.isfinite(got[:, 0]).all()
     assert torch.isnan(got[:, 1]).all() and not torch.isfinite(got[:, 2]).all()
 
@@ -104,12 +99,20 @@ def test_backward_matches_reference(device, dtype, channels_last):
     got = ops.channel_stats_backward(x, mean, gm, gv, 1000.0)
     assert got.dtype == dtype and got.shape == x.shape
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last or not channels_last
-    tol = 0 if dtype in (torch.float64, torch.float32) else 1e-2
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * 1e-2)
-    if _C is not None:
-        direct = _C.channel_stats_backward(x, mean, gm, gv, 1000.0)
-        assert direct.stride() == x.stride()
-        torch.testing.assert_close(direct, want, rtol=tol, atol=tol * 1e-2)
+    # Bit equality is promised on the CPU (same operation order, no contraction). On CUDA nvcc
+    # contracts a + b (x - mean) into one FMA, which rounds once instead of twice: a difference of
+    # at most an ulp or two of the larger term, so the CUDA tolerance is relative to that term.
+    if dtype in (torch.float64, torch.float32):
+        eps = torch.finfo(dtype).eps
+        scale = float((gm.abs().max() + 2 * gv.abs().max() * (x.double().abs().max() + mean.abs().max())) / 1000.0)
+        rtol, atol = (0.0, 0.0) if device == "cpu" else (4 * eps, 4 * eps * scale)
+    else:
+        rtol, atol = 1e-2, 1e-4
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    # the registered operator itself (the kernel, or the reference in a build without one)
+    direct = torch.ops.zsq_fast.channel_stats_backward(x, mean, gm, gv, 1000.0)
+    assert direct.stride() == x.stride()
+    torch.testing.assert_close(direct, want, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -210,13 +213,12 @@ def test_bad_arguments():
         ops.inject_stats_grad(x, torch.zeros(3), torch.zeros(3), torch.zeros(3), 0)
 
 
-@needs_c
 def test_direct_bad_arguments():
     with pytest.raises(TypeError, match="floating-point"):
-        _C.channel_stats_forward(torch.ones(2, 3, dtype=torch.int64))
+        torch.ops.zsq_fast.channel_stats(torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="N, C"):
-        _C.channel_stats_forward(torch.ones(3))
+        torch.ops.zsq_fast.channel_stats(torch.ones(3))
     with pytest.raises(ValueError, match="grad_var has 2 elements"):
-        _C.channel_stats_backward(torch.ones(2, 3), torch.zeros(3), torch.zeros(3), torch.zeros(2), 4.0)
+        torch.ops.zsq_fast.channel_stats_backward(torch.ones(2, 3), torch.zeros(3), torch.zeros(3), torch.zeros(2), 4.0)
     with pytest.raises(ValueError, match="total_count"):
-        _C.channel_stats_backward(torch.ones(2, 3), torch.zeros(3), torch.zeros(3), torch.zeros(3), 0.0)
+        torch.ops.zsq_fast.channel_stats_backward(torch.ones(2, 3), torch.zeros(3), torch.zeros(3), torch.zeros(3), 0.0)

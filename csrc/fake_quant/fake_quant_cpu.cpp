@@ -37,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_backward_cpu(const at::Tensor& gra
   const at::Tensor x = dense(x_in);
   const at::Tensor grad = like_layout(grad_in, x);
   at::Tensor grad_x = at::empty_like(x);
+  if (x.numel() == 0) return {grad_x, need_scale_grad ? at::zeros_like(scale) : at::empty({0}, scale.options())};
   const at::ScalarType cd = compute_dtype(x.scalar_type());
   const at::Tensor s = param(scale, cd), z = param(zero_point, cd);
   const Layout L = channel_layout(x, axis);
@@ -50,18 +51,19 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_backward_cpu(const at::Tensor& gra
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
     // One pass: write the STE gradient of x and return this element's share of dL/ds.
-    auto elem = [=](int64_t i, int64_t c) -> double {
+    auto elem = [=](int64_t i, int64_t c) -> T {
       const auto e = fake_quant_elem(static_cast<T>(xp[i]), sp[c], zp[c], lo, hi);
       const T g = static_cast<T>(gp[i]);
       gxp[i] = static_cast<scalar_t>(g * T(e.inside));
-      return static_cast<double>(fake_quant_scale_grad(g, e, zp[c]));
+      return fake_quant_scale_grad(g, e, zp[c]);
     };
     if (!need_scale_grad) {
       cpu::channel_map(L, [&](int64_t i, int64_t c) { elem(i, c); });
-    } else if (axis < 0) {
+    } else if (axis < 0 || L.channels == 1) {
       grad_s = at::full({}, cpu::channel_map_sum(L, elem), x.options().dtype(at::kDouble));
     } else {
-      const std::vector<double> sums = cpu::channel_reduce<double>(L, elem);
+      const std::vector<double> sums =
+          cpu::channel_reduce<double>(L, [&](int64_t i, int64_t c) { return static_cast<double>(elem(i, c)); });
       grad_s = at::empty({L.channels}, x.options().dtype(at::kDouble));
       std::copy(sums.begin(), sums.end(), grad_s.mutable_data_ptr<double>());
     }

@@ -14,7 +14,7 @@ from torch import nn
 from . import bns, dgh, fdda
 from .bn_capture import BNCapture, find_bn_layers, used_layers
 from .checkpoint import load_checkpoint, save_checkpoint
-from .context import Run, measure_bn_loss, output_images
+from .context import LossScale, Run, measure_bn_loss, output_images
 from .io import IMAGENET_MEAN, IMAGENET_STD
 from .losses import layer_weights
 from .optim import Plateau
@@ -218,7 +218,7 @@ def build_run(model, s: Settings, device) -> tuple[Run, torch.Tensor]:
               store=make_store(x0, location), device=device, chunk_size=s.chunk_size, size=size, lo=lo, hi=hi,
               generator=generator, plateau=Plateau(lr=s.lr, patience=s.patience, min_lr=s.min_lr),
               augment=s.augment, odsl_weight=s.odsl_weight, odsl_hinged=s.odsl_form == "hinged",
-              amp_dtype=AMP[s.amp], loss_scale=1024.0 if s.amp == "fp16" else 1.0)
+              amp_dtype=AMP[s.amp], loss_scale=LossScale() if s.amp == "fp16" else None)
     return run, out
 
 
@@ -306,7 +306,8 @@ def _state(run: Run, compared: dict, history: list, initial_bn: float) -> dict:
     return {"settings": json.dumps(compared), "step": run.step, "x": run.store.x.cpu(),
             "exp_avg": run.store.exp_avg.cpu(), "exp_avg_sq": run.store.exp_avg_sq.cpu(),
             "plateau": run.plateau.state(), "generator": run.generator.get_state(),
-            "history": history, "initial_bn_loss": initial_bn, "stale_cache": dgh.cache_state(run)}
+            "history": history, "initial_bn_loss": initial_bn, "stale_cache": dgh.cache_state(run),
+            "loss_scale": run.loss_scale.state() if run.loss_scale is not None else {}}
 
 
 def _restore(run: Run, saved: dict) -> int:
@@ -316,4 +317,7 @@ def _restore(run: Run, saved: dict) -> int:
     run.generator.set_state(saved["generator"])
     run.step = int(saved["step"])
     dgh.restore_cache(run, saved["stale_cache"])
+    if run.loss_scale is not None and saved.get("loss_scale"):
+        run.loss_scale.value = float(saved["loss_scale"]["value"])
+        run.loss_scale.clean = int(saved["loss_scale"]["clean"])
     return run.step

@@ -21,6 +21,24 @@ class NonFiniteLossError(ValueError):
 
 
 @dataclass
+class LossScale:
+    """Dynamic loss scaling for fp16 autocast, as torch.amp.GradScaler does it: start high, halve and
+    recompute the chunk's gradient on inf/NaN, double after `growth_interval` clean gradients.
+
+    Whole-set BN gradients are tiny (1/M with M = N*H*W elements per channel: about 1e-11 to 1e-9 at
+    224 px), so a static scale of 1024 leaves them below fp16's smallest subnormal (6e-8) in the
+    backward through the network; the scale must be able to grow.
+    """
+    value: float = 2.0 ** 16
+    growth_interval: int = 20
+    clean: int = 0
+    max_value: float = 2.0 ** 40
+
+    def state(self) -> dict:
+        return {"value": self.value, "clean": self.clean}
+
+
+@dataclass
 class Run:
     model: nn.Module
     layers: list[BNLayer]            # BN layers; acts[0] is the input image, acts[1 + i] is layers[i]'s input
@@ -40,7 +58,7 @@ class Run:
     odsl_weight: float = 0.0
     odsl_hinged: bool = False
     amp_dtype: torch.dtype | None = None
-    loss_scale: float = 1.0          # static scale for fp16 autocast (gradients would underflow)
+    loss_scale: LossScale | None = None  # fp16 autocast only (gradients would underflow)
     step: int = 0                    # RAdam step count (1-based once running)
     state: dict = field(default_factory=dict)  # method-specific (stale cache, FDDA centers, labels)
 
@@ -90,8 +108,22 @@ def update(run: Run, sl: slice, x: torch.Tensor, grad: torch.Tensor, exp_avg, ex
 
 
 def grad_of(run: Run, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    (g,) = torch.autograd.grad(loss * run.loss_scale if run.loss_scale != 1.0 else loss, x)
-    return g / run.loss_scale if run.loss_scale != 1.0 else g
+    """d loss / d x; under fp16 autocast through the dynamic loss scale (one finiteness check per chunk)."""
+    scale = run.loss_scale
+    if scale is None:
+        (g,) = torch.autograd.grad(loss, x)
+        return g
+    while True:
+        (g,) = torch.autograd.grad(loss * scale.value, x, retain_graph=True)
+        if bool(torch.isfinite(g).all()) or scale.value <= 1.0:
+            g = g / scale.value  # a non-finite gradient at scale 1 is the update's error to report
+            scale.clean += 1
+            if scale.clean >= scale.growth_interval and scale.value < scale.max_value:
+                scale.value *= 2.0
+                scale.clean = 0
+            return g
+        scale.value /= 2.0
+        scale.clean = 0
 
 
 @torch.no_grad()
@@ -101,8 +133,9 @@ def whole_set_stats(run: Run, images_of_chunk) -> list[ChannelStats]:
     totals = None
     for sl in run.store.chunks(run.chunk_size):
         acts, _ = forward(run, images_of_chunk(sl))
-        s = [channel_stats(a) for a in acts]
-        totals = s if totals is None else [t.merge(u) for t, u in zip(totals, s)]
+        # each chunk is merged into the running totals inside the statistics kernel (on the device)
+        totals = [channel_stats(a) for a in acts] if totals is None else [
+            channel_stats(a, t) for a, t in zip(acts, totals)]
     return totals
 
 

@@ -1,10 +1,11 @@
-"""Loads the compiled extension zsq_fast._C, or falls back to the references with one warning."""
+"""Loads the compiled extension zsq_fast._C (which registers torch.ops.zsq_fast.*), or falls back to
+the references for every op, with one warning."""
 from __future__ import annotations
 
 import importlib
 import warnings
 
-import torch
+from . import _library
 
 try:  # built by setup.py
     _C = importlib.import_module("zsq_fast._C")
@@ -31,13 +32,7 @@ def has_cuda_kernels() -> bool:
     return _C is not None and bool(_C.cuda_compiled())
 
 
-def use_kernel(t: torch.Tensor) -> bool:
-    """True when the compiled kernel serves tensors on t's device."""
-    if _C is None:
-        return False
-    if t.device.type == "cpu":
-        return True
-    return t.device.type == "cuda" and has_cuda_kernels()
+_library.install(cpu_kernels=has_cpu_kernels(), cuda_kernels=has_cuda_kernels())
 
 
 def backend() -> dict:

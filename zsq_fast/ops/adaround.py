@@ -2,48 +2,54 @@
 
 w_hat = s (clamp(floor(w/s) + h(V) + z, qmin, qmax) - z), h(V) = clamp(sigmoid(V)(zeta-gamma)+gamma, 0, 1),
 reg = sum(1 - |2h(V) - 1|^beta). One kernel pass gives both; one backward pass gives dL/dV from both.
+torch.ops.zsq_fast.adaround is the registered operator (fake kernel and autograd below).
 """
 from __future__ import annotations
 
 import torch
 
 from . import reference as ref
-from ._backend import _C, use_kernel
+from ._backend import _C  # noqa: F401  (loads and registers the operators)
+from ._fakes import dense_like
 from .checks import check_bits, check_float, check_scale, check_zero_point, normalize_axis, quant_range
 
 ZETA, GAMMA = ref.ZETA, ref.GAMMA
 
+_op = torch.ops.zsq_fast.adaround
+_backward_op = torch.ops.zsq_fast.adaround_backward
 
-class _AdaRound(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, v, scale, zero_point, qmin, qmax, axis, hard, beta, compute_reg):
-        ctx.save_for_backward(w, v, scale, zero_point)
-        ctx.args = (qmin, qmax, axis, beta)
-        ctx.hard = hard
-        if use_kernel(w):
-            w_hat, reg = _C.adaround_forward(w, v, scale, zero_point, qmin, qmax,
-                                             -1 if axis is None else axis, hard, float(beta), compute_reg)
-        else:
-            w_hat, reg = ref.adaround_forward(w, v, scale, zero_point, qmin, qmax, axis, hard, beta, compute_reg)
-        return w_hat, reg
 
-    @staticmethod
-    def backward(ctx, g_w_hat, g_reg):
-        w, v, scale, zero_point = ctx.saved_tensors
-        if ctx.hard:  # hard rounding is a step function of V
-            return (None,) * 10
-        qmin, qmax, axis, beta = ctx.args
-        if g_w_hat is None:
-            g_w_hat = torch.zeros_like(w)
-        if g_reg is None:
-            g_reg = torch.zeros((), device=w.device)
-        g_reg = g_reg.reshape(()).to(ref.compute_dtype(w.dtype))
-        if use_kernel(w):
-            gv = _C.adaround_backward(g_w_hat.contiguous(), g_reg, w, v, scale, zero_point, qmin, qmax,
-                                      -1 if axis is None else axis, float(beta))
-        else:
-            gv = ref.adaround_backward(g_w_hat, g_reg, w, v, scale, zero_point, qmin, qmax, axis, beta)
-        return None, gv, None, None, None, None, None, None, None, None
+@torch.library.register_fake("zsq_fast::adaround")
+def _(w, v, scale, zero_point, qmin, qmax, axis, hard, beta, compute_reg):
+    return dense_like(w), w.new_empty((), dtype=ref.compute_dtype(w.dtype))
+
+
+@torch.library.register_fake("zsq_fast::adaround_backward")
+def _(grad_w_hat, grad_reg, w, v, scale, zero_point, qmin, qmax, axis, beta):
+    return dense_like(w, v.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    w, v, scale, zero_point, qmin, qmax, axis, hard, beta, compute_reg = inputs
+    ctx.save_for_backward(w, v, scale, zero_point)
+    ctx.args = (qmin, qmax, axis, beta)
+    ctx.hard = hard
+
+
+def _backward(ctx, g_w_hat, g_reg):
+    if ctx.hard:  # hard rounding is a step function of V
+        return (None,) * 10
+    w, v, scale, zero_point = ctx.saved_tensors
+    qmin, qmax, axis, beta = ctx.args
+    if g_w_hat is None:
+        g_w_hat = torch.zeros_like(w)
+    if g_reg is None:
+        g_reg = w.new_zeros((), dtype=ref.compute_dtype(w.dtype))
+    gv = _backward_op(g_w_hat.to(w.dtype), g_reg, w, v, scale, zero_point, qmin, qmax, axis, beta)
+    return None, gv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("zsq_fast::adaround", _backward, setup_context=_setup_context)
 
 
 def _prepare(w, v, scale, zero_point, bits, signed, axis):
@@ -72,7 +78,8 @@ def adaround_quantize(w: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
     scale, zp, qmin, qmax, axis = _prepare(w, v, scale, zero_point, bits, signed, axis)
     if beta < 1:
         raise ValueError(f"beta must be >= 1 (the regularizer's gradient diverges below), got {beta}")
-    return _AdaRound.apply(w.detach(), v, scale, zp, qmin, qmax, axis, bool(hard), float(beta), bool(compute_reg))
+    return _op(w.detach(), v, scale.detach(), zp, qmin, qmax, -1 if axis is None else axis, bool(hard),
+               float(beta), bool(compute_reg))
 
 
 def adaround_init_v(w: torch.Tensor, scale: torch.Tensor, axis: int | None = 0) -> torch.Tensor:

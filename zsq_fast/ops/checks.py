@@ -1,9 +1,39 @@
-"""Argument checks shared by the ops: clear ValueError/TypeError instead of deep stack traces."""
+"""Argument checks shared by the ops: clear ValueError/TypeError instead of deep stack traces.
+
+Per-call checks look at types, shapes and dtypes only. Checks that read a tensor's *values* (scale > 0,
+integer zero points) would synchronize with the GPU on every call and break CUDA-graph capture, so
+they run once where quantizers are set up (`validate_scale`, `validate_zero_point`), and on every call
+only when value checks are switched on (`set_value_checks(True)` or ZSQ_FAST_CHECK_VALUES=1: a debug aid).
+"""
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
 MIN_BITS, MAX_BITS = 2, 16
+_VALUE_CHECKS = os.environ.get("ZSQ_FAST_CHECK_VALUES", "0") not in ("", "0", "false", "False")
+
+
+def value_checks_enabled() -> bool:
+    return _VALUE_CHECKS
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Switch the per-call value checks on or off; returns the previous setting."""
+    global _VALUE_CHECKS
+    previous, _VALUE_CHECKS = _VALUE_CHECKS, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool = True):
+    previous = set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
 
 
 def check_float(t: torch.Tensor, name: str) -> None:
@@ -39,15 +69,28 @@ def normalize_axis(axis, ndim: int) -> int | None:
     return axis % ndim
 
 
+def validate_scale(scale: torch.Tensor, name: str = "scale") -> None:
+    """Every element finite and > 0 (reads the values: call at setup, not per step)."""
+    if scale.numel() and not bool(torch.all(torch.isfinite(scale) & (scale > 0))):
+        raise ValueError(f"{name} must be finite and > 0 everywhere (got min {float(scale.min())}, "
+                         f"max {float(scale.max())})")
+
+
+def validate_zero_point(zp: torch.Tensor, qmin: int, qmax: int, name: str = "zero_point") -> None:
+    """Integers within [qmin, qmax] (reads the values: call at setup, not per step)."""
+    if zp.numel() and not bool(torch.all((zp == zp.round()) & (zp >= qmin) & (zp <= qmax))):
+        raise ValueError(f"{name} must hold integers within [{qmin}, {qmax}]")
+
+
 def check_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None, name: str = "scale") -> torch.Tensor:
-    """Validate a per-tensor (numel 1) or per-channel (numel = x.shape[axis]) positive scale."""
+    """A per-tensor (numel 1) or per-channel (numel = x.shape[axis]) scale, as a flat vector."""
     check_float(scale, name)
     expected = 1 if axis is None else x.shape[axis]
     if scale.numel() != expected:
         where = "per-tensor" if axis is None else f"per-channel along axis {axis}"
         raise ValueError(f"{name} has {scale.numel()} elements; {where} needs {expected}")
-    if scale.numel() and not bool(torch.all(scale > 0)):
-        raise ValueError(f"{name} must be > 0 everywhere (got min {float(scale.min())})")
+    if _VALUE_CHECKS:
+        validate_scale(scale, name)
     return scale.reshape(-1)
 
 
@@ -61,6 +104,6 @@ def check_zero_point(zero_point, scale: torch.Tensor, qmin: int, qmax: int) -> t
         zp = zp.expand(scale.numel()).contiguous()
     if zp.numel() != scale.numel():
         raise ValueError(f"zero_point has {zp.numel()} elements, scale has {scale.numel()}")
-    if zp.numel() and not bool(torch.all((zp == zp.round()) & (zp >= qmin) & (zp <= qmax))):
-        raise ValueError(f"zero_point must hold integers within [{qmin}, {qmax}]")
+    if _VALUE_CHECKS:
+        validate_zero_point(zp, qmin, qmax)
     return zp

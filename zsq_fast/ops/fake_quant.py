@@ -1,40 +1,46 @@
-"""Fake quantization with a straight-through gradient for x and the LSQ gradient for the scale (op 2)."""
+"""Fake quantization with a straight-through gradient for x and the LSQ gradient for the scale (op 2).
+
+torch.ops.zsq_fast.fake_quant is the registered operator (kernel per device, fake kernel and autograd
+below); `fake_quant` / `fake_quantize` are its checked Python faces.
+"""
 from __future__ import annotations
 
 import torch
 
-from . import reference as ref
-from ._backend import _C, use_kernel
+from ._backend import _C  # noqa: F401  (loads and registers the operators)
+from ._fakes import dense_like
 from .checks import check_bits, check_float, check_scale, check_zero_point, normalize_axis, quant_range
+from .checks import validate_scale, value_checks_enabled
+
+_op = torch.ops.zsq_fast.fake_quant
+_backward_op = torch.ops.zsq_fast.fake_quant_backward
 
 
-class _FakeQuant(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis):
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.args = (qmin, qmax, axis)
-        if use_kernel(x):
-            return _C.fake_quant_forward(x, scale, zero_point, qmin, qmax, -1 if axis is None else axis)
-        return ref.fake_quant_forward(x, scale, zero_point, qmin, qmax, axis)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, scale, zero_point = ctx.saved_tensors
-        qmin, qmax, axis = ctx.args
-        need_s = ctx.needs_input_grad[1]
-        if use_kernel(x):
-            gx, gs = _C.fake_quant_backward(grad.contiguous(memory_format=_format_of(x)), x, scale, zero_point,
-                                            qmin, qmax, -1 if axis is None else axis, need_s)
-            gs = gs if need_s else None
-        else:
-            gx, gs = ref.fake_quant_backward(grad, x, scale, zero_point, qmin, qmax, axis, need_s)
-        return gx, gs, None, None, None, None
+@torch.library.register_fake("zsq_fast::fake_quant")
+def _(x, scale, zero_point, qmin, qmax, axis):
+    return dense_like(x)
 
 
-def _format_of(x: torch.Tensor):
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+@torch.library.register_fake("zsq_fast::fake_quant_backward")
+def _(grad, x, scale, zero_point, qmin, qmax, axis, need_scale_grad):
+    return dense_like(x), (torch.empty_like(scale) if need_scale_grad else scale.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, scale, zero_point, qmin, qmax, axis = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.args = (qmin, qmax, axis)
+
+
+def _backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    qmin, qmax, axis = ctx.args
+    need_s = ctx.needs_input_grad[1]
+    gx, gs = _backward_op(grad, x, scale, zero_point, qmin, qmax, axis, need_s)
+    return gx, (gs if need_s else None), None, None, None, None
+
+
+torch.library.register_autograd("zsq_fast::fake_quant", _backward, setup_context=_setup_context)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -46,7 +52,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
         raise ValueError(f"need integers qmin < qmax, got [{qmin}, {qmax}]")
     scale = check_scale(scale, x, axis)
     zp = check_zero_point(zero_point, scale, qmin, qmax)
-    return _FakeQuant.apply(x, scale, zp, qmin, qmax, axis)
+    return _op(x, scale, zp, qmin, qmax, -1 if axis is None else axis)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None, *,
@@ -65,18 +71,10 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return fake_quant(x, scale, zero_point, qmin, qmax, axis)
 
 
-class _RoundPow2(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s):
-        return torch.exp2(torch.round(torch.log2(s)))
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
 def round_pow2(scale: torch.Tensor) -> torch.Tensor:
-    """Nearest power of two (in log2), straight-through gradient."""
-    if scale.numel() and not bool(torch.all(scale > 0)):
-        raise ValueError("scale must be > 0 everywhere to round it to a power of two")
-    return _RoundPow2.apply(scale)
+    """Nearest power of two (in log2), straight-through gradient. Written p + (s - s.detach()) so the
+    value is exactly p (s - s is exactly 0) while d/ds = 1."""
+    if value_checks_enabled():
+        validate_scale(scale)
+    s = scale.detach()
+    return torch.exp2(torch.round(torch.log2(s))) + (scale - s)
