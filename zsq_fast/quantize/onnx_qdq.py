@@ -151,7 +151,8 @@ def lower_qdq(model, opset: int):
                                               [f"{base}/clipped"], name=f"{base}/Clip"))
                 x = f"{base}/clipped"
             sn, zn = const("scale", s), const("zero_point", z, dtype)
-            nodes.append(helper.make_node("QuantizeLinear", [x, sn, zn], [f"{base}/q"], name=f"{base}/QuantizeLinear"))
+            nodes.append(helper.make_node("QuantizeLinear", [x, sn, zn], [f"{base}/q"],
+                                          name=f"{base}/QuantizeLinear"))
             nodes.append(helper.make_node("DequantizeLinear", [f"{base}/q", sn, zn], [n.output[0]],
                                           name=f"{base}/DequantizeLinear"))
         elif n.op_type == "DequantizeWeight":
@@ -164,8 +165,9 @@ def lower_qdq(model, opset: int):
             w.CopyFrom(helper.make_tensor(w.name, dtype, values.shape, values.flatten().astype(np.int64).tolist()))
             scales = np.asarray(a["scales"], dtype=np.float32)
             zps = np.asarray(a["zero_points"], dtype=np.int64)
-            nodes.append(helper.make_node("DequantizeLinear", [w.name, const("scale", scales), const("zero_point", zps, dtype)],
-                                          [n.output[0]], name=f"{base}/DequantizeLinear", axis=0))
+            inputs = [w.name, const("scale", scales), const("zero_point", zps, dtype)]
+            nodes.append(helper.make_node("DequantizeLinear", inputs, [n.output[0]], name=f"{base}/DequantizeLinear",
+                                          axis=0))
         else:
             raise ValueError(f"ONNX export: unknown node {DOMAIN}::{n.op_type}")
     del graph.node[:]
