@@ -104,7 +104,10 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, example_input: 
     for name, m in qmodel.named_modules():
         if isinstance(m, Quantizer) and m.spec.bits > 8:
             raise ValueError(f"ONNX QDQ export supports at most 8 bits; {name} has {m.spec.bits}")
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("ONNX export needs the onnx package: pip install 'zsq_fast[onnx]'") from None
 
     qmodel = qmodel.eval()
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
