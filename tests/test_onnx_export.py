@@ -64,7 +64,7 @@ def _initializer_types(model):
     return types
 
 
-@pytest.mark.parametrize("bits", ["W8A8", "W4A8", "W4A4", "W3A3"])
+@pytest.mark.parametrize("bits", ["W8A8", "W4A8", "W4A4", "W3A3", "W2A2"])
 def test_default_onnxruntime_matches_fake_quant(net, calib, test_images, tmp_path, bits):
     q = quantize(net, calib, bits, preset="hw")
     path = tmp_path / "q.onnx"
@@ -107,6 +107,26 @@ def test_export_carries_the_bit_widths(net, calib, tmp_path):
     assert {t3[n.input[2]] for n in qs} <= {T.INT8, T.UINT8}
     producers = {o: n for n in m3.graph.node for o in n.output}
     assert all(producers[n.input[0]].op_type == "Clip" for n in qs)
+
+
+def test_relu6_before_a_4_bit_quantizer(calib, test_images, tmp_path):
+    """A Clip of the model (ReLU6) right before a 4-bit QuantizeLinear: exported as int8 + Clip, which
+    onnxruntime 1.32 can load (its ClipQuantFusion fails on Clip -> INT4/UINT4 QuantizeLinear)."""
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1),
+                      nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    q = quantize(m, calib, "W4A4", preset="hw")
+    model = _export(q, tmp_path / "relu6.onnx")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    after_clip = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
+                  and getattr(producers.get(n.input[0]), "op_type", None) == "Clip"]
+    types = _initializer_types(model)
+    assert after_clip and all(types[n.input[2]] == onnx.TensorProto.UINT8 for n in after_clip)
+    # the other 4-bit activations (network input, pooled features, logits) are still 4-bit tensors
+    others = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n not in after_clip]
+    assert len(others) == 3 and {types[n.input[2]] for n in others} <= {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    r = zsq_fast.evaluate_onnx(tmp_path / "relu6.onnx", test_images, reference=q, threads=1)
+    assert r["agreement"] >= 99.9 and r["max_logit_diff_steps"] <= 1.0, r
 
 
 def test_opset_13_emulates_low_bits_with_clip(net, calib, test_images, tmp_path):
