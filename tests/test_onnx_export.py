@@ -84,6 +84,18 @@ def test_default_onnxruntime_matches_fake_quant(net, calib, test_images, tmp_pat
     assert np.abs(got - want).max() <= step
 
 
+def test_w8a8_runs_on_integer_kernels(net, calib, tmp_path):
+    """At 8 bits onnxruntime's default optimizations do replace the QDQ pattern by integer kernels
+    (QLinearConv, QGemm: int32 accumulation, requantization), so the agreement test above covers them."""
+    q = quantize(net, calib, "W8A8", preset="hw")
+    _export(q, tmp_path / "q.onnx")
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert {"QLinearConv", "QGemm"} <= ops
+
+
 def test_export_carries_the_bit_widths(net, calib, tmp_path):
     T = onnx.TensorProto
     q = quantize(net, calib, "W4A4", preset="hw")
@@ -179,6 +191,21 @@ def test_int32_bias_survives_save_and_load(net, calib, tmp_path):
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(r(x), q(x))
+
+
+def test_files_saved_before_the_int32_bias_load_with_a_float_bias(net, calib, tmp_path):
+    import json
+
+    q = quantize(net, calib, "W4A4", preset="hw")
+    zsq_fast.save_quantized(q, tmp_path / "q.pt")
+    payload = torch.load(tmp_path / "q.pt", weights_only=True)
+    config = json.loads(payload["config"])
+    for layer in config["layers"].values():
+        del layer["bias"]  # what an older zsq_fast wrote
+    payload["config"] = json.dumps(config)
+    torch.save(payload, tmp_path / "old.pt")
+    r = zsq_fast.load_quantized(tmp_path / "old.pt", CifarResNet(8))
+    assert not any(m.int32_bias for m in r.modules() if isinstance(m, QUANT_LAYERS))
 
 
 def test_evaluate_onnx_reports_top1_and_rejects_bad_files(net, calib, tmp_path):
