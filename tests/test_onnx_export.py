@@ -226,3 +226,22 @@ def test_evaluate_onnx_reports_top1_and_rejects_bad_files(net, calib, tmp_path):
         zsq_fast.evaluate_onnx(tmp_path / "q.onnx", x.numpy())
     with pytest.raises(ValueError, match="labels"):
         zsq_fast.evaluate_onnx(tmp_path / "q.onnx", x, labels=labels[:3])
+
+
+def test_real_resnet20_w4a4_export_is_what_was_measured(shared_data, tmp_path):
+    """Issue 14's case: CIFAR-10 ResNet-20 W4A4 hw, real calibration (the old export: 89 % agreement)."""
+    from zsq_fast.data import load_images_for
+    from zsq_fast.models import resnet20
+    from zsq_fast.models.zoo import IMAGENET_MEAN, IMAGENET_STD
+
+    m = resnet20()
+    m.load_state_dict(torch.load(shared_data / "weights" / "cifar10_resnet20.pt", map_location="cpu",
+                                 weights_only=True))
+    calib = load_images_for(str(shared_data / "cifar10_train_subset.npz"), IMAGENET_MEAN, IMAGENET_STD, 32, limit=256)
+    test = load_images_for(str(shared_data / "cifar10_test_exact1017.npz"), IMAGENET_MEAN, IMAGENET_STD, 32,
+                           limit=300)
+    q = quantize(m.eval(), calib.take(range(calib.n))[0], "W4A4", preset="hw")
+    zsq_fast.export_onnx(q, tmp_path / "r20.onnx", torch.zeros(1, 3, 32, 32))
+    r = zsq_fast.evaluate_onnx(tmp_path / "r20.onnx", test, reference=q, threads=1)
+    assert r["agreement"] >= 99.9 and r["max_logit_diff_steps"] <= 1.0, r  # bit-exact on the dev machine
+    assert r["top1"] > 60
