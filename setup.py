@@ -122,7 +122,7 @@ setup(
     install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
-        "onnx": ["onnx", "onnxruntime"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.19"],  # INT4/UINT4 QuantizeLinear (opset 21)
         "demo": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["zsq-fast=zsq_fast.cli:main"]},

@@ -354,7 +354,8 @@ def test_onnx_round_trip(net, images, tmp_path, preset):
     sess = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
-    # default optimizations fuse QDQ into integer kernels: same predictions, outputs within a few steps
+    # default optimizations: hw is exact (tests/test_onnx_export.py); academic's float bias is re-rounded to int32
+    # by onnxruntime, a few steps at most
     fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     step = float(q.output_quantizer.scale) if q.output_quantizer is not None else 0.0
     assert (fused.argmax(1) == want.argmax(1)).mean() >= 0.75

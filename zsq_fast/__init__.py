@@ -13,6 +13,7 @@ from . import ops  # noqa: E402,F401
 # attributes the functions; later `import zsq_fast.generate` statements do not rebind them.
 from .generate import generate, load_images, save_images  # noqa: E402
 from .quantize import export_onnx, load_quantized, quantize, save_quantized  # noqa: E402
+from .onnx_eval import evaluate_onnx  # noqa: E402
 
 __all__ = ["ops", "__version__", "generate", "save_images", "load_images",
-           "quantize", "save_quantized", "load_quantized", "export_onnx"]
+           "quantize", "save_quantized", "load_quantized", "export_onnx", "evaluate_onnx"]

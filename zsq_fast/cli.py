@@ -268,6 +268,11 @@ def cmd_quantize(args) -> int:
         with report.timed("eval"):
             report.metrics = _eval_pair(src.model, qmodel, evaldata, args, device)
         print(_metrics_line(report.metrics))
+    if args.onnx:  # what ships: the export through onnxruntime, against the fake-quant model
+        with report.timed("eval_onnx"):
+            data = evaldata if evaldata is not None else calib[:256]  # no eval data: a bounded check
+            report.metrics["onnx"] = _eval_onnx(args.onnx, qmodel, data, args)
+        print(_onnx_line(report.metrics["onnx"]))
     path = report.write(args.report or report_path_for(args.out), device)
     print(f"wrote quantized model ({args.bits} {args.preset} {args.method}) to {args.out}; report {path}")
     return 0
@@ -301,6 +306,26 @@ def _eval_pair(float_model, qmodel, data: ImageSet, args, device) -> dict:
     return out
 
 
+def _eval_onnx(path: str, qmodel, data, args) -> dict:
+    """evaluate_onnx (onnxruntime, default session options) with the fake-quant model as the reference."""
+    from .onnx_eval import evaluate_onnx
+
+    r = evaluate_onnx(path, data, reference=qmodel, batch_size=args.batch_size_eval, progress=not args.no_progress)
+    r["data"] = data.settings() if isinstance(data, ImageSet) else {"source": "calibration images",
+                                                                    "n": int(data.shape[0])}
+    return r
+
+
+def _onnx_line(r: dict) -> str:
+    parts = [f"top1 {r['top1']:.2f}%"] if "top1" in r else []
+    if "agreement" in r:
+        parts.append(f"argmax agreement with the fake-quant model {r['agreement']:.2f}%")
+        steps = r.get("max_logit_diff_steps")
+        parts.append(f"max logit diff {r['max_abs_logit_diff']:.4g}" + (f" ({steps:g} steps)" if steps is not None
+                                                                        else ""))
+    return f"onnx ({r['runtime']}) on {r['n']} images: " + ", ".join(parts or ["no labels, no reference"])
+
+
 def _metrics_line(m: dict) -> str:
     parts = []
     for k in ("float", "quantized"):
@@ -314,6 +339,8 @@ def _metrics_line(m: dict) -> str:
 
 def cmd_eval(args) -> int:
     report, device = _start(args, "eval")
+    if args.onnx and not os.path.isfile(args.onnx):  # fail before the long evaluations
+        raise FileNotFoundError(f"ONNX model not found: {args.onnx}")
     with report.timed("load_model"):
         src = _model_from(args)
         qmodel = _load_quantized(args.quantized, src) if args.quantized else None
@@ -323,6 +350,10 @@ def cmd_eval(args) -> int:
     with report.timed("eval"):
         report.metrics = _eval_pair(src.model, qmodel, data, args, device)
     print(_metrics_line(report.metrics))
+    if args.onnx:
+        with report.timed("eval_onnx"):
+            report.metrics["onnx"] = _eval_onnx(args.onnx, qmodel, data, args)
+        print(_onnx_line(report.metrics["onnx"]))
     default = args.quantized or (args.model if os.path.isfile(args.model) else "eval")
     path = report.write(args.report or report_path_for(default, "eval"), device)
     print(f"report {path}")
@@ -446,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="top-1/top-5 of a float or quantized model, agreement with the float model")
     _common(e)
     e.add_argument("--quantized", help="quantized model file from `zsq-fast quantize` (float model: --model)")
+    e.add_argument("--onnx", help="also run this ONNX export through onnxruntime (default session options): top-1 "
+                                  "and agreement with the --quantized fake-quant model")
     e.add_argument("--data", required=True, help=".npz (x uint8 NHWC, y), ImageFolder, or image folder")
     e.add_argument("--limit", type=_positive, help="first N images only")
     e.add_argument("--batch-size-eval", "--batch-size", type=_positive, default=256, dest="batch_size_eval")

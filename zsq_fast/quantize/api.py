@@ -186,13 +186,16 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
                 wb = ab = pre.first_last_bits
             w_spec = pre.weight_spec(wb or w_bits)
             a_spec = pre.act_spec(ab or a_bits, obs[name].nonnegative)
-            layer = quant_layer_for(fp.get_submodule(name), w_spec, a_spec).to(device)
+            # int8 kernels accumulate in int32; wider grids have no such kernel (nor ONNX export)
+            int32_bias = pre.int32_bias and w_spec.bits <= 8 and a_spec.bits <= 8
+            layer = quant_layer_for(fp.get_submodule(name), w_spec, a_spec, int32_bias).to(device)
             layer.weight_quantizer.set_params(*weight_scale(layer.weight, w_spec, calibration,
                                                             percentile=percentile))
             layer.input_quantizer.set_params(*obs[name].scale(a_spec, calibration, percentile=percentile))
             set_module(q_inner, name, layer)
             layers_cfg[name] = {"type": layer.kind, "role": edge.get(name, "inner"),
-                                "weight": w_spec.to_dict(), "input": a_spec.to_dict()}
+                                "weight": w_spec.to_dict(), "input": a_spec.to_dict(),
+                                "bias": None if layer.bias is None else ("int32" if layer.int32_bias else "float")}
         out_q = None
         out_cfg = {"quantized": False}
         if pre.quantize_output:

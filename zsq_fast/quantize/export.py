@@ -8,12 +8,12 @@ load_quantized(path, model) needs the float architecture (like load_state_dict):
 instance of the same class as the one that was quantized (its weights do not matter). The recorded
 BN folds and layer swaps are replayed on a copy of it, then the saved tensors are loaded (strict).
 
-export_onnx writes QuantizeLinear/DequantizeLinear (QDQ) graphs: weights as int8/uint8 initializers
-behind DequantizeLinear (per channel, axis 0), activations as Q -> DQ with int8/uint8 zero points;
-below 8 bits a Clip to the b-bit range precedes Q (same result as clamping the integers). Up to 8 bits.
-onnxruntime with graph optimizations disabled reproduces the fake-quant model's outputs (to float
-rounding); its default optimizations fuse QDQ pairs into integer kernels (QLinearConv, with int32
-biases), which changes results by a few quantization steps at most.
+export_onnx writes QuantizeLinear/DequantizeLinear (QDQ) graphs (see onnx_qdq.py): weights as integer
+initializers behind DequantizeLinear (per channel, axis 0), activations as Q -> DQ, INT4/UINT4 for grids
+of <= 4 bits at opset 21, int8/uint8 otherwise with a Clip where the grid is narrower; under the hw preset
+biases as int32 initializers at s_x s_w. Up to 8 bits. onnxruntime gives the fake-quant model's outputs
+with its default optimizations as well as with none (hw; bit for bit on the tested models, see
+zsq_fast.onnx_eval.evaluate_onnx to measure it on yours).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..ops import fake_quant
 from .fold import set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
+from .onnx_qdq import DOMAIN, INT4_MIN_OPSET, MAX_OPSET, lower_qdq
 from .quantizer import Quantizer, QuantSpec
 
 FORMAT = "zsq_fast.quantized"
@@ -60,7 +60,8 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
         for _, bn in config["folded_bn"]:
             set_module(m, bn, nn.Identity())
         for name, lc in config["layers"].items():
-            layer = quant_layer_for(m.get_submodule(name), QuantSpec(**lc["weight"]), QuantSpec(**lc["input"]))
+            layer = quant_layer_for(m.get_submodule(name), QuantSpec(**lc["weight"]), QuantSpec(**lc["input"]),
+                                    int32_bias=lc.get("bias") == "int32")
             if layer.bias is None and f"model.{name}.bias" in state:  # BN folding gave it a bias
                 layer.bias = nn.Parameter(torch.zeros_like(state[f"model.{name}.bias"]), requires_grad=False)
             layer.freeze()
@@ -88,75 +89,34 @@ def _check_frozen(qmodel: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- ONNX
-def _onnx_int_dtype(signed: bool) -> torch.dtype:
-    return torch.int8 if signed else torch.uint8
-
-
-class _QDQ(torch.autograd.Function):
-    """Fake quantization whose ONNX form is [Clip] -> QuantizeLinear -> DequantizeLinear."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zp, qmin, qmax, signed, lo, hi):
-        s = torch.tensor([scale], dtype=torch.float32, device=x.device)
-        z = torch.tensor([float(zp)], dtype=torch.float32, device=x.device)
-        return fake_quant(x, s, z, qmin, qmax, None)
-
-    @staticmethod
-    def symbolic(g, x, scale, zp, qmin, qmax, signed, lo, hi):
-        dt = _onnx_int_dtype(signed)
-        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
-        z = g.op("Constant", value_t=torch.tensor(zp, dtype=dt))
-        full = (-128, 127) if signed else (0, 255)
-        if (qmin, qmax) != full:
-            x = g.op("Clip", x, g.op("Constant", value_t=torch.tensor(lo, dtype=torch.float32)),
-                     g.op("Constant", value_t=torch.tensor(hi, dtype=torch.float32)))
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
-
-
-def qdq_activation(x: torch.Tensor, q: Quantizer) -> torch.Tensor:
-    sp = q.spec
-    qmin, qmax = sp.qrange
-    s = float(q.scale.detach().reshape(-1)[0])  # frozen: already an exact power of two under pow2
-    z = int(q.zero_point.reshape(-1)[0]) if not sp.symmetric else 0
-    s32 = torch.tensor(s, dtype=torch.float32)
-    lo, hi = float((qmin - z) * s32), float((qmax - z) * s32)
-    return _QDQ.apply(x, s, z, qmin, qmax, sp.signed, lo, hi)
-
-
-class _DQWeight(torch.autograd.Function):
-    """w_hat = s (w_int - z) per output channel; ONNX form DequantizeLinear(w_int, s, z, axis=0)."""
-
-    @staticmethod
-    def forward(ctx, w_int, scale, zp):
-        shape = (-1,) + (1,) * (w_int.dim() - 1)
-        return (w_int.float() - zp.view(shape)) * scale.view(shape)
-
-    @staticmethod
-    def symbolic(g, w_int, scale, zp):
-        return g.op("DequantizeLinear", w_int, scale, zp, axis_i=0)
-
-
-def dq_weight(layer: nn.Module) -> torch.Tensor:
-    q = layer.weight_quantizer
-    z = q.zero_point.detach().round().to(layer.w_int.dtype)
-    return _DQWeight.apply(layer.w_int, q.scale.detach().float(), z)
-
-
 def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, example_input: torch.Tensor,
-                opset: int = 13, dynamic_batch: bool = True) -> None:
-    """Export the quantized model as an ONNX QDQ graph (onnxruntime runs it). Bit widths up to 8."""
+                opset: int = MAX_OPSET, dynamic_batch: bool = True) -> None:
+    """Export the quantized model as an ONNX QDQ graph that onnxruntime runs as simulated. Up to 8 bits.
+
+    opset 21 (default): grids of <= 4 bits are INT4/UINT4 tensors; opset 13-20: int8/uint8 with a Clip.
+    """
     if not isinstance(qmodel, QuantizedModel):
         raise TypeError(f"export_onnx needs a QuantizedModel from zsq_fast.quantize(), got {type(qmodel).__name__}")
     _check_frozen(qmodel)
-    if opset < 13:
-        raise ValueError(f"per-channel DequantizeLinear needs opset >= 13, got {opset}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be an int in [13, {MAX_OPSET}] (per-channel DequantizeLinear needs 13, "
+                         f"INT4 needs {INT4_MIN_OPSET}), got {opset!r}")
     for name, m in qmodel.named_modules():
         if isinstance(m, Quantizer) and m.spec.bits > 8:
             raise ValueError(f"ONNX QDQ export supports at most 8 bits; {name} has {m.spec.bits}")
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("ONNX export needs the onnx package: pip install 'zsq_fast[onnx]'") from None
+
     qmodel = qmodel.eval()
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(qmodel, (example_input,), path, dynamo=False, opset_version=opset,
+        torch.onnx.export(qmodel, (example_input,), buf, dynamo=False, opset_version=min(opset, 20),
                           input_names=["input"], output_names=["output"], dynamic_axes=axes,
-                          do_constant_folding=False)
+                          do_constant_folding=False, custom_opsets={DOMAIN: 1})
+    model = lower_qdq(onnx.load_from_string(buf.getvalue()), opset)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)

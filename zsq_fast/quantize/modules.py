@@ -6,6 +6,12 @@ and w_hat its weight on the integer grid. How w_hat is made is the layer's `roun
   "soft"     w_hat = adaround_quantize(w, V, beta) and self.reg = its rounding regularizer
   "hard"     w_hat = adaround_quantize(w, V, hard=True)                (h = 1[V >= 0])
   "frozen"   w_hat = s (w_int - z): the float weight is gone, only integers remain (after quantize())
+
+With `int32_bias` (the hw preset) the bias is on the accumulator's grid, as an integer kernel adds it:
+b_hat = s_x s_w clamp(round(b / (s_x s_w)), -2^31, 2^31 - 1) per output channel. With power-of-two
+scales every term of op(q_in(x), w_hat) + b_hat is then an exact multiple of s_x s_w, so the float
+simulation and an int32 accumulator (onnxruntime's QLinearConv, or its DequantizeLinear(int32 bias))
+give the same numbers, and so does the output quantizer's rounding (half to even in both).
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ from .quantizer import Quantizer, QuantSpec
 class _QuantLayer(nn.Module):
     kind = ""
 
-    def _init_quant(self, weight: torch.Tensor, bias: torch.Tensor | None, w_spec: QuantSpec, a_spec: QuantSpec):
+    def _init_quant(self, weight: torch.Tensor, bias: torch.Tensor | None, w_spec: QuantSpec, a_spec: QuantSpec,
+                    int32_bias: bool):
+        self.int32_bias = int32_bias
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.weight_quantizer = Quantizer(w_spec, weight.shape[0])
@@ -57,6 +65,21 @@ class _QuantLayer(nn.Module):
         self.reg = reg if soft else None
         return w_hat
 
+    # ---------------------------------------------------------------- bias
+    def bias_scale(self) -> torch.Tensor:
+        """s_x s_w per output channel: the scale of the int32 accumulator (and of an int32 bias)."""
+        return self.input_quantizer.effective_scale().reshape(()) * self.weight_quantizer.effective_scale()
+
+    def integer_bias(self) -> torch.Tensor:
+        """round(b / (s_x s_w)) saturated to int32, as float (exact for |b / (s_x s_w)| < 2^24)."""
+        return torch.round(self.bias.detach() / self.bias_scale()).clamp(INT32_MIN, INT32_MAX)
+
+    def bias_hat(self) -> torch.Tensor | None:
+        if self.bias is None or not self.int32_bias:
+            return self.bias
+        # the scales are detached: the bias grid follows LSQ's activation scale but does not train it
+        return self.integer_bias() * self.bias_scale()
+
     def integer_weight(self) -> torch.Tensor:
         """The weight's integers q in [qmin, qmax] under the current rounding."""
         if self.rounding == "frozen":
@@ -86,29 +109,35 @@ class _QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export() and self.rounding == "frozen":
-            from .export import dq_weight
+            from .onnx_qdq import dq_weight
             w_hat = dq_weight(self)
         else:
             w_hat = self.weight_hat()
-        return self._op(self.input_quantizer(x), w_hat)
+        return self._op(self.input_quantizer(x), w_hat, self._bias_for_forward())
+
+    def _bias_for_forward(self) -> torch.Tensor | None:
+        if torch.onnx.is_in_onnx_export() and self.bias is not None and self.int32_bias:
+            from .onnx_qdq import dq_bias  # an int32 initializer behind DequantizeLinear
+            return dq_bias(self)
+        return self.bias_hat()
 
     def extra_repr(self) -> str:
-        return f"{self._shape_repr()}, rounding={self.rounding}"
+        return f"{self._shape_repr()}, rounding={self.rounding}{', int32 bias' if self.int32_bias else ''}"
 
 
 class QuantConv2d(_QuantLayer):
     kind = "conv2d"
 
-    def __init__(self, conv: nn.Conv2d, w_spec: QuantSpec, a_spec: QuantSpec):
+    def __init__(self, conv: nn.Conv2d, w_spec: QuantSpec, a_spec: QuantSpec, int32_bias: bool = False):
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self._init_quant(conv.weight, conv.bias, w_spec, a_spec)
+        self._init_quant(conv.weight, conv.bias, w_spec, a_spec, int32_bias)
 
-    def _op(self, x, w):
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def _op(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _shape_repr(self):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, groups={self.groups}"
@@ -117,19 +146,20 @@ class QuantConv2d(_QuantLayer):
 class QuantLinear(_QuantLayer):
     kind = "linear"
 
-    def __init__(self, linear: nn.Linear, w_spec: QuantSpec, a_spec: QuantSpec):
+    def __init__(self, linear: nn.Linear, w_spec: QuantSpec, a_spec: QuantSpec, int32_bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._init_quant(linear.weight, linear.bias, w_spec, a_spec)
+        self._init_quant(linear.weight, linear.bias, w_spec, a_spec, int32_bias)
 
-    def _op(self, x, w):
-        return F.linear(x, w, self.bias)
+    def _op(self, x, w, b):
+        return F.linear(x, w, b)
 
     def _shape_repr(self):
         return f"{self.in_features}, {self.out_features}"
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
 def integer_dtype(spec: QuantSpec) -> torch.dtype:
@@ -138,11 +168,11 @@ def integer_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int16 if spec.bits <= 15 or spec.signed else torch.int32
 
 
-def quant_layer_for(module: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec) -> _QuantLayer:
+def quant_layer_for(module: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec, int32_bias: bool = False) -> _QuantLayer:
     if isinstance(module, nn.Conv2d):
-        return QuantConv2d(module, w_spec, a_spec)
+        return QuantConv2d(module, w_spec, a_spec, int32_bias)
     if isinstance(module, nn.Linear):
-        return QuantLinear(module, w_spec, a_spec)
+        return QuantLinear(module, w_spec, a_spec, int32_bias)
     raise TypeError(f"cannot quantize {type(module).__name__}")
 
 

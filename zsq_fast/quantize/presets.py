@@ -2,7 +2,9 @@
 
 hw        every layer (first conv and last linear included) at the target bits, the network output
           quantized, symmetric per-channel weights, symmetric per-tensor activations (unsigned where the
-          calibration data is non-negative, e.g. after ReLU), power-of-two scales.
+          calibration data is non-negative, e.g. after ReLU), power-of-two scales, and each layer's bias
+          on its int32 accumulator grid s_x s_w (layers of <= 8 bits): the fake-quant model computes what
+          an integer kernel (and onnxruntime running the ONNX export) computes, bit for bit.
 academic  first and last layer at 8 bits (weights and their input), asymmetric per-channel weights,
           asymmetric per-tensor activations, free (real-valued) scales, network output left float.
 """
@@ -39,6 +41,7 @@ class Preset:
     act_symmetric: bool
     pow2: bool
     quantize_output: bool
+    int32_bias: bool = False      # bias rounded to the int32 accumulator grid s_x s_w (integer kernels)
 
     def weight_spec(self, bits: int) -> QuantSpec:
         # symmetric -> signed grid, z = 0; asymmetric -> unsigned grid with a zero point per channel
@@ -51,7 +54,8 @@ class Preset:
 
 
 PRESETS = {
-    "hw": Preset("hw", None, weight_symmetric=True, act_symmetric=True, pow2=True, quantize_output=True),
+    "hw": Preset("hw", None, weight_symmetric=True, act_symmetric=True, pow2=True, quantize_output=True,
+                 int32_bias=True),
     "academic": Preset("academic", 8, weight_symmetric=False, act_symmetric=False, pow2=False,
                        quantize_output=False),
 }

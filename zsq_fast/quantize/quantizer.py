@@ -60,7 +60,7 @@ class Quantizer(nn.Module):
         if not self.enabled:
             return x
         if torch.onnx.is_in_onnx_export():
-            from .export import qdq_activation  # the ONNX graph gets QuantizeLinear/DequantizeLinear
+            from .onnx_qdq import qdq_activation  # the ONNX graph gets QuantizeLinear/DequantizeLinear
             return qdq_activation(x, self)
         sp = self.spec
         x_hat = fake_quantize(x, self.scale, None if sp.symmetric else self.zero_point, bits=sp.bits,

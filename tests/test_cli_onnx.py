@@ -1,0 +1,73 @@
+"""`zsq-fast quantize --onnx` records, and `zsq-fast eval --onnx` measures, the export run by onnxruntime."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from zsq_fast.cli import main
+from zsq_fast.models.zoo import ZOO
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """digits_cnn weights with BN statistics from a few batches, and a small labelled npz."""
+    d = tmp_path_factory.mktemp("tiny_onnx")
+    torch.manual_seed(0)
+    m = ZOO["digits_cnn"].factory()
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 3, 16, 16))
+    torch.save(m.state_dict(), d / "w.pt")
+    rng = np.random.default_rng(0)
+    np.savez(d / "data.npz", x=rng.integers(0, 256, (40, 16, 16, 1), dtype=np.uint8), y=np.arange(40) % 10)
+    return d
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _model(tiny):
+    return ["--model", "digits_cnn", "--weights", tiny / "w.pt", "--no-progress"]
+
+
+def test_quantize_onnx_records_agreement_and_eval_onnx_reproduces_it(tiny, tmp_path, capsys):
+    q, qx = tmp_path / "q.pt", tmp_path / "q.onnx"
+    code, out, err = _run(capsys, "quantize", *_model(tiny), "--images", tiny / "data.npz", "--bits", "W4A4",
+                          "--method", "nearest", "--out", q, "--onnx", qx, "--eval", tiny / "data.npz")
+    assert code == 0, err
+    assert "argmax agreement with the fake-quant model 100.00%" in out
+    m = json.loads((tmp_path / "q.report.json").read_text())["metrics"]
+    assert m["onnx"]["agreement"] == 100.0 and m["onnx"]["max_logit_diff_steps"] <= 1.0
+    assert m["onnx"]["top1"] == m["quantized"]["top1"] and m["onnx"]["data"]["n"] == 40
+    assert "default session options" in m["onnx"]["runtime"]
+
+    code, out, err = _run(capsys, "eval", *_model(tiny), "--quantized", q, "--onnx", qx, "--data",
+                          tiny / "data.npz", "--report", tmp_path / "e.json")
+    assert code == 0, err
+    e = json.loads((tmp_path / "e.json").read_text())["metrics"]["onnx"]
+    assert {k: e[k] for k in ("top1", "agreement", "n")} == {k: m["onnx"][k] for k in ("top1", "agreement", "n")}
+
+
+def test_quantize_onnx_without_eval_data_uses_the_calibration_images(tiny, tmp_path, capsys):
+    code, out, err = _run(capsys, "quantize", *_model(tiny), "--images", tiny / "data.npz", "--bits", "W8A8",
+                          "--method", "nearest", "--out", tmp_path / "q.pt", "--onnx", tmp_path / "q.onnx")
+    assert code == 0, err
+    r = json.loads((tmp_path / "q.report.json").read_text())["metrics"]["onnx"]
+    assert r["data"] == {"source": "calibration images", "n": 40} and r["agreement"] == 100.0
+    assert "top1" not in r
+
+
+def test_eval_onnx_bad_file_is_one_error_line(tiny, tmp_path, capsys):
+    (tmp_path / "bad.onnx").write_bytes(b"\x00garbage")
+    for path, expected in ((tmp_path / "bad.onnx", "onnxruntime cannot load"),
+                           (tmp_path / "missing.onnx", "ONNX model not found")):
+        code, _, err = _run(capsys, "eval", *_model(tiny), "--onnx", path, "--data", tiny / "data.npz")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in lines[0], err

@@ -1,0 +1,116 @@
+"""Evaluate an exported ONNX model the way users run it: onnxruntime with its default session options.
+
+evaluate_onnx reports top-1/top-5 (with labels) and, given the fake-quant model (or its logits), the
+arg-max agreement with it and the largest logit difference, also in output quantization steps. That is
+the check that the accuracy measured on the fake-quant model is the accuracy of what ships.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ImageSet
+from .evaluate import accuracy, agreement, predict_logits
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """onnxruntime.InferenceSession on the CPU with default options (all graph optimizations on)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("evaluating ONNX models needs onnxruntime: pip install 'zsq_fast[onnx]'") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types for unreadable or invalid models
+        raise ValueError(f"onnxruntime cannot load {path}: {' '.join(str(e).split())[:300]}") from None
+
+
+def predict_onnx(session, data: ImageSet | torch.Tensor, *, batch_size: int = 256,
+                 progress: bool = False) -> torch.Tensor:
+    """Logits (N, classes) of an onnxruntime session on an ImageSet or a float tensor of images."""
+    inp = session.get_inputs()[0]
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None  # exported without a dynamic batch
+    batches = _batches(data, fixed or batch_size)
+    n = data.n if isinstance(data, ImageSet) else data.shape[0]
+    out = []
+    with tqdm(total=n, desc="eval onnx", unit="img", disable=not progress, leave=False) as bar:
+        for x in batches:
+            z = session.run(None, {inp.name: x.float().contiguous().numpy()})[0]
+            if z.ndim != 2 or z.shape[0] != x.shape[0]:
+                raise ValueError(f"ONNX model output must be logits (N, classes); got shape {tuple(z.shape)}")
+            out.append(torch.from_numpy(np.asarray(z, dtype=np.float32)))
+            bar.update(x.shape[0])
+    return torch.cat(out)
+
+
+def evaluate_onnx(path: str | os.PathLike, data: ImageSet | torch.Tensor, *, reference: nn.Module | None = None,
+                  reference_logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                  batch_size: int = 256, threads: int | None = None, progress: bool = False) -> dict:
+    """Run `path` through onnxruntime (default options) on `data`.
+
+    Returns {'n', 'top1', 'top5' (with labels), 'agreement' (% of images whose arg-max equals the
+    reference's), 'max_abs_logit_diff', 'max_logit_diff_steps' (in units of the reference's output
+    quantization step, when it has one)}. `reference` is typically the QuantizedModel that was exported.
+    """
+    session = onnx_session(path, threads)
+    logits = predict_onnx(session, data, batch_size=batch_size, progress=progress)
+    if labels is None and isinstance(data, ImageSet):
+        labels = data.labels
+    result: dict = {"n": logits.shape[0], "runtime": _runtime()}
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.shape != (logits.shape[0],):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({logits.shape[0]},)")
+        result["top1"] = round(100 * accuracy(logits, labels, 1), 3)
+        if logits.shape[1] >= 5:
+            result["top5"] = round(100 * accuracy(logits, labels, 5), 3)
+    if reference is not None and reference_logits is None:
+        imgs = data if isinstance(data, ImageSet) else _tensor_set(data)
+        p0 = next(iter(reference.parameters()), None)
+        reference_logits = predict_logits(reference, imgs, batch_size=batch_size,
+                                          device=p0.device if p0 is not None else "cpu")
+    if reference_logits is not None:
+        result["agreement"] = round(100 * agreement(logits, reference_logits), 3)
+        diff = float((logits - reference_logits).abs().max())
+        result["max_abs_logit_diff"] = diff
+        step = _output_step(reference)
+        if step is not None:
+            result["max_logit_diff_steps"] = diff / step
+    return result
+
+
+def _output_step(model: nn.Module | None) -> float | None:
+    q = getattr(model, "output_quantizer", None)
+    if q is None or q.scale.numel() != 1:
+        return None
+    return float(q.effective_scale().reshape(()))
+
+
+def _batches(data, batch_size: int):
+    if isinstance(data, ImageSet):
+        for x, _ in data.batches(batch_size):
+            yield x
+        return
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point() or data.dim() != 4:
+        raise TypeError("data must be an ImageSet or a float tensor (N, C, H, W) in the model's input space")
+    for i in range(0, data.shape[0], batch_size):
+        yield data[i:i + batch_size]
+
+
+def _tensor_set(x: torch.Tensor) -> ImageSet:
+    return ImageSet(x.shape[0], None, "tensor", lambda i: x[i])
+
+
+def _runtime() -> str:
+    import onnxruntime as ort
+
+    return f"onnxruntime {ort.__version__} CPUExecutionProvider, default session options"

@@ -1,0 +1,181 @@
+"""The ONNX form of the quantized model: QuantizeLinear/DequantizeLinear that onnxruntime runs as simulated.
+
+torch.onnx (TorchScript exporter, opset <= 20) cannot write 4-bit tensors, so the export is two steps:
+1. while tracing, each activation quantizer becomes a node zsq_fast::QuantizeDequantize and each frozen
+   weight a node zsq_fast::DequantizeWeight, carrying scale, zero point, bit width and signedness as
+   attributes (the spec, not a guess from values); an int32 bias is a standard DequantizeLinear;
+2. lower_qdq() replaces them by standard nodes for the target opset:
+     weights of <= 4 bits, opset >= 21        INT4/UINT4 initializers -> DequantizeLinear
+     4-bit activations, opset >= 21            INT4/UINT4 QuantizeLinear -> DequantizeLinear
+     otherwise                                 int8/uint8 QuantizeLinear -> DequantizeLinear
+   with a Clip to [(qmin - z) s, (qmax - z) s] before an activation's QuantizeLinear wherever the grid
+   is narrower than int8 (clipping the float before rounding gives the integers that saturating would).
+   2-3 bit activations, and 4-bit ones right after a Clip of the model (ReLU6), stay int8 + Clip:
+   onnxruntime 1.32's ClipQuantFusion fails on a Clip feeding an INT4/UINT4 QuantizeLinear.
+
+Why this is what onnxruntime runs: its default optimizations keep a Clip that is narrower than the
+QuantizeLinear range (it fuses it into the conv as a float activation, or leaves it), never fuse INT4
+into integer kernels, and compute the rest from integers; the bias is the one value they re-round
+(BiasQuantization: round(b / (s_x s_w)) to int32), which the hw preset already does (modules.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..ops import fake_quant
+
+DOMAIN = "zsq_fast"
+INT4_MIN_OPSET = 21
+MAX_OPSET = 21
+
+
+# ---------------------------------------------------------------- step 1: nodes written while tracing
+class _QDQ(torch.autograd.Function):
+    """Fake quantization of an activation; ONNX form zsq_fast::QuantizeDequantize."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zp, qmin, qmax, bits, signed):
+        s = torch.tensor([scale], dtype=torch.float32, device=x.device)
+        z = torch.tensor([float(zp)], dtype=torch.float32, device=x.device)
+        return fake_quant(x, s, z, qmin, qmax, None)
+
+    @staticmethod
+    def symbolic(g, x, scale, zp, qmin, qmax, bits, signed):
+        y = g.op(f"{DOMAIN}::QuantizeDequantize", x, scale_f=scale, zero_point_i=zp, qmin_i=qmin, qmax_i=qmax,
+                 bits_i=bits, signed_i=int(signed))
+        y.setType(x.type())
+        return y
+
+
+def qdq_activation(x: torch.Tensor, q) -> torch.Tensor:
+    """The Quantizer q applied to x, exportable (q is frozen: its scale is an exact power of two under pow2)."""
+    sp = q.spec
+    qmin, qmax = sp.qrange
+    s = float(q.effective_scale().reshape(-1)[0])
+    z = int(q.zero_point.reshape(-1)[0]) if not sp.symmetric else 0
+    return _QDQ.apply(x, s, z, qmin, qmax, sp.bits, sp.signed)
+
+
+class _DQWeight(torch.autograd.Function):
+    """w_hat = s (w_int - z) per output channel; ONNX form zsq_fast::DequantizeWeight(w_int)."""
+
+    @staticmethod
+    def forward(ctx, w_int, scales, zero_points, bits, signed):
+        shape = (-1,) + (1,) * (w_int.dim() - 1)
+        s = torch.tensor(scales, dtype=torch.float32, device=w_int.device).view(shape)
+        z = torch.tensor(zero_points, dtype=torch.float32, device=w_int.device).view(shape)
+        return (w_int.float() - z) * s
+
+    @staticmethod
+    def symbolic(g, w_int, scales, zero_points, bits, signed):
+        y = g.op(f"{DOMAIN}::DequantizeWeight", w_int, scales_f=scales, zero_points_i=zero_points, bits_i=bits,
+                 signed_i=int(signed))
+        y.setType(w_int.type().with_dtype(torch.float32))
+        return y
+
+
+def dq_weight(layer) -> torch.Tensor:
+    q = layer.weight_quantizer
+    sp = q.spec
+    scales = q.effective_scale().float().tolist()
+    zps = q.zero_point.detach().round().long().tolist()
+    return _DQWeight.apply(layer.w_int, scales, zps, sp.bits, sp.signed)
+
+
+class _DQBias(torch.autograd.Function):
+    """b_hat = (s_x s_w) b_int32 per output channel; ONNX form DequantizeLinear(int32 b, s_x s_w, axis=0)."""
+
+    @staticmethod
+    def forward(ctx, b_int, scale):
+        return b_int.float() * scale
+
+    @staticmethod
+    def symbolic(g, b_int, scale):
+        return g.op("DequantizeLinear", b_int, scale, axis_i=0)
+
+
+def dq_bias(layer) -> torch.Tensor:
+    # built from Python values so the trace records constants (the int32 initializer), not the float bias
+    ints = layer.integer_bias().long().tolist()
+    scales = layer.bias_scale().float().tolist()
+    b_int = torch.tensor(ints, dtype=torch.int32, device=layer.bias.device)
+    return _DQBias.apply(b_int, torch.tensor(scales, dtype=torch.float32, device=layer.bias.device))
+
+
+# ---------------------------------------------------------------- step 2: lowering to standard QDQ
+def storage(bits: int, signed: bool, opset: int) -> tuple[int, int, int]:
+    """(onnx TensorProto type, type min, type max) that holds a `bits`-wide grid at this opset."""
+    from onnx import TensorProto
+
+    if bits <= 4 and opset >= INT4_MIN_OPSET:
+        return (TensorProto.INT4, -8, 7) if signed else (TensorProto.UINT4, 0, 15)
+    return (TensorProto.INT8, -128, 127) if signed else (TensorProto.UINT8, 0, 255)
+
+
+def lower_qdq(model, opset: int):
+    """Replace the zsq_fast:: nodes of an exported onnx.ModelProto by standard QDQ nodes at `opset`."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    nodes = []
+    for n in graph.node:
+        if n.domain != DOMAIN:
+            nodes.append(n)
+            continue
+        a = {at.name: helper.get_attribute_value(at) for at in n.attribute}
+        base = n.name or n.output[0]
+        bits = a["bits"]
+        if n.op_type == "QuantizeDequantize":
+            after_clip = n.input[0] in producer and producer[n.input[0]].op_type == "Clip"
+            if bits < 4 or after_clip:
+                bits = 8
+        dtype, tmin, tmax = storage(bits, bool(a["signed"]), opset)
+
+        def const(suffix, value, dt=None):
+            name = f"{base}/{suffix}"
+            arr = np.asarray(value)
+            t = helper.make_tensor(name, dt, arr.shape, arr.flatten().tolist()) if dt is not None \
+                else numpy_helper.from_array(arr, name)
+            graph.initializer.append(t)
+            return name
+
+        if n.op_type == "QuantizeDequantize":
+            s, z, qmin, qmax = np.float32(a["scale"]), a["zero_point"], a["qmin"], a["qmax"]
+            x = n.input[0]
+            if (qmin, qmax) != (tmin, tmax):  # the grid is narrower than the storage type
+                lo, hi = np.float32((qmin - z) * s), np.float32((qmax - z) * s)
+                nodes.append(helper.make_node("Clip", [x, const("clip_min", lo), const("clip_max", hi)],
+                                              [f"{base}/clipped"], name=f"{base}/Clip"))
+                x = f"{base}/clipped"
+            sn, zn = const("scale", s), const("zero_point", z, dtype)
+            nodes.append(helper.make_node("QuantizeLinear", [x, sn, zn], [f"{base}/q"],
+                                          name=f"{base}/QuantizeLinear"))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{base}/q", sn, zn], [n.output[0]],
+                                          name=f"{base}/DequantizeLinear"))
+        elif n.op_type == "DequantizeWeight":
+            w = inits.get(n.input[0])
+            if w is None:
+                raise ValueError(f"ONNX export: the integer weight {n.input[0]!r} is not an initializer")
+            values = numpy_helper.to_array(w)
+            if values.min() < tmin or values.max() > tmax:
+                raise ValueError(f"ONNX export: {n.input[0]} holds values outside [{tmin}, {tmax}]")
+            w.CopyFrom(helper.make_tensor(w.name, dtype, values.shape, values.flatten().astype(np.int64).tolist()))
+            scales = np.asarray(a["scales"], dtype=np.float32)
+            zps = np.asarray(a["zero_points"], dtype=np.int64)
+            inputs = [w.name, const("scale", scales), const("zero_point", zps, dtype)]
+            nodes.append(helper.make_node("DequantizeLinear", inputs, [n.output[0]], name=f"{base}/DequantizeLinear",
+                                          axis=0))
+        else:
+            raise ValueError(f"ONNX export: unknown node {DOMAIN}::{n.op_type}")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    imports = [op for op in model.opset_import if op.domain != DOMAIN]
+    for op in imports:
+        if op.domain in ("", "ai.onnx"):
+            op.version = opset
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    return model
