@@ -1,7 +1,8 @@
 """`zsq-fast` command line: generate, quantize, eval, demo.
 
 Every command draws progress bars (tqdm, on stderr), takes --device/--seed/--precision and writes
-a JSON report (settings, timings, peak memory, losses, accuracies) beside its outputs. Bad input
+a JSON report (settings, timings, peak memory, losses, accuracies) beside its outputs; generate and
+quantize also write a PNG of their loss curves (and sample images) beside the report. Bad input
 ends with one line `zsq-fast: error: ...` on stderr and exit code 2 (ZSQ_FAST_DEBUG=1 shows the
 traceback instead).
 """
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from .data import ImageSet, load_images_for, one_per_class, random_subset
 from .evaluate import evaluate, predict_logits
 from .models.zoo import LoadedModel, has_batchnorm, load_model
+from .plots import UnitCurves, generation_figure, reconstruction_figure, save_png
 from .quantize.presets import parse_bits as quant_parse_bits
 from .report import (LossLog, RunReport, check_precision, report_path_for, resolve_device,
                      seed_everything)
@@ -156,7 +158,12 @@ def run_quantize(model_src: LoadedModel, calib: torch.Tensor, *, bits: str, pres
             kwargs[k] = v
     kwargs.update(extra or {})
     bar = Progress(f"quantize {bits} {preset} {method}", progress)
-    kwargs["progress"] = bar
+    curves = UnitCurves()
+
+    def on_progress(step, total, info=None):
+        bar(step, total, info)
+        curves(step, total, info)
+    kwargs["progress"] = on_progress
     name = f"quantize_{tag or method}"
     try:
         with report.timed(name) if report is not None else contextlib.nullcontext():
@@ -168,6 +175,7 @@ def run_quantize(model_src: LoadedModel, calib: torch.Tensor, *, bits: str, pres
         cfg = getattr(qmodel, "quant_config", None)
         if cfg is not None:
             report.extra.setdefault("quant_config", {})[tag or method] = cfg
+            report.extra.setdefault("reconstruction_curves", {})[tag or method] = curves.curves
     return qmodel
 
 
@@ -207,9 +215,21 @@ def cmd_generate(args) -> int:
     with report.timed("save"):
         _save_images(save_images, images, args.out, src, labels)
     path = report.write(args.report or report_path_for(args.out), device)
+    png = _write_plot(lambda: generation_figure(record, images, src.mean, src.std), path, ".png")
     print(f"wrote {images.shape[0]} {args.method} images ({images.shape[-1]}x{images.shape[-2]}) to {args.out}; "
-          f"report {path}")
+          f"report {path}" + (f"; plot {png}" if png else ""))
     return 0
+
+
+def _write_plot(figure, report_path: str, suffix: str) -> str | None:
+    """The run's picture beside its JSON report (same stem + suffix). A failed plot is a warning:
+    the run's real outputs are already written."""
+    target = os.path.splitext(report_path)[0] + suffix
+    try:
+        return save_png(figure(), target)
+    except Exception as e:  # noqa: BLE001 - a picture must never cost the run's results
+        print(f"warning: could not write the plot {target}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
 
 
 def _save_images(save, images, path, src: LoadedModel, labels) -> None:
@@ -269,7 +289,15 @@ def cmd_quantize(args) -> int:
             report.metrics = _eval_pair(src.model, qmodel, evaldata, args, device)
         print(_metrics_line(report.metrics))
     path = report.write(args.report or report_path_for(args.out), device)
-    print(f"wrote quantized model ({args.bits} {args.preset} {args.method}) to {args.out}; report {path}")
+    cfg = getattr(qmodel, "quant_config", None) or {}
+    title = f"quantize {args.bits} {args.preset} {args.method}: {cfg.get('num_calibration_images', '?')} images"
+    png = _write_plot(lambda: reconstruction_figure(
+        cfg.get("units", []), report.extra.get("reconstruction_curves", {}).get(args.method), title), path, ".png")
+    if args.generator:
+        _write_plot(lambda: generation_figure(report.extra["generation"][args.generator], calib, src.mean, src.std),
+                    path, ".generation.png")
+    print(f"wrote quantized model ({args.bits} {args.preset} {args.method}) to {args.out}; report {path}"
+          + (f"; plot {png}" if png else ""))
     return 0
 
 
