@@ -90,7 +90,7 @@ def test_fdda_gradient_is_the_whole_set_bn_loss_plus_batch_averaged_class_terms(
     assert ref.abs().max() > 0
     torch.testing.assert_close(grads, ref.float(), rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     assert losses["total"] == pytest.approx(float(loss.detach()), rel=1e-5)
-    assert losses["bn"] == pytest.approx(float(bn_loss(stats, run.targets, run.weights, run.lambda_sigma)),
+    assert losses["bn"] == pytest.approx(float(bn_loss(stats, run.targets, run.weights, run.lambda_sigma).detach()),
                                          rel=1e-6)
 
 

@@ -91,3 +91,14 @@ def test_a_failing_plot_is_a_warning_not_a_failed_run(tiny, tmp_path, capsys, mo
                           "--out", tmp_path / "i.pt")
     assert code == 0 and (tmp_path / "i.pt").exists() and (tmp_path / "i.report.json").exists()
     assert "warning: could not write the plot" in err and not (tmp_path / "i.report.png").exists()
+
+
+def test_cli_stale_refresh_option(tiny, tmp_path, capsys):  # noqa: F811
+    code, _, err = _run(capsys, "generate", *_model(tiny), "--method", "dgh", "--mode", "stale", "--stale-refresh",
+                        "before_update", "-n", 4, "--iterations", 1, "--chunk-size", 2, "--out", tmp_path / "i.pt")
+    assert code == 0, err
+    rep = json.loads((tmp_path / "i.report.json").read_text())
+    assert rep["generation"]["dgh"]["settings"]["stale_refresh"] == "before_update"
+    code, _, err = _run(capsys, "generate", *_model(tiny), "--method", "dgh", "--stale-refresh", "before_update",
+                        "-n", 4, "--iterations", 1, "--out", tmp_path / "j.pt")
+    assert code == 2 and "--stale-refresh is for --mode stale only" in err

@@ -101,7 +101,8 @@ def check_generator_model(model_src: LoadedModel, method: str) -> None:
 def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, seed: int, precision: str,
                  iterations: int | None = None, chunk_size: int | None = None, mode: str | None = None,
                  real: ImageSet | None = None, per_class: int = 1, checkpoint: str | None = None,
-                 progress: bool = True, report: RunReport | None = None, extra: dict | None = None):
+                 progress: bool = True, report: RunReport | None = None, extra: dict | None = None,
+                 stale_refresh: str | None = None):
     """zsq_fast.generate with a progress bar; returns (images (N,3,S,S) on CPU, record dict, labels or None)."""
     from .generate import generate as gen
 
@@ -112,8 +113,10 @@ def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, 
         kwargs["amp"] = precision
     if mode is not None and method != "dgh":
         raise UsageError(f"--mode exact|stale is for generator dgh only (got {method})")
+    if stale_refresh is not None and mode != "stale":
+        raise UsageError("--stale-refresh is for --mode stale only")
     for k, v in (("iterations", iterations), ("chunk_size", chunk_size), ("aggregation", mode),
-                 ("checkpoint", checkpoint)):
+                 ("checkpoint", checkpoint), ("stale_refresh", stale_refresh)):
         if v is not None:
             kwargs[k] = v
     if method == "fdda":
@@ -209,7 +212,8 @@ def cmd_generate(args) -> int:
     images, record, labels = run_generate(
         src, args.num_images or 1024, args.method, device=device, seed=args.seed, precision=args.precision,
         iterations=args.iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
-        per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress, report=report)
+        per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress, report=report,
+        stale_refresh=args.stale_refresh)
     from .generate import save_images
 
     with report.timed("save"):
@@ -254,7 +258,7 @@ def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> to
     images, _, _ = run_generate(
         src, args.num_images or 1024, args.generator, device=device, seed=args.seed, precision=args.precision,
         iterations=args.gen_iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
-        per_class=args.per_class, progress=not args.no_progress, report=report)
+        per_class=args.per_class, progress=not args.no_progress, report=report, stale_refresh=args.stale_refresh)
     report.settings["calibration"] = {"source": f"generator {args.generator}", "n": images.shape[0]}
     return images
 
@@ -433,6 +437,9 @@ def _generator_args(p: argparse.ArgumentParser, iterations_flag: str) -> None:
                    help="optimization steps (default: the generator's)")
     g.add_argument("--chunk-size", type=_positive, help="images per forward/backward chunk (memory)")
     g.add_argument("--mode", choices=("exact", "stale"), help="dgh whole-set statistics: exact (default) or stale")
+    g.add_argument("--stale-refresh", choices=("after_update", "before_update"),
+                   help="--mode stale: refresh a chunk's cached statistics after its update (default, as DGH/MCT) "
+                        "or from the step's own forward (cheaper)")
     g.add_argument("--real", help="fdda: labelled real images for the class centers")
     g.add_argument("--per-class", type=_positive, default=1, help="fdda: real images per class (default 1)")
 
