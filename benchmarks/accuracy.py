@@ -18,7 +18,7 @@ Settings (--setting):
 Any count can be overridden (--n-images, --gen-iterations, --recon-iterations, --seeds, ...); the
 settings really used are printed above each table and stored in the JSON.
 
-    python benchmarks/accuracy.py --setting full --models resnet20          # one model, full strength
+    python benchmarks/accuracy.py --full --models resnet20                  # one model, full strength
     python benchmarks/accuracy.py --setting quick --models resnet20
     python benchmarks/accuracy.py --setting smoke --models resnet20 --out /tmp/acc.md
 
@@ -64,6 +64,8 @@ RECON_LR = {"long": 1e-3, "short": 1e-2}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=["full", "quick", "smoke"], default="quick")
+    p.add_argument("--full", action="store_const", dest="setting", const="full", help="--setting full")
+    p.add_argument("--quick", action="store_const", dest="setting", const="quick", help="--setting quick")
     p.add_argument("--models", default="resnet20,resnet56")
     p.add_argument("--rows", default=",".join(ROWS), help=f"subset of {ROWS}")
     p.add_argument("--main-column", default=MAIN_COLUMN, help="BITS:PRESET every row runs at")

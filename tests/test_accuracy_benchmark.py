@@ -17,8 +17,9 @@ def _accuracy():
 def test_full_setting_and_plan_are_the_issues():
     acc = _accuracy()
     cpu = acc.resolve_settings(acc.parse_args(["--setting", "full"]), torch.device("cpu"))
-    assert (cpu["n_images"], cpu["gen_iterations"], cpu["recon_iterations"], cpu["seeds"]) == (256, 500, 2000, [0, 1, 2])
-    gpu = acc.resolve_settings(acc.parse_args(["--setting", "full"]), torch.device("cuda"))
+    assert (cpu["n_images"], cpu["gen_iterations"], cpu["recon_iterations"]) == (256, 500, 2000)
+    assert cpu["seeds"] == [0, 1, 2]
+    gpu = acc.resolve_settings(acc.parse_args(["--full"]), torch.device("cuda"))
     assert (gpu["n_images"], gpu["gen_iterations"], gpu["recon_iterations"]) == (1024, 1000, 20000)
     assert gpu["recon_lr"] == 1e-3
     cells = acc.plan(cpu)

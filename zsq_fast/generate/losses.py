@@ -79,7 +79,8 @@ def odsl(logits: torch.Tensor, last_act: torch.Tensor | None = None, last_target
 def center_loss(stats, centers) -> torch.Tensor:
     """FDDA BNS alignment to class centers, per deep layer:
         sum_l ( ||mu_hat_l - c^mu_l||^2 / C_l + ||sigma_hat^2_l - c^{sigma^2}_l||^2 / C_l )
-    stats, centers: per layer (mean, var). Used for L_C (exact centers) and L_D (noisy centers)."""
+    stats, centers: per layer (mean, var). Used for L_C (exact centers) and L_D (noisy centers);
+    fdda divides it by the number of deep layers (FDDA averages over them)."""
     total = 0.0
     for (mu_hat, var_hat), (c_mu, c_var) in zip(stats, centers):
         total = total + (mu_hat - c_mu.to(mu_hat)).square().mean() + (var_hat - c_var.to(var_hat)).square().mean()
