@@ -8,12 +8,13 @@ c_b, and a step minimizes
     L = 0.2 L_BN(whole set) + sum_b |b|/N ( 0.5 CE(f(x_b), c_b) + 0.9 L_D,b + 0.01 L_C,b )
 
 L_C,b: batch statistics -> c_b's centers, L_D,b: -> noisy centers N(c^mu, 0.5^2), N(c^{sigma^2}, 1.0^2)
-redrawn every step; both averaged over the deep BN layers (from floor((L+1)/2) - 2 on, as FDDA's code).
-FDDA applies L_BN to its generator's mixed-label batches; a single-class batch has no business
-matching the data set's statistics, so L_BN here is computed on the statistics of all N images
-(every class) with the exact whole-set machinery of dgh, and its gradient injected per batch.
-The |b|/N weights give every image the same per-image weight on CE, L_C, L_D as the whole-set
-L_BN has (1/N), i.e. the ratio between the terms that FDDA's per-batch losses have.
+redrawn every step; both averaged over the deep BN layers (from floor((L+1)/2) - 2 on, as the FDDA
+code's start_layer). The FDDA code applies L_BN (and a CE) to a batch of random mixed labels and
+L_C, L_D (and a CE) to a separate single-class batch: the BN running statistics describe data of all
+classes, and matching them on one class's batch would pull against L_C. Here every image has one
+label, so L_BN is computed on the statistics of all N images (every class) with dgh's exact
+whole-set machinery and its gradient injected per batch. The |b|/N weights give CE, L_C and L_D the
+same per-image weight (1/N) as the whole-set L_BN, the ratio FDDA's equal-size batches give them.
 """
 from __future__ import annotations
 
