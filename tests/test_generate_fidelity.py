@@ -9,9 +9,10 @@ import torch.nn.functional as F
 import zsq_fast
 from test_generate import tiny
 from zsq_fast.generate import api, dgh, fdda
-from zsq_fast.generate.context import forward, see
+from zsq_fast.generate.context import forward, output_images, see
 from zsq_fast.generate.losses import bn_loss, odsl, std_from_var
 from zsq_fast.generate.optim import Plateau
+from zsq_fast.generate.views import draw_views
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,37 +127,45 @@ def test_odsl_weight_is_in_batch_mean_units():
 
 
 def test_stale_refresh_after_update_caches_the_finalised_images():
+    """after_update (default, as the DGH code): a chunk's cache holds the statistics of its updated images
+    in their output view; before_update: those of the step's own (pre-update, randomly viewed) forward."""
     model = tiny().eval().requires_grad_(False)
     for refresh in ("after_update", "before_update"):
         _, rec = zsq_fast.generate(model, 6, "dgh", 8, iterations=2, chunk_size=3, aggregation="stale",
                                    stale_refresh=refresh, lr=0.5)
         assert rec.settings["stale_refresh"] == refresh
     s, dev = api.make_settings(model, 6, "dgh", 8, chunk_size=3, aggregation="stale", lr=0.5)
-    assert s.stale_refresh == "after_update"
+    assert s.stale_refresh == "after_update" and s.augment
     run, _ = api.build_run(model, s, dev)
+    g = torch.Generator().manual_seed(3)
     with run.capture:
-        dgh.init_stale_cache(run, None)
+        dgh.init_stale_cache(run, draw_views(run.n, s.margin, g))
         run.step = 1
-        dgh.stale_step(run, None)
+        dgh.stale_step(run, draw_views(run.n, s.margin, g))
         for sl, cached in zip(run.store.chunks(3), run.state["cache"]):
-            acts, _ = forward(run, run.store.x[sl])  # the images as they are after the step
-            for c, a in zip(cached, acts):
-                torch.testing.assert_close(c.mean.double(), a.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
-        # before_update keeps the pre-update statistics: they differ from the finalised images'
+            final = finalised_means(run, sl)
+            assert torch.allclose(cached[1].mean.double(), final, rtol=1e-5, atol=1e-6)
         run.state["stale_refresh"] = "before_update"
         run.step = 2
-        pre = [channel_means(run, sl) for sl in run.store.chunks(3)]
-        dgh.stale_step(run, None)
+        views = draw_views(run.n, s.margin, g)
+        pre = [viewed_means(run, sl, views[sl]) for sl in run.store.chunks(3)]
+        dgh.stale_step(run, views)
         for sl, cached, before in zip(run.store.chunks(3), run.state["cache"], pre):
-            torch.testing.assert_close(cached[1].mean.double(), before, rtol=1e-5, atol=1e-6)
-            assert not torch.allclose(cached[1].mean.double(), channel_means(run, sl), atol=1e-6)
+            assert torch.allclose(cached[1].mean.double(), before, rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(cached[1].mean.double(), finalised_means(run, sl), atol=1e-6)
     with pytest.raises(ValueError, match="stale_refresh"):
         api.make_settings(model, 6, "dgh", 8, aggregation="stale", stale_refresh="sometimes")
 
 
 @torch.no_grad()
-def channel_means(run, sl):
-    acts, _ = forward(run, run.store.x[sl])
+def finalised_means(run, sl):
+    acts, _ = forward(run, output_images(run, run.store.x[sl]))
+    return acts[1].double().mean((0, 2, 3))
+
+
+@torch.no_grad()
+def viewed_means(run, sl, views):
+    acts, _ = forward(run, see(run, run.store.x[sl], views))
     return acts[1].double().mean((0, 2, 3))
 
 

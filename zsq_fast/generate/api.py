@@ -127,7 +127,7 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     amp: None, "bf16" or "fp16" (CUDA only). lambda_sigma: None = 10 for dgh, 1 otherwise.
     layer_weighting: "average" or "first_x10". aggregation (dgh): "exact" or "stale".
     stale_refresh (stale): "after_update" (default: a chunk's cached statistics are recomputed from its
-    images after their update, as the DGH code and MCT do, so results compare with theirs) or
+    finalised images (output view) after their update, as the DGH code and MCT do, so results compare) or
     "before_update" (reuse the step's own forward: one forward per chunk fewer, a cache one update old).
     augment: None = on for dgh only; margin: None = min(image_size) // 7 when augmenting.
     odsl_weight: None = 1e-5 for dgh (MCT's default), 0 otherwise, in the references' units: each

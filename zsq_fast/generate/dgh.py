@@ -7,9 +7,10 @@ Whole-set aggregation of the BN statistics, in two modes:
   per-image losses (ODSL). The result equals the gradient of the same loss on the full set.
 - stale: one pass per step; a chunk's statistics are merged with the cached statistics of the
   other chunks from their last visit (what the public implementations do). The chunk's cache entry
-  is refreshed either from the finalised images after its update (stale_refresh="after_update", the
-  DGH code's and MCT's behaviour, one extra forward without autograd per chunk) or from the forward
-  the step already ran ("before_update": cheaper, the cache lags one update behind).
+  is refreshed either from its finalised images after the update (the output view: smoothing, center
+  crop, clip; stale_refresh="after_update", the DGH code's and MCT's behaviour, one extra forward
+  without autograd per chunk) or from the forward the step already ran on this step's random view
+  ("before_update": cheaper, the cache lags one update behind).
 ODSL is weighted in the references' units: each chunk (the references' batch) adds
 w_odsl * mean_{i in chunk} L_out,i to the whole-set L_BN, so a fixed weight means what it means in
 the DGH code and MCT with batch size = chunk_size.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import ChannelStats, channel_mean_var, channel_stats, inject_stats_grad
-from .context import Run, check_finite, forward, grad_of, see, update, whole_set_stats
+from .context import Run, check_finite, forward, grad_of, output_images, see, update, whole_set_stats
 from .losses import bn_group_losses, bn_terms, merge_mean_var, odsl, std_from_var
 
 STALE_REFRESH = ("after_update", "before_update")
@@ -94,7 +95,7 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
     """One stale step: chunk j's loss is L_BN on (its fresh statistics merged with the cached
     statistics of the other chunks) + w_odsl * mean_{i in j} L_out,i. on_grad(sl, ...) must leave the
     updated chunk in the store: with stale_refresh "after_update" its cache entry is then refreshed
-    from the stored images; with "before_update" from this step's forward."""
+    from the stored images' output view; with "before_update" from this step's forward."""
     cache = run.state["cache"]
     after = run.state.get("stale_refresh", "after_update") == "after_update"
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
@@ -127,15 +128,22 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
         for k, val in bn_group_losses(terms).items():
             group_sums[k] = group_sums.get(k, 0.0) + val
         on_grad(sl, x.detach(), g, m, v)
-        cache[j] = _chunk_stats(run, sl, vsl(sl)) if after else fresh
+        cache[j] = _finalised_stats(run, sl) if after else fresh
     groups = {k: val / len(chunks) for k, val in group_sums.items()}
     return _step_losses(run, bn_sum / len(chunks), out_sum, out_term, groups)
 
 
 @torch.no_grad()
 def _chunk_stats(run: Run, sl: slice, views) -> list[ChannelStats]:
-    """Statistics of a chunk's stored images as the model sees them this step."""
+    """Statistics of a chunk's stored images as the model sees them through `views`."""
     acts, _ = forward(run, see(run, run.store.load(sl, run.device), views))
+    return [channel_stats(a) for a in acts]
+
+
+@torch.no_grad()
+def _finalised_stats(run: Run, sl: slice) -> list[ChannelStats]:
+    """Statistics of a chunk's stored images in their output view (what generate returns)."""
+    acts, _ = forward(run, output_images(run, run.store.load(sl, run.device)))
     return [channel_stats(a) for a in acts]
 
 
