@@ -102,3 +102,15 @@ def test_cli_stale_refresh_option(tiny, tmp_path, capsys):  # noqa: F811
     code, _, err = _run(capsys, "generate", *_model(tiny), "--method", "dgh", "--stale-refresh", "before_update",
                         "-n", 4, "--iterations", 1, "--out", tmp_path / "j.pt")
     assert code == 2 and "--stale-refresh is for --mode stale only" in err
+
+
+def test_quantize_with_a_generator_also_plots_the_generation(tiny, tmp_path, capsys):  # noqa: F811
+    code, _, err = _run(capsys, "quantize", *_model(tiny), "--generator", "bns", "-n", 4, "--gen-iterations", 2,
+                        "--method", "nearest", "--out", tmp_path / "q.pt")
+    assert code == 0, err
+    with Image.open(tmp_path / "q.report.generation.png") as im:
+        im.load()
+        assert im.width >= 3 * plots.PANEL[0]
+    with Image.open(tmp_path / "q.report.png") as im:  # nearest: no units, the panel says so
+        im.load()
+        assert im.height > plots.PANEL[1]
