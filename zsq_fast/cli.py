@@ -1,7 +1,8 @@
 """`zsq-fast` command line: generate, quantize, eval, demo.
 
 Every command draws progress bars (tqdm, on stderr), takes --device/--seed/--precision and writes
-a JSON report (settings, timings, peak memory, losses, accuracies) beside its outputs. Bad input
+a JSON report (settings, timings, peak memory, losses, accuracies) beside its outputs; generate and
+quantize also write a PNG of their loss curves (and sample images) beside the report. Bad input
 ends with one line `zsq-fast: error: ...` on stderr and exit code 2 (ZSQ_FAST_DEBUG=1 shows the
 traceback instead).
 """
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from .data import ImageSet, load_images_for, one_per_class, random_subset
 from .evaluate import evaluate, predict_logits
 from .models.zoo import LoadedModel, has_batchnorm, load_model
+from .plots import UnitCurves, generation_figure, reconstruction_figure, save_png
 from .quantize.presets import parse_bits as quant_parse_bits
 from .report import (LossLog, RunReport, check_precision, report_path_for, resolve_device,
                      seed_everything)
@@ -99,7 +101,8 @@ def check_generator_model(model_src: LoadedModel, method: str) -> None:
 def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, seed: int, precision: str,
                  iterations: int | None = None, chunk_size: int | None = None, mode: str | None = None,
                  real: ImageSet | None = None, per_class: int = 1, checkpoint: str | None = None,
-                 progress: bool = True, report: RunReport | None = None, extra: dict | None = None):
+                 progress: bool = True, report: RunReport | None = None, extra: dict | None = None,
+                 stale_refresh: str | None = None):
     """zsq_fast.generate with a progress bar; returns (images (N,3,S,S) on CPU, record dict, labels or None)."""
     from .generate import generate as gen
 
@@ -110,8 +113,10 @@ def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, 
         kwargs["amp"] = precision
     if mode is not None and method != "dgh":
         raise UsageError(f"--mode exact|stale is for generator dgh only (got {method})")
+    if stale_refresh is not None and mode != "stale":
+        raise UsageError("--stale-refresh is for --mode stale only")
     for k, v in (("iterations", iterations), ("chunk_size", chunk_size), ("aggregation", mode),
-                 ("checkpoint", checkpoint)):
+                 ("checkpoint", checkpoint), ("stale_refresh", stale_refresh)):
         if v is not None:
             kwargs[k] = v
     if method == "fdda":
@@ -156,7 +161,12 @@ def run_quantize(model_src: LoadedModel, calib: torch.Tensor, *, bits: str, pres
             kwargs[k] = v
     kwargs.update(extra or {})
     bar = Progress(f"quantize {bits} {preset} {method}", progress)
-    kwargs["progress"] = bar
+    curves = UnitCurves()
+
+    def on_progress(step, total, info=None):
+        bar(step, total, info)
+        curves(step, total, info)
+    kwargs["progress"] = on_progress
     name = f"quantize_{tag or method}"
     try:
         with report.timed(name) if report is not None else contextlib.nullcontext():
@@ -168,6 +178,7 @@ def run_quantize(model_src: LoadedModel, calib: torch.Tensor, *, bits: str, pres
         cfg = getattr(qmodel, "quant_config", None)
         if cfg is not None:
             report.extra.setdefault("quant_config", {})[tag or method] = cfg
+            report.extra.setdefault("reconstruction_curves", {})[tag or method] = curves.curves
     return qmodel
 
 
@@ -201,15 +212,28 @@ def cmd_generate(args) -> int:
     images, record, labels = run_generate(
         src, args.num_images or 1024, args.method, device=device, seed=args.seed, precision=args.precision,
         iterations=args.iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
-        per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress, report=report)
+        per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress, report=report,
+        stale_refresh=args.stale_refresh)
     from .generate import save_images
 
     with report.timed("save"):
         _save_images(save_images, images, args.out, src, labels)
     path = report.write(args.report or report_path_for(args.out), device)
+    png = _write_plot(lambda: generation_figure(record, images, src.mean, src.std), path, ".png")
     print(f"wrote {images.shape[0]} {args.method} images ({images.shape[-1]}x{images.shape[-2]}) to {args.out}; "
-          f"report {path}")
+          f"report {path}" + (f"; plot {png}" if png else ""))
     return 0
+
+
+def _write_plot(figure, report_path: str, suffix: str) -> str | None:
+    """The run's picture beside its JSON report (same stem + suffix). A failed plot is a warning:
+    the run's real outputs are already written."""
+    target = os.path.splitext(report_path)[0] + suffix
+    try:
+        return save_png(figure(), target)
+    except Exception as e:  # noqa: BLE001 - a picture must never cost the run's results
+        print(f"warning: could not write the plot {target}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
 
 
 def _save_images(save, images, path, src: LoadedModel, labels) -> None:
@@ -234,7 +258,7 @@ def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> to
     images, _, _ = run_generate(
         src, args.num_images or 1024, args.generator, device=device, seed=args.seed, precision=args.precision,
         iterations=args.gen_iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
-        per_class=args.per_class, progress=not args.no_progress, report=report)
+        per_class=args.per_class, progress=not args.no_progress, report=report, stale_refresh=args.stale_refresh)
     report.settings["calibration"] = {"source": f"generator {args.generator}", "n": images.shape[0]}
     return images
 
@@ -274,7 +298,15 @@ def cmd_quantize(args) -> int:
             report.metrics["onnx"] = _eval_onnx(args.onnx, qmodel, data, args)
         print(_onnx_line(report.metrics["onnx"]))
     path = report.write(args.report or report_path_for(args.out), device)
-    print(f"wrote quantized model ({args.bits} {args.preset} {args.method}) to {args.out}; report {path}")
+    cfg = getattr(qmodel, "quant_config", None) or {}
+    title = f"quantize {args.bits} {args.preset} {args.method}: {cfg.get('num_calibration_images', '?')} images"
+    png = _write_plot(lambda: reconstruction_figure(
+        cfg.get("units", []), report.extra.get("reconstruction_curves", {}).get(args.method), title), path, ".png")
+    if args.generator:
+        _write_plot(lambda: generation_figure(report.extra["generation"][args.generator], calib, src.mean, src.std),
+                    path, ".generation.png")
+    print(f"wrote quantized model ({args.bits} {args.preset} {args.method}) to {args.out}; report {path}"
+          + (f"; plot {png}" if png else ""))
     return 0
 
 
@@ -436,6 +468,9 @@ def _generator_args(p: argparse.ArgumentParser, iterations_flag: str) -> None:
                    help="optimization steps (default: the generator's)")
     g.add_argument("--chunk-size", type=_positive, help="images per forward/backward chunk (memory)")
     g.add_argument("--mode", choices=("exact", "stale"), help="dgh whole-set statistics: exact (default) or stale")
+    g.add_argument("--stale-refresh", choices=("after_update", "before_update"),
+                   help="--mode stale: refresh a chunk's cached statistics after its update (default, as DGH/MCT) "
+                        "or from the step's own forward (cheaper)")
     g.add_argument("--real", help="fdda: labelled real images for the class centers")
     g.add_argument("--per-class", type=_positive, default=1, help="fdda: real images per class (default 1)")
 

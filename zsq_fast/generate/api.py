@@ -32,6 +32,13 @@ LAMBDA_SIGMA = {"dgh": 10.0, "bns": 1.0, "fdda": 1.0}
 # term dominates at large steps (BN loss 2.41 at lr 16 vs 1.13 at lr 1), so it defaults to 1.
 DEFAULT_LR = {"dgh": 16.0, "bns": 16.0, "fdda": 1.0}
 FDDA_WEIGHTS = {"ce": 0.5, "bn": 0.2, "distort": 0.9, "center": 0.01}
+# ODSL weight for dgh, in the references' units (each chunk adds w * its mean per-image ODSL to the
+# whole-set L_BN, as DGH and MCT add it per batch): MCT DataGen's PyTorch default. The DGH code sets it
+# per architecture: ResNet-18 3e-7, ResNet-50 1e-7, MobileNetV2 3e-5. Runs whose record has no
+# settings["odsl_units"] used w * sum_i L_out,i / N instead: their weight is N / chunk_size times
+# a batch-mean weight.
+DEFAULT_ODSL_WEIGHT = 1e-5
+ODSL_UNITS = "batch_mean"
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # settings that may differ between a run and its resume
 _NOT_COMPARED = ("device", "store", "checkpoint_every")
@@ -51,9 +58,11 @@ class Settings:
     lambda_sigma: float
     layer_weighting: str
     aggregation: str
+    stale_refresh: str
     augment: bool
     margin: int
     odsl_weight: float
+    odsl_units: str
     odsl_form: str
     amp: str | None
     store: str
@@ -100,8 +109,8 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
              iterations: int = 1000, chunk_size: int = 128, lr: float | None = None, seed: int = 0,
              mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store: str = "host", amp: str | None = None,
              lambda_sigma: float | None = None, layer_weighting: str = "average",
-             aggregation: str = "exact", augment: bool | None = None, margin: int | None = None,
-             odsl_weight: float | None = None, odsl_form: str = "hinged",
+             aggregation: str = "exact", stale_refresh: str = "after_update", augment: bool | None = None,
+             margin: int | None = None, odsl_weight: float | None = None, odsl_form: str = "hinged",
              min_lr: float = 1e-4, patience: int | None = None,
              real_images=None, real_labels=None, images_per_class: int = 1, fdda_weights: dict | None = None,
              checkpoint=None, checkpoint_every: int = 50, progress=None):
@@ -117,9 +126,16 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     store: "host" (images + RAdam moments in pinned host memory, streamed per chunk) or "device".
     amp: None, "bf16" or "fp16" (CUDA only). lambda_sigma: None = 10 for dgh, 1 otherwise.
     layer_weighting: "average" or "first_x10". aggregation (dgh): "exact" or "stale".
+    stale_refresh (stale): "after_update" (default: a chunk's cached statistics are recomputed from its
+    finalised images (output view) after their update, as the DGH code and MCT do, so results compare) or
+    "before_update" (reuse the step's own forward: one forward per chunk fewer, a cache one update old).
     augment: None = on for dgh only; margin: None = min(image_size) // 7 when augmenting.
-    odsl_weight: None = 1e-5 for dgh, 0 otherwise; odsl_form: "hinged" or "plain".
-    patience: None = max(5, iterations // 50); min_lr 1e-4 (reduce-on-plateau, factor 0.5).
+    odsl_weight: None = 1e-5 for dgh (MCT's default), 0 otherwise, in the references' units: each
+    chunk adds odsl_weight * (its mean per-image ODSL) to the whole-set L_BN, as DGH/MCT do per batch
+    (chunk_size plays their batch size). The DGH code uses 3e-7 for ResNet-18, 1e-7 for ResNet-50 and
+    3e-5 for MobileNetV2. odsl_form: "hinged" or "plain".
+    patience: None = max(5, iterations // 50); min_lr 1e-4 (reduce-on-plateau, factor 0.5, best loss
+    forgotten after each cut as in DGH/MCT).
     fdda: real_images, real_labels, images_per_class (1), fdda_weights (ce 0.5, bn 0.2, distort 0.9,
     center 0.01). checkpoint: a path; written atomically every checkpoint_every steps and resumed from
     when it exists. progress: called as progress(step, iterations, losses_dict) after every step.
@@ -127,8 +143,8 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     settings, device = make_settings(
         model, n_images, method, image_size, iterations=iterations, chunk_size=chunk_size, lr=lr, seed=seed,
         mean=mean, std=std, device=device, store=store, amp=amp, lambda_sigma=lambda_sigma,
-        layer_weighting=layer_weighting, aggregation=aggregation, augment=augment, margin=margin,
-        odsl_weight=odsl_weight, odsl_form=odsl_form, min_lr=min_lr, patience=patience,
+        layer_weighting=layer_weighting, aggregation=aggregation, stale_refresh=stale_refresh, augment=augment,
+        margin=margin, odsl_weight=odsl_weight, odsl_form=odsl_form, min_lr=min_lr, patience=patience,
         images_per_class=images_per_class, fdda_weights=fdda_weights, checkpoint_every=checkpoint_every)
     if method == "fdda" and real_images is None:
         raise ValueError("fdda needs real_images (a tensor with real_labels, or a dataset of (image, label))")
@@ -148,7 +164,8 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
 
 def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1000, chunk_size=128,
                   lr=None, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store="host",
-                  amp=None, lambda_sigma=None, layer_weighting="average", aggregation="exact", augment=None,
+                  amp=None, lambda_sigma=None, layer_weighting="average", aggregation="exact",
+                  stale_refresh="after_update", augment=None,
                   margin=None, odsl_weight=None, odsl_form="hinged", min_lr=1e-4, patience=None,
                   images_per_class=1, fdda_weights=None, checkpoint_every=50) -> tuple[Settings, torch.device]:
     """Validated settings with the method's defaults filled in, and the compute device."""
@@ -163,6 +180,8 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
     size = _image_size(image_size)
     if aggregation not in ("exact", "stale"):
         raise ValueError(f"aggregation must be 'exact' or 'stale', got {aggregation!r}")
+    if stale_refresh not in dgh.STALE_REFRESH:
+        raise ValueError(f"stale_refresh must be one of {dgh.STALE_REFRESH}, got {stale_refresh!r}")
     if odsl_form not in ("plain", "hinged"):
         raise ValueError(f"odsl_form must be 'plain' or 'hinged', got {odsl_form!r}")
     if amp not in AMP:
@@ -184,9 +203,10 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         method=method, n_images=n_images, image_size=list(size), iterations=iterations, chunk_size=chunk_size,
         lr=float(lr), seed=int(seed), mean=[float(m) for m in mean], std=[float(s) for s in std],
         lambda_sigma=float(LAMBDA_SIGMA[method] if lambda_sigma is None else lambda_sigma),
-        layer_weighting=layer_weighting, aggregation=aggregation, augment=augment, margin=margin,
-        odsl_weight=float((1e-5 if method == "dgh" else 0.0) if odsl_weight is None else odsl_weight),
-        odsl_form=odsl_form, amp=amp, store=store, device=str(device), min_lr=float(min_lr),
+        layer_weighting=layer_weighting, aggregation=aggregation, stale_refresh=stale_refresh, augment=augment,
+        margin=margin,
+        odsl_weight=float((DEFAULT_ODSL_WEIGHT if method == "dgh" else 0.0) if odsl_weight is None else odsl_weight),
+        odsl_units=ODSL_UNITS, odsl_form=odsl_form, amp=amp, store=store, device=str(device), min_lr=float(min_lr),
         patience=int(max(5, iterations // 50) if patience is None else patience),
         checkpoint_every=checkpoint_every, images_per_class=images_per_class,
         fdda_weights={**FDDA_WEIGHTS, **(fdda_weights or {})} if method == "fdda" else {})
@@ -219,6 +239,7 @@ def build_run(model, s: Settings, device) -> tuple[Run, torch.Tensor]:
               generator=generator, plateau=Plateau(lr=s.lr, patience=s.patience, min_lr=s.min_lr),
               augment=s.augment, odsl_weight=s.odsl_weight, odsl_hinged=s.odsl_form == "hinged",
               amp_dtype=AMP[s.amp], loss_scale=LossScale() if s.amp == "fp16" else None)
+    run.state["stale_refresh"] = s.stale_refresh
     return run, out
 
 
@@ -288,7 +309,7 @@ def _setup_fdda(run: Run, s: Settings, real_images, real_labels, num_classes: in
     centers = fdda.class_centers(run, x, y)
     labels = fdda.synthetic_labels(run.n, centers.classes)
     run.state.update(centers=centers, labels=labels,
-                     batches=fdda.class_batches(labels, run.chunk_size), weights=s.fdda_weights,
+                     batches=fdda.class_batches(labels, centers.classes, run.chunk_size), weights=s.fdda_weights,
                      noise_mean_std=0.5, noise_var_std=1.0)
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from ..ops import channel_mean_var
 from .context import Run, check_finite, forward, grad_of, see, update
-from .losses import bn_loss, odsl, std_from_var
+from .losses import bn_group_losses, bn_terms, odsl, std_from_var
 
 
 def bns_step(run: Run, views) -> dict:
     n_total, bn_sum, out_sum = run.n, 0.0, 0.0
+    group_sums: dict[str, float] = {}
     for sl in run.store.chunks(run.chunk_size):
         x, m, v = run.store.load(sl, run.device, moments=True)
         x.requires_grad_(True)
@@ -20,7 +21,8 @@ def bns_step(run: Run, views) -> dict:
         for a in acts:
             mu, var = channel_mean_var(a)
             stats.append((mu, std_from_var(var)))
-        loss = l_bn = bn_loss(stats, run.targets, run.weights, run.lambda_sigma)
+        terms = bn_terms(stats, run.targets, run.weights, run.lambda_sigma)
+        loss = l_bn = sum(terms)
         if run.odsl_weight:
             per = odsl(logits, acts[-1], run.targets[-1], run.odsl_hinged)
             loss = loss + run.odsl_weight * per.mean()
@@ -28,8 +30,10 @@ def bns_step(run: Run, views) -> dict:
         check_finite(run, loss, "the bns loss")
         update(run, sl, x.detach(), grad_of(run, loss, x), m, v)
         bn_sum += float(l_bn.detach()) * (sl.stop - sl.start)
+        for k, val in bn_group_losses(terms).items():
+            group_sums[k] = group_sums.get(k, 0.0) + val * (sl.stop - sl.start)
     bn = bn_sum / n_total
     losses = {"bn": bn, "total": bn + run.odsl_weight * out_sum / n_total}
     if run.odsl_weight:
         losses["odsl"] = out_sum / n_total
-    return losses
+    return {**losses, **{k: val / n_total for k, val in group_sums.items()}}

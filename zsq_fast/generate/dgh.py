@@ -6,7 +6,14 @@ Whole-set aggregation of the BN statistics, in two modes:
   with autograd and injects that gradient at every BN input (inject_stats_grad), together with the
   per-image losses (ODSL). The result equals the gradient of the same loss on the full set.
 - stale: one pass per step; a chunk's statistics are merged with the cached statistics of the
-  other chunks from their last visit (what the public implementations do).
+  other chunks from their last visit (what the public implementations do). The chunk's cache entry
+  is refreshed either from its finalised images after the update (the output view: smoothing, center
+  crop, clip; stale_refresh="after_update", the DGH code's and MCT's behaviour, one extra forward
+  without autograd per chunk) or from the forward the step already ran on this step's random view
+  ("before_update": cheaper, the cache lags one update behind).
+ODSL is weighted in the references' units: each chunk (the references' batch) adds
+w_odsl * mean_{i in chunk} L_out,i to the whole-set L_BN, so a fixed weight means what it means in
+the DGH code and MCT with batch size = chunk_size.
 Views (flip, smoothing, crop from a larger canvas, clip) are drawn once per step (views.py), so
 both passes of an exact step see the same images.
 """
@@ -15,38 +22,41 @@ from __future__ import annotations
 import torch
 
 from ..ops import ChannelStats, channel_mean_var, channel_stats, inject_stats_grad
-from .context import Run, check_finite, forward, grad_of, see, update, whole_set_stats
-from .losses import bn_loss, merge_mean_var, odsl, std_from_var
+from .context import Run, check_finite, forward, grad_of, output_images, see, update, whole_set_stats
+from .losses import bn_group_losses, bn_terms, merge_mean_var, odsl, std_from_var
+
+STALE_REFRESH = ("after_update", "before_update")
 
 
 def _odsl(run: Run, acts, logits) -> torch.Tensor:
     return odsl(logits, acts[-1], run.targets[-1], run.odsl_hinged)
 
 
-def _step_losses(run: Run, bn: float, out_sum: float) -> dict:
-    """The step's reported losses: L_BN, the mean ODSL term (when on) and their weighted total."""
-    losses = {"bn": bn, "total": bn + run.odsl_weight * out_sum / run.n}
+def _step_losses(run: Run, bn: float, out_sum: float, out_term: float, groups: dict) -> dict:
+    """The step's reported losses: L_BN, the mean per-image ODSL (when on), the objective
+    L_BN + w_odsl * sum over chunks of the chunk-mean ODSL, and L_BN per layer group."""
+    losses = {"bn": bn, "total": bn + run.odsl_weight * out_term}
     if run.odsl_weight:
         losses["odsl"] = out_sum / run.n
-    return losses
+    return {**losses, **groups}
 
 
 def exact_gradients(run: Run, views, on_grad) -> dict:
     """One exact step's losses; on_grad(sl, x, grad, exp_avg, exp_avg_sq) receives each chunk's
-    gradient of L = L_BN(global stats) + w_odsl * mean_i L_out,i."""
-    n = run.n
+    gradient of L = L_BN(global stats) + w_odsl * sum_chunks mean_{i in chunk} L_out,i."""
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     # pass 1: global statistics, no autograd
     totals = whole_set_stats(run, lambda sl: see(run, run.store.load(sl, run.device), vsl(sl)))
     means = [t.mean.detach().clone().requires_grad_(True) for t in totals]
     variances = [t.var.detach().clone().requires_grad_(True) for t in totals]
-    l_bn = bn_loss([(mu, std_from_var(var)) for mu, var in zip(means, variances)],
-                   run.targets, run.weights, run.lambda_sigma)
+    terms = bn_terms([(mu, std_from_var(var)) for mu, var in zip(means, variances)],
+                     run.targets, run.weights, run.lambda_sigma)
+    l_bn = sum(terms)
     check_finite(run, l_bn, "the dgh BN loss")
     grads = torch.autograd.grad(l_bn, means + variances)
     g_mean, g_var = grads[:len(means)], grads[len(means):]
     # pass 2: each chunk with autograd; the exact dL/dx flows in at every BN input
-    out_sum = 0.0
+    out_sum, out_term = 0.0, 0.0
     for sl in run.store.chunks(run.chunk_size):
         x, m, v = run.store.load(sl, run.device, moments=True)
         x.requires_grad_(True)
@@ -56,10 +66,11 @@ def exact_gradients(run: Run, views, on_grad) -> dict:
         if run.odsl_weight:
             per = _odsl(run, acts, logits)
             check_finite(run, per.sum(), "the ODSL loss")
-            loss = loss + run.odsl_weight * per.sum() / n
+            loss = loss + run.odsl_weight * per.mean()
             out_sum += float(per.detach().sum())
+            out_term += float(per.detach().mean())
         on_grad(sl, x.detach(), grad_of(run, loss, x), m, v)
-    return _step_losses(run, float(l_bn.detach()), out_sum)
+    return _step_losses(run, float(l_bn.detach()), out_sum, out_term, bn_group_losses(terms))
 
 
 def exact_step(run: Run, views) -> dict:
@@ -69,12 +80,7 @@ def exact_step(run: Run, views) -> dict:
 def init_stale_cache(run: Run, views) -> None:
     """Statistics of every chunk before the first stale step."""
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
-    cache = []
-    with torch.no_grad():
-        for sl in run.store.chunks(run.chunk_size):
-            acts, _ = forward(run, see(run, run.store.load(sl, run.device), vsl(sl)))
-            cache.append([channel_stats(a) for a in acts])
-    run.state["cache"] = cache
+    run.state["cache"] = [_chunk_stats(run, sl, vsl(sl)) for sl in run.store.chunks(run.chunk_size)]
 
 
 def _others(cache, j: int, layer: int) -> ChannelStats:
@@ -87,10 +93,14 @@ def _others(cache, j: int, layer: int) -> ChannelStats:
 
 def stale_gradients(run: Run, views, on_grad) -> dict:
     """One stale step: chunk j's loss is L_BN on (its fresh statistics merged with the cached
-    statistics of the other chunks); its cache entry is refreshed from this forward."""
-    n, cache = run.n, run.state["cache"]
+    statistics of the other chunks) + w_odsl * mean_{i in j} L_out,i. on_grad(sl, ...) must leave the
+    updated chunk in the store: with stale_refresh "after_update" its cache entry is then refreshed
+    from the stored images' output view; with "before_update" from this step's forward."""
+    cache = run.state["cache"]
+    after = run.state.get("stale_refresh", "after_update") == "after_update"
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
-    bn_sum, out_sum = 0.0, 0.0
+    bn_sum, out_sum, out_term = 0.0, 0.0, 0.0
+    group_sums: dict[str, float] = {}
     chunks = run.store.chunks(run.chunk_size)
     for j, sl in enumerate(chunks):
         x, m, v = run.store.load(sl, run.device, moments=True)
@@ -105,17 +115,36 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
             mu, var = (mu_j, var_j) if o.count == 0 else merge_mean_var(o.count, o.mean, o.var, n_j, mu_j, var_j)
             stats.append((mu, std_from_var(var)))
             fresh.append(ChannelStats(n_j, mu_j.detach(), var_j.detach() * n_j))
-        loss = l_bn = bn_loss(stats, run.targets, run.weights, run.lambda_sigma)
+        terms = bn_terms(stats, run.targets, run.weights, run.lambda_sigma)
+        loss = l_bn = sum(terms)
         if run.odsl_weight:
             per = _odsl(run, acts, logits)
-            loss = loss + run.odsl_weight * per.sum() / n
+            loss = loss + run.odsl_weight * per.mean()
             out_sum += float(per.detach().sum())
+            out_term += float(per.detach().mean())
         check_finite(run, loss, "the dgh (stale) loss")
         g = grad_of(run, loss, x)
-        cache[j] = fresh
         bn_sum += float(l_bn.detach())
+        for k, val in bn_group_losses(terms).items():
+            group_sums[k] = group_sums.get(k, 0.0) + val
         on_grad(sl, x.detach(), g, m, v)
-    return _step_losses(run, bn_sum / len(chunks), out_sum)
+        cache[j] = _finalised_stats(run, sl) if after else fresh
+    groups = {k: val / len(chunks) for k, val in group_sums.items()}
+    return _step_losses(run, bn_sum / len(chunks), out_sum, out_term, groups)
+
+
+@torch.no_grad()
+def _chunk_stats(run: Run, sl: slice, views) -> list[ChannelStats]:
+    """Statistics of a chunk's stored images as the model sees them through `views`."""
+    acts, _ = forward(run, see(run, run.store.load(sl, run.device), views))
+    return [channel_stats(a) for a in acts]
+
+
+@torch.no_grad()
+def _finalised_stats(run: Run, sl: slice) -> list[ChannelStats]:
+    """Statistics of a chunk's stored images in their output view (what generate returns)."""
+    acts, _ = forward(run, output_images(run, run.store.load(sl, run.device)))
+    return [channel_stats(a) for a in acts]
 
 
 def stale_step(run: Run, views) -> dict:

@@ -2,10 +2,19 @@
 optimization (the paper trains a generator; the losses are the same).
 
 Class centers c^mu_{c,l}, c^{sigma^2}_{c,l}: mean and variance of BN input l over a few real images
-of class c. Synthetic images carry labels; each batch holds one class c and minimizes
-    0.5 CE(f(x), c) + 0.2 L_BN + 0.9 L_D + 0.01 L_C
-L_C: batch statistics -> c's centers, L_D: -> noisy centers N(c^mu, 0.5^2), N(c^{sigma^2}, 1.0^2)
-redrawn every step; both on the deeper half of the BN layers.
+of class c. Synthetic images carry labels in contiguous class blocks; each batch b holds one class
+c_b, and a step minimizes
+
+    L = 0.2 L_BN(whole set) + sum_b |b|/N ( 0.5 CE(f(x_b), c_b) + 0.9 L_D,b + 0.01 L_C,b )
+
+L_C,b: batch statistics -> c_b's centers, L_D,b: -> noisy centers N(c^mu, 0.5^2), N(c^{sigma^2}, 1.0^2)
+redrawn every step; both averaged over the deep BN layers (from floor((L+1)/2) - 2 on, as the FDDA
+code's start_layer). The FDDA code applies L_BN (and a CE) to a batch of random mixed labels and
+L_C, L_D (and a CE) to a separate single-class batch: the BN running statistics describe data of all
+classes, and matching them on one class's batch would pull against L_C. Here every image has one
+label, so L_BN is computed on the statistics of all N images (every class) with dgh's exact
+whole-set machinery and its gradient injected per batch. The |b|/N weights give CE, L_C and L_D the
+same per-image weight (1/N) as the whole-set L_BN, the ratio FDDA's equal-size batches give them.
 """
 from __future__ import annotations
 
@@ -14,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import channel_mean_var, channel_stats
-from .context import Run, check_finite, forward, grad_of, see, update
-from .losses import bn_loss, center_loss, std_from_var
+from ..ops import channel_mean_var, channel_stats, inject_stats_grad
+from .context import Run, check_finite, forward, grad_of, see, update, whole_set_stats
+from .losses import bn_group_losses, bn_terms, center_loss, std_from_var
 
 
 @dataclass
@@ -84,48 +93,73 @@ def synthetic_labels(n: int, classes: torch.Tensor) -> torch.Tensor:
     return classes[torch.arange(n) * classes.numel() // n]
 
 
-def class_batches(labels: torch.Tensor, chunk_size: int) -> list[tuple[int, slice]]:
-    """(class position k, slice) for every batch: one class per batch, at most chunk_size images."""
+def class_batches(labels: torch.Tensor, classes: torch.Tensor, chunk_size: int) -> list[tuple[int, slice]]:
+    """(k, slice) for every batch: one class per batch, at most chunk_size images, where k is the
+    row of the batch's class in `classes` (the class centers' order). Labels need not use every class."""
     batches = []
     start = 0
-    for k, count in enumerate(torch.unique_consecutive(labels, return_counts=True)[1].tolist()):
+    values, counts = torch.unique_consecutive(labels, return_counts=True)
+    for value, count in zip(values.tolist(), counts.tolist()):
+        rows = (classes == value).nonzero().flatten()
+        if rows.numel() != 1:
+            raise ValueError(f"fdda: label {value} has no class center")
         for i in range(start, start + count, chunk_size):
-            batches.append((k, slice(i, min(i + chunk_size, start + count))))
+            batches.append((int(rows[0]), slice(i, min(i + chunk_size, start + count))))
         start += count
     return batches
 
 
 def deep_layers(n_bn: int) -> range:
-    """Indices (into the BN layer list) of the deeper half of the BN layers."""
-    return range(n_bn // 2, n_bn)
+    """Indices (into the BN layer list) of the deep BN layers: from floor((L+1)/2) - 2 on, as FDDA's
+    code counts them (ResNet-18, L = 20: the last 12)."""
+    return range(max(0, (n_bn + 1) // 2 - 2), n_bn)
 
 
 def fdda_step(run: Run, views) -> dict:
+    return fdda_gradients(run, views, lambda sl, x, g, m, v: update(run, sl, x, g, m, v))
+
+
+def fdda_gradients(run: Run, views, on_grad) -> dict:
+    """One step's losses; on_grad(sl, x, grad, exp_avg, exp_avg_sq) receives each batch's gradient
+    of the step's L (module doc)."""
     st = run.state
     centers: ClassCenters = st["centers"]
     w = st["weights"]
     deep = deep_layers(len(run.layers))
+    vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
+    # pass 1: L_BN on the statistics of the whole (mixed-label) set, and its gradient w.r.t. them
+    totals = whole_set_stats(run, lambda sl: see(run, run.store.load(sl, run.device), vsl(sl)))
+    means = [t.mean.detach().clone().requires_grad_(True) for t in totals]
+    variances = [t.var.detach().clone().requires_grad_(True) for t in totals]
+    terms = bn_terms([(mu, std_from_var(var)) for mu, var in zip(means, variances)],
+                     run.targets, run.weights, run.lambda_sigma)
+    l_bn = sum(terms)
+    check_finite(run, l_bn, "the fdda BN loss")
+    grads = torch.autograd.grad(w["bn"] * l_bn, means + variances)
+    g_mean, g_var = grads[:len(means)], grads[len(means):]
     # BNS-distorted targets, redrawn every step from the run's generator
     def noise(t: torch.Tensor, std: float) -> torch.Tensor:
         return std * torch.randn(t.shape, generator=run.generator).to(t.device)
     noisy = [(centers.mean[l] + noise(centers.mean[l], st["noise_mean_std"]),
               centers.var[l] + noise(centers.var[l], st["noise_var_std"])) for l in deep]
-    totals = {"bn": 0.0, "ce": 0.0, "center": 0.0, "distort": 0.0, "total": 0.0}
+    # pass 2: per single-class batch, its class terms plus its share of the whole-set L_BN gradient
+    out = {"bn": float(l_bn.detach()), "ce": 0.0, "center": 0.0, "distort": 0.0}
     for k, sl in st["batches"]:
         x, m, v = run.store.load(sl, run.device, moments=True)
         x.requires_grad_(True)
-        acts, logits = forward(run, see(run, x, None if views is None else views[sl]))
-        mv = [channel_mean_var(a) for a in acts]
-        l_bn = bn_loss([(mu, std_from_var(var)) for mu, var in mv], run.targets, run.weights, run.lambda_sigma)
-        deep_stats = [mv[1 + l] for l in deep]
-        l_c = center_loss(deep_stats, [(centers.mean[l][k], centers.var[l][k]) for l in deep])
-        l_d = center_loss(deep_stats, [(nm[k], nv[k]) for nm, nv in noisy])
+        acts, logits = forward(run, see(run, x, vsl(sl)))
+        deep_stats = [channel_mean_var(acts[1 + l]) for l in deep]
+        l_c = center_loss(deep_stats, [(centers.mean[l][k], centers.var[l][k]) for l in deep]) / len(deep)
+        l_d = center_loss(deep_stats, [(nm[k], nv[k]) for nm, nv in noisy]) / len(deep)
         y = st["labels"][sl].to(run.device)
         ce = F.cross_entropy(logits.float(), y)
-        loss = w["ce"] * ce + w["bn"] * l_bn + w["distort"] * l_d + w["center"] * l_c
-        check_finite(run, loss, "the fdda loss")
-        update(run, sl, x.detach(), grad_of(run, loss, x), m, v)
         frac = (sl.stop - sl.start) / run.n
-        for name, val in (("bn", l_bn), ("ce", ce), ("center", l_c), ("distort", l_d), ("total", loss)):
-            totals[name] += float(val.detach()) * frac
-    return totals
+        class_terms = w["ce"] * ce + w["distort"] * l_d + w["center"] * l_c
+        check_finite(run, class_terms, "the fdda loss")
+        loss = frac * class_terms + sum(inject_stats_grad(a, t.mean, gm, gv, t.count)
+                                        for a, t, gm, gv in zip(acts, totals, g_mean, g_var))
+        on_grad(sl, x.detach(), grad_of(run, loss, x), m, v)
+        for name, val in (("ce", ce), ("center", l_c), ("distort", l_d)):
+            out[name] += float(val.detach()) * frac
+    out["total"] = w["bn"] * out["bn"] + sum(w[name] * out[name] for name in ("ce", "center", "distort"))
+    return {**out, **bn_group_losses(terms)}

@@ -26,15 +26,36 @@ def layer_weights(n_layers: int, weighting: str) -> list[float]:
     return w
 
 
-def bn_loss(stats, targets, weights, lambda_sigma: float) -> torch.Tensor:
-    """L_BN = sum_l w_l ( ||mu_hat_l - mu_l||^2 / C_l + lambda_sigma ||sigma_hat_l - sigma_l||^2 / C_l ).
+def bn_terms(stats, targets, weights, lambda_sigma: float) -> list[torch.Tensor]:
+    """Per layer: w_l ( ||mu_hat_l - mu_l||^2 / C_l + lambda_sigma ||sigma_hat_l - sigma_l||^2 / C_l ).
 
     stats, targets: per layer (mean, std) vectors; computed in the dtype of stats."""
-    total = 0.0
+    terms = []
     for (mu_hat, sigma_hat), (mu, sigma), w in zip(stats, targets, weights):
         mu, sigma = mu.to(mu_hat), sigma.to(sigma_hat)
-        total = total + w * ((mu_hat - mu).square().mean() + lambda_sigma * (sigma_hat - sigma).square().mean())
-    return total
+        terms.append(w * ((mu_hat - mu).square().mean() + lambda_sigma * (sigma_hat - sigma).square().mean()))
+    return terms
+
+
+def bn_loss(stats, targets, weights, lambda_sigma: float) -> torch.Tensor:
+    """L_BN = sum_l w_l ( ||mu_hat_l - mu_l||^2 / C_l + lambda_sigma ||sigma_hat_l - sigma_l||^2 / C_l )."""
+    return sum(bn_terms(stats, targets, weights, lambda_sigma), 0.0)
+
+
+def layer_groups(n_layers: int) -> dict[str, range]:
+    """Indices into [input] + BN layers for the reported BN loss per group: the input image, then
+    the BN layers in thirds by depth (early / mid / late); empty groups are left out."""
+    n_bn = n_layers - 1
+    cuts = [1 + n_bn * k // 3 for k in range(4)]
+    groups = {"input": range(0, 1), "early": range(cuts[0], cuts[1]), "mid": range(cuts[1], cuts[2]),
+              "late": range(cuts[2], cuts[3])}
+    return {name: r for name, r in groups.items() if len(r)}
+
+
+def bn_group_losses(terms) -> dict[str, float]:
+    """{"bn_input": ..., "bn_early": ..., ...}: the per-layer terms of L_BN summed per group."""
+    return {f"bn_{name}": sum(float(terms[i].detach()) for i in r)
+            for name, r in layer_groups(len(terms)).items()}
 
 
 def odsl(logits: torch.Tensor, last_act: torch.Tensor | None = None, last_target=None,
@@ -58,7 +79,8 @@ def odsl(logits: torch.Tensor, last_act: torch.Tensor | None = None, last_target
 def center_loss(stats, centers) -> torch.Tensor:
     """FDDA BNS alignment to class centers, per deep layer:
         sum_l ( ||mu_hat_l - c^mu_l||^2 / C_l + ||sigma_hat^2_l - c^{sigma^2}_l||^2 / C_l )
-    stats, centers: per layer (mean, var). Used for L_C (exact centers) and L_D (noisy centers)."""
+    stats, centers: per layer (mean, var). Used for L_C (exact centers) and L_D (noisy centers);
+    fdda divides it by the number of deep layers (FDDA averages over them)."""
     total = 0.0
     for (mu_hat, var_hat), (c_mu, c_var) in zip(stats, centers):
         total = total + (mu_hat - c_mu.to(mu_hat)).square().mean() + (var_hat - c_var.to(var_hat)).square().mean()

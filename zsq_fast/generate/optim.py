@@ -33,7 +33,11 @@ def radam_update_(x, grad, exp_avg, exp_avg_sq, step: int, lr: float,
 
 @dataclass
 class Plateau:
-    """ReduceLROnPlateau (mode min, relative threshold) as torch does it; state is checkpointable."""
+    """ReduceLROnPlateau (mode min, relative threshold); state is checkpointable.
+
+    Unlike torch's scheduler, a cut also forgets the best loss (as the DGH code and MCT's DataGen do):
+    the new lr is judged against losses seen at that lr only, so one lucky low loss before the cut
+    cannot trigger the next cut `patience` steps later on a noisy loss."""
     lr: float
     patience: int
     factor: float = 0.5
@@ -51,7 +55,7 @@ class Plateau:
             new_lr = max(self.lr * self.factor, self.min_lr)
             if self.lr - new_lr > 1e-12:
                 self.lr = new_lr
-            self.num_bad = 0
+            self.best, self.num_bad = math.inf, 0
         return self.lr
 
     def state(self) -> dict:
