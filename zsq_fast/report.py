@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from .errors import InvalidArgumentError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,17 +30,17 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+        raise InvalidArgumentError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} requested but CUDA is not available on this machine")
+        raise InvalidArgumentError(f"device {name} requested but CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r} (use cpu, cuda, cuda:N or auto)")
+        raise InvalidArgumentError(f"unsupported device {name!r} (use cpu, cuda, cuda:N or auto)")
     return dev
 
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        raise InvalidArgumentError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     return precision
 
 

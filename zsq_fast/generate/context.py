@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import NonFiniteError
 from ..ops import ChannelStats, channel_stats
 from .bn_capture import BNCapture, BNLayer
 from .losses import bn_loss, std_from_var
@@ -16,7 +17,7 @@ from .store import ImageStore
 from .views import ViewParams, apply_view, final_view
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(NonFiniteError):
     """The loss (or a gradient) became NaN/inf; the message names the step."""
 
 

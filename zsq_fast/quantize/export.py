@@ -26,7 +26,10 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import FileFormatError, InvalidArgumentError, InvalidTypeError
+from ..fileio import load_torch_file, write_atomic
 from ..ops import fake_quant
+from ..validate import as_device, check_finite_images, check_finite_result, probe_forward
 from .fold import set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
 from .quantizer import Quantizer, QuantSpec
@@ -37,21 +40,32 @@ FORMAT = "zsq_fast.quantized"
 def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike | io.IOBase) -> None:
     """Write the quantized model (integers, scales, config) to `path`."""
     if not isinstance(qmodel, QuantizedModel):
-        raise TypeError(f"save_quantized needs a QuantizedModel from zsq_fast.quantize(), got {type(qmodel).__name__}")
+        raise InvalidTypeError(f"save_quantized needs a QuantizedModel from zsq_fast.quantize(), got "
+                               f"{type(qmodel).__name__}")
     _check_frozen(qmodel)
+    check_finite_result(qmodel)
     state = {k: v.detach().cpu().clone() for k, v in qmodel.state_dict().items()}
-    torch.save({"format": FORMAT, "config": json.dumps(qmodel.quant_config), "state_dict": state}, path)
+    payload = {"format": FORMAT, "config": json.dumps(qmodel.quant_config), "state_dict": state}
+    if isinstance(path, io.IOBase):
+        torch.save(payload, path)
+    else:  # a temp file renamed into place: never a partial checkpoint
+        write_atomic(path, lambda tmp: torch.save(payload, tmp), "quantized checkpoint")
 
 
 def load_quantized(path, model: nn.Module, device: str | torch.device | None = None) -> QuantizedModel:
     """Rebuild a saved QuantizedModel on top of `model`, the float architecture (left unchanged)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a file written by zsq_fast.save_quantized")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"load_quantized needs the float architecture as an nn.Module, got {type(model).__name__}")
-    config = json.loads(payload["config"])
-    state = payload["state_dict"]
+        raise InvalidTypeError(f"load_quantized needs the float architecture as an nn.Module, got "
+                               f"{type(model).__name__}")
+    what = "zsq_fast quantized model checkpoint (written by save_quantized)"
+    if isinstance(path, io.IOBase):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling/zip error: not a (complete) torch file
+            raise FileFormatError(f"the stream is not a {what} (torch.load: {type(e).__name__})") from None
+    else:
+        payload = load_torch_file(path, what)
+    config, state = _checked_payload(payload, path, what)
     m = copy.deepcopy(model).eval()
     for mod in m.modules():
         if isinstance(getattr(mod, "inplace", None), bool):
@@ -65,26 +79,51 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
                 layer.bias = nn.Parameter(torch.zeros_like(state[f"model.{name}.bias"]), requires_grad=False)
             layer.freeze()
             set_module(m, name, layer)
-    except (AttributeError, TypeError) as exc:
-        raise ValueError(f"`model` does not match the saved quantized model's architecture: {exc}") from exc
-    out_cfg = config["output"]
-    out_q = None
-    if out_cfg.get("quantized"):
-        out_q = Quantizer(QuantSpec(**{k: v for k, v in out_cfg.items() if k != "quantized"}), 1)
+        out_cfg = config["output"]
+        out_q = None
+        if out_cfg.get("quantized"):
+            out_q = Quantizer(QuantSpec(**{k: v for k, v in out_cfg.items() if k != "quantized"}), 1)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        raise InvalidArgumentError(f"`model` does not match the saved quantized model's architecture (or the "
+                                   f"checkpoint's config is corrupted): {_one_line(exc)}") from None
     qmodel = QuantizedModel(m, out_q, config)
     try:
         qmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"`model` does not match the saved quantized model's architecture: {exc}") from exc
+        raise InvalidArgumentError(f"`model` does not match the saved quantized model's architecture: "
+                                   f"{_one_line(exc)}") from None
+    check_finite_result(qmodel, f"the checkpoint {path!r}")
     if device is not None:
-        qmodel.to(device)
+        qmodel.to(as_device(device))
     return qmodel.eval()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]
+
+
+def _checked_payload(payload, path, what: str) -> tuple[dict, dict]:
+    """(config, state_dict) of a loaded checkpoint; FileFormatError when it is not one of ours."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FileFormatError(f"{path!r} is not a {what}")
+    try:
+        config = json.loads(payload["config"])
+        state = payload["state_dict"]
+        ok = (isinstance(config, dict) and isinstance(state, dict)
+              and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+              and isinstance(config["layers"], dict) and isinstance(config["folded_bn"], list)
+              and isinstance(config["output"], dict))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise FileFormatError(f"{path!r} is a corrupted {what}: its config or state_dict is malformed")
+    return config, state
 
 
 def _check_frozen(qmodel: nn.Module) -> None:
     for name, m in qmodel.named_modules():
         if isinstance(m, QUANT_LAYERS) and m.rounding != "frozen":
-            raise ValueError(f"layer {name} is not frozen to integers (rounding={m.rounding!r})")
+            raise InvalidArgumentError(f"layer {name} is not frozen to integers (rounding={m.rounding!r})")
 
 
 # ---------------------------------------------------------------- ONNX
@@ -146,17 +185,25 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, example_input: 
                 opset: int = 13, dynamic_batch: bool = True) -> None:
     """Export the quantized model as an ONNX QDQ graph (onnxruntime runs it). Bit widths up to 8."""
     if not isinstance(qmodel, QuantizedModel):
-        raise TypeError(f"export_onnx needs a QuantizedModel from zsq_fast.quantize(), got {type(qmodel).__name__}")
+        raise InvalidTypeError(f"export_onnx needs a QuantizedModel from zsq_fast.quantize(), got "
+                               f"{type(qmodel).__name__}")
     _check_frozen(qmodel)
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise InvalidTypeError(f"opset must be an int, got {opset!r:.80}")
     if opset < 13:
-        raise ValueError(f"per-channel DequantizeLinear needs opset >= 13, got {opset}")
+        raise InvalidArgumentError(f"per-channel DequantizeLinear needs opset >= 13, got {opset}")
     for name, m in qmodel.named_modules():
         if isinstance(m, Quantizer) and m.spec.bits > 8:
-            raise ValueError(f"ONNX QDQ export supports at most 8 bits; {name} has {m.spec.bits}")
+            raise InvalidArgumentError(f"ONNX QDQ export supports at most 8 bits; {name} has {m.spec.bits}")
+    if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
+        raise InvalidTypeError(f"example_input must be a float tensor the model takes, got "
+                               f"{getattr(example_input, 'dtype', type(example_input).__name__)}")
+    check_finite_images(example_input, "example_input")
     qmodel = qmodel.eval()
+    probe_forward(qmodel, example_input, f"example_input of shape {tuple(example_input.shape)}")
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(qmodel, (example_input,), path, dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["output"], dynamic_axes=axes,
-                          do_constant_folding=False)
+        write_atomic(path, lambda tmp: torch.onnx.export(
+            qmodel, (example_input,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],
+            output_names=["output"], dynamic_axes=axes, do_constant_folding=False), "ONNX file")

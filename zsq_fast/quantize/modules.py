@@ -15,6 +15,7 @@ from torch import nn
 
 from ..ops import adaround_init_v, adaround_quantize, fake_quantize
 from .quantizer import Quantizer, QuantSpec
+from ..errors import UnsupportedModelError
 
 
 class _QuantLayer(nn.Module):
@@ -102,7 +103,8 @@ class QuantConv2d(_QuantLayer):
     def __init__(self, conv: nn.Conv2d, w_spec: QuantSpec, a_spec: QuantSpec):
         super().__init__()
         if conv.padding_mode != "zeros":
-            raise ValueError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+            raise UnsupportedModelError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported (only "
+                                        f"'zeros')")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self._init_quant(conv.weight, conv.bias, w_spec, a_spec)
@@ -143,7 +145,7 @@ def quant_layer_for(module: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec) -> 
         return QuantConv2d(module, w_spec, a_spec)
     if isinstance(module, nn.Linear):
         return QuantLinear(module, w_spec, a_spec)
-    raise TypeError(f"cannot quantize {type(module).__name__}")
+    raise UnsupportedModelError(f"cannot quantize {type(module).__name__}")
 
 
 class QuantizedModel(nn.Module):
