@@ -94,14 +94,18 @@ def from_uint8(x: np.ndarray | torch.Tensor, y, mean, std, size: int, source: st
 def _npz(path: str, mean, std, size: int) -> ImageSet:
     try:
         z = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise FileFormatError(f"cannot read {path} as .npz ({type(e).__name__})") from None
-    with z:
-        if "x" not in z.files:
-            raise InvalidArgumentError(f"{path} has no array 'x' (found: {', '.join(z.files) or 'nothing'}); "
-                                       "expected x uint8 (N, H, W, C) and optional y")
-        x = z["x"]
-        y = z["y"] if "y" in z.files else None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise FileFormatError(f"{path} is a single .npy array, not an .npz archive with x (and y)")
+        with z:
+            if "x" not in z.files:
+                raise FileFormatError(f"{path} has no array 'x' (found: {', '.join(z.files) or 'nothing'}); "
+                                      "expected x uint8 (N, H, W, C) and optional y")
+            x = z["x"]  # arrays are read (and CRC-checked) here, lazily
+            y = z["y"] if "y" in z.files else None
+    except FileFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zip/npy errors of every kind: truncated or corrupted
+        raise FileFormatError(f"cannot read {path} as .npz: truncated or corrupted ({type(e).__name__})") from None
     return from_uint8(x, y, mean, std, size, os.path.basename(path))
 
 

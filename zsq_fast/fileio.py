@@ -88,8 +88,8 @@ def load_torch_file(path, what: str, map_location="cpu"):
         raise PathError(f"{what} {str(path)!r} is a directory, not a file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except OSError as e:
-        raise PathError(f"cannot read {what} {str(path)!r} ({type(e).__name__}: {e.strerror or e})") from None
-    except Exception as e:  # noqa: BLE001 - unpickling/zip errors of every kind: not a (complete) torch file
+    except PermissionError as e:
+        raise PathError(f"cannot read {what} {str(path)!r} ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 - unpickling/zip errors (an OSError on a cut zip too): not a torch file
         raise FileFormatError(f"{str(path)!r} is not a {what} (truncated, corrupted or another kind of file; "
                               f"torch.load: {type(e).__name__})") from None

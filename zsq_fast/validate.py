@@ -37,9 +37,13 @@ def check_finite_model(model: nn.Module, name: str = "model") -> None:
     for pname, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t is not None and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
             bad.append(f"{pname} ({int((~torch.isfinite(t.detach())).sum())} of {t.numel()})")
+    for mname, m in model.named_modules():
+        rv = getattr(m, "running_var", None) if isinstance(m, nn.modules.batchnorm._NormBase) else None
+        if isinstance(rv, torch.Tensor) and bool((rv < 0).any()):
+            bad.append(f"{mname}.running_var (negative)")
     if bad:
-        raise NonFiniteError(f"{name} has non-finite weights (NaN/inf) in {_listed(bad, len(bad))}; "
-                             "a model with such weights cannot be calibrated or quantized")
+        raise NonFiniteError(f"{name} has invalid weights (NaN/inf, or a negative BatchNorm variance) in "
+                             f"{_listed(bad, len(bad))}; such a model cannot be calibrated or quantized")
 
 
 def check_finite_activation(y: torch.Tensor, where: str, batch: slice) -> None:

@@ -108,7 +108,11 @@ def _image_size(image_size) -> tuple[int, int]:
 def _probe(model, size, device):
     """One forward on a tiny batch: fails clearly when the model cannot take this image size."""
     name = f"images of image_size={size[0]}x{size[1]} (shape (N, 3, {size[0]}, {size[1]}))"
-    out = probe_forward(model, torch.zeros(2, 3, *size, device=device), name)
+    try:
+        x = torch.zeros(2, 3, *size, device=device)
+    except (RuntimeError, MemoryError):  # the allocator's "not enough memory"
+        raise InvalidArgumentError(f"image_size={size[0]}x{size[1]} is too large to allocate even 2 images") from None
+    out = probe_forward(model, x, name)
     if not isinstance(out, torch.Tensor):
         raise InvalidTypeError(f"the model must return a tensor, got {type(out).__name__}")
     return out
@@ -190,7 +194,7 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         raise InvalidArgumentError(f"aggregation must be 'exact' or 'stale', got {aggregation!r}")
     if odsl_form not in ("plain", "hinged"):
         raise InvalidArgumentError(f"odsl_form must be 'plain' or 'hinged', got {odsl_form!r}")
-    if amp not in AMP:
+    if not (amp is None or isinstance(amp, str)) or amp not in AMP:
         raise InvalidArgumentError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if store not in ("host", "device"):
         raise InvalidArgumentError(f"store must be 'host' or 'device', got {store!r}")
@@ -206,7 +210,8 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
     _number("min_lr", min_lr, 0.0)
     if patience is not None:
         _int("patience", patience, 1)
-    _int("seed", seed, 0)
+    if _int("seed", seed, 0) > 2**64 - 1:  # torch generators take 64-bit seeds
+        raise InvalidArgumentError(f"seed must be < 2**64, got {seed}")
     if fdda_weights is not None and (not isinstance(fdda_weights, dict) or set(fdda_weights) - set(FDDA_WEIGHTS)):
         raise InvalidArgumentError(f"fdda_weights must be a dict with keys from {sorted(FDDA_WEIGHTS)}, "
                                    f"got {fdda_weights!r:.120}")
@@ -214,6 +219,9 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         _number(f"fdda_weights[{k!r}]", v, 0.0)
     augment = (method == "dgh") if augment is None else bool(augment)
     margin = (margin_for(min(size)) if augment else 0) if margin is None else _int("margin", margin, 0)
+    if margin and not augment:  # the canvas margin is only cropped away by the augmentation views
+        raise InvalidArgumentError(f"margin={margin} needs augment=True (random crops from a larger canvas); "
+                                   "without augmentation leave margin at None or 0")
     params = list(model.parameters()) + list(model.buffers())
     device = as_device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
     if amp is not None and device.type != "cuda":
@@ -230,7 +238,7 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         fdda_weights={**FDDA_WEIGHTS, **(fdda_weights or {})} if method == "fdda" else {})
     try:
         layer_weights(2, layer_weighting)  # validates the name early
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise InvalidArgumentError(str(e)) from None
     _int("images_per_class", images_per_class, 1)
     return settings, device
@@ -250,7 +258,15 @@ def build_run(model, s: Settings, device) -> tuple[Run, torch.Tensor]:
     targets += [(l.mean.to(device), l.std.to(device)) for l in layers]
     generator = torch.Generator().manual_seed(s.seed)
     canvas = (size[0] + s.margin, size[1] + s.margin)
-    x0 = torch.randn(s.n_images, 3, *canvas, generator=generator)
+    need = 3 * s.n_images * 3 * canvas[0] * canvas[1] * 4  # images + two RAdam moments, float32
+    too_big = f"n_images={s.n_images} at image_size={size[0]}x{size[1]} needs about {need / 2**30:.3g} GiB for " \
+              "the images and optimizer state"
+    if s.store == "host" and need > _available_host_memory():
+        raise InvalidArgumentError(f"{too_big}, more than this machine has free; generate fewer images per call")
+    try:
+        x0 = torch.randn(s.n_images, 3, *canvas, generator=generator)
+    except (RuntimeError, MemoryError):  # the allocator's "not enough memory"
+        raise InvalidArgumentError(f"{too_big}, more than this machine can allocate") from None
     x0 = torch.maximum(torch.minimum(x0, hi.cpu().view(1, -1, 1, 1)), lo.cpu().view(1, -1, 1, 1))
     location = torch.device("cpu") if s.store == "host" else device
     capture = BNCapture(layers)
@@ -261,6 +277,18 @@ def build_run(model, s: Settings, device) -> tuple[Run, torch.Tensor]:
               augment=s.augment, odsl_weight=s.odsl_weight, odsl_hinged=s.odsl_form == "hinged",
               amp_dtype=AMP[s.amp], loss_scale=1024.0 if s.amp == "fp16" else 1.0)
     return run, out
+
+
+def _available_host_memory() -> float:
+    """Bytes of host memory available now (Linux MemAvailable), or inf where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return math.inf
 
 
 def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, progress):
@@ -324,7 +352,7 @@ def _views(run: Run, s: Settings):
 def _setup_fdda(run: Run, s: Settings, real_images, real_labels, num_classes: int) -> None:
     try:
         x, y = fdda.select_per_class(real_images, real_labels, s.images_per_class, num_classes)
-    except (TypeError, ValueError, IndexError) as e:  # fdda's own checks of real_images / real_labels
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:  # fdda's checks, torch's conversions
         raise InvalidArgumentError(f"real_images/real_labels: {e}") from None
     check_finite_images(x, "real_images")
     if tuple(x.shape[1:]) != (3, *run.size):

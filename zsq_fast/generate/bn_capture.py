@@ -52,8 +52,8 @@ def find_bn_layers(model: nn.Module) -> list[BNLayer]:
         layers.append(BNLayer(name, m, rm.detach().float().clone(), rv.detach().float().clamp_min(0).sqrt()))
     if not layers:
         raise UnsupportedModelError(
-                                    f"{type(model).__name__} has no BatchNorm layers (BatchNorm1d/2d, SyncBatchNorm, "
-                                    "FrozenBatchNorm2d); BN-statistics data generation needs them")
+            f"{type(model).__name__} has no BatchNorm layers (BatchNorm1d/2d, SyncBatchNorm, "
+            "FrozenBatchNorm2d); BN-statistics data generation needs them")
     return layers
 
 

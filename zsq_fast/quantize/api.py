@@ -93,9 +93,9 @@ def _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_
             raise InvalidArgumentError(f"{name} must be a finite number > 0, got {v!r}")
     if percentile > 100:
         raise InvalidArgumentError(f"percentile must be in (0, 100], got {percentile!r}")
-    for name, v, lo in (("act_samples", act_samples, 1), ("seed", seed, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise InvalidArgumentError(f"{name} must be an int >= {lo}, got {v!r:.80}")
+    for name, v, lo, hi in (("act_samples", act_samples, 1, math.inf), ("seed", seed, 0, 2**64 - 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise InvalidArgumentError(f"{name} must be an int in [{lo}, {hi}], got {v!r:.80}")
     if learn_act_scale is not None and not isinstance(learn_act_scale, bool):
         raise InvalidTypeError(f"learn_act_scale must be a bool or None, got {learn_act_scale!r:.80}")
     if progress is not None and not callable(progress):

@@ -2,7 +2,9 @@
 
 save_quantized writes {"format", "config" (JSON string), "state_dict"}: integer weights (int8/uint8 up
 to 8 bits), per-channel weight scales and zero points, biases, activation/output scales and zero
-points, and any other float tensors of the model. torch.load(path, weights_only=True) reads it.
+points, and any other float tensors of the model, plus "sha256" over config and tensors (load_quantized
+refuses a file whose content does not match it). torch.load(path, weights_only=True) reads it; the file
+is written to a temporary name and renamed, so it is never left half written.
 
 load_quantized(path, model) needs the float architecture (like load_state_dict): `model` is an
 instance of the same class as the one that was quantized (its weights do not matter). The recorded
@@ -18,6 +20,7 @@ biases), which changes results by a few quantization steps at most.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import os
@@ -45,7 +48,8 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike | io.IOBase) 
     _check_frozen(qmodel)
     check_finite_result(qmodel)
     state = {k: v.detach().cpu().clone() for k, v in qmodel.state_dict().items()}
-    payload = {"format": FORMAT, "config": json.dumps(qmodel.quant_config), "state_dict": state}
+    config = json.dumps(qmodel.quant_config)
+    payload = {"format": FORMAT, "config": config, "state_dict": state, "sha256": _digest(config, state)}
     if isinstance(path, io.IOBase):
         torch.save(payload, path)
     else:  # a temp file renamed into place: never a partial checkpoint
@@ -84,14 +88,14 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
         if out_cfg.get("quantized"):
             out_q = Quantizer(QuantSpec(**{k: v for k, v in out_cfg.items() if k != "quantized"}), 1)
     except (AttributeError, TypeError, KeyError, ValueError) as exc:
-        raise InvalidArgumentError(f"`model` does not match the saved quantized model's architecture (or the "
-                                   f"checkpoint's config is corrupted): {_one_line(exc)}") from None
+        raise InvalidArgumentError(f"`model` does not match the architecture saved in {path!r}: "
+                                   f"{_one_line(exc)}") from None
     qmodel = QuantizedModel(m, out_q, config)
     try:
         qmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise InvalidArgumentError(f"`model` does not match the saved quantized model's architecture: "
-                                   f"{_one_line(exc)}") from None
+        raise InvalidArgumentError(f"`model` does not match the saved quantized model's architecture in "
+                                   f"{path!r}: {_one_line(exc)}") from None
     check_finite_result(qmodel, f"the checkpoint {path!r}")
     if device is not None:
         qmodel.to(as_device(device))
@@ -102,10 +106,29 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:400]
 
 
+def _digest(config: str, state: dict) -> str:
+    """SHA-256 of the config and every tensor (name, dtype, shape, bytes): torch's zip reader does not
+    check the pickled part, so a flipped bit there would otherwise load as a different model."""
+    h = hashlib.sha256(config.encode())
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _checked_payload(payload, path, what: str) -> tuple[dict, dict]:
-    """(config, state_dict) of a loaded checkpoint; FileFormatError when it is not one of ours."""
+    """(config, state_dict) of a loaded checkpoint; FileFormatError when it is not one of ours or
+    its checksum (written since format_version 1 files gained one) does not match."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FileFormatError(f"{path!r} is not a {what}")
+    digest = payload.get("sha256")
+    if digest is not None:
+        ok = (isinstance(digest, str) and isinstance(payload.get("config"), str)
+              and isinstance(payload.get("state_dict"), dict)
+              and all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values()))
+        if not ok or _digest(payload["config"], payload["state_dict"]) != digest:
+            raise FileFormatError(f"{path!r} is a corrupted {what}: its content does not match its SHA-256 checksum")
     try:
         config = json.loads(payload["config"])
         state = payload["state_dict"]

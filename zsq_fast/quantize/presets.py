@@ -59,6 +59,6 @@ PRESETS = {
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise InvalidArgumentError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
