@@ -543,6 +543,7 @@ def test_cli_exits_0_or_2_with_one_line(command, flags, data, capsys, monkeypatc
         if "--out" in argv and argv["--out"] in ("out.pt", "outdir", "nodir/out.pt"):
             args[args.index("--out") + 1] = str(Path(out) / argv["--out"])
         monkeypatch.delenv("ZSQ_FAST_DEBUG", raising=False)
+        monkeypatch.chdir(out)  # `eval` without --quantized writes its report in the working folder
         code = main(args)
         _, err = capsys.readouterr()
         event(f"exit {code}")
