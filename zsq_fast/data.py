@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from .errors import FileFormatError, InvalidArgumentError, MissingFileError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")

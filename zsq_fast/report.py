@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from .errors import InvalidArgumentError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError, InvalidTypeError
+from ..fileio import as_path
+from ..validate import as_device, check_finite_images, check_finite_model, probe_forward
 from . import bns, dgh, fdda
 from .bn_capture import BNCapture, find_bn_layers, used_layers
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -21,9 +24,6 @@ from .optim import Plateau
 from .record import GenerationRecord
 from .store import make_store
 from .views import draw_views, margin_for
-from ..errors import InvalidArgumentError, InvalidTypeError
-from ..fileio import as_path
-from ..validate import as_device, check_finite_images, check_finite_model, probe_forward
 
 METHODS = ("dgh", "bns", "fdda")
 # lambda_sigma per method: DGH paper code uses 10, MCT DataGen / ZeroQ-style matching 1.

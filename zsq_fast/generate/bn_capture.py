@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 from ..errors import NonFiniteError, UnsupportedModelError
 
 BN_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm

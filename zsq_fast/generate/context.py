@@ -77,8 +77,9 @@ def output_images(run: Run, canvas: torch.Tensor) -> torch.Tensor:
 
 def check_finite(run: Run, value: float | torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(torch.as_tensor(value)).all()):
-        raise NonFiniteLossError(f"{what} is NaN or inf at step {run.step}; lower the learning rate, "
-                                 "disable fp16, or check the model for overflow")
+        raise NonFiniteLossError(f"{what} is NaN or inf at step {run.step}; lower the learning rate (lr) or "
+                                 "the loss weights (lambda_sigma, odsl_weight, fdda_weights), disable fp16, or "
+                                 "check the model for overflow")
 
 
 def update(run: Run, sl: slice, x: torch.Tensor, grad: torch.Tensor, exp_avg, exp_avg_sq) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.zoo import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 from ..errors import FileFormatError, InvalidArgumentError, InvalidTypeError
 from ..fileio import as_path, load_torch_file, write_atomic, write_folder_atomic
+from ..models.zoo import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 from ..validate import check_finite_images
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from ..ops import channel_stats
 from .bn_capture import BNCapture, find_bn_layers
 from .losses import bn_loss, layer_weights, std_from_var
-from ..errors import InvalidArgumentError
 
 
 @torch.no_grad()

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import FileFormatError, InvalidArgumentError, InvalidTypeError, MissingFileError
 from .cifar_resnet import resnet20, resnet32, resnet44, resnet56
 from .digits_cnn import digits_cnn
-from ..errors import FileFormatError, InvalidArgumentError, InvalidTypeError, MissingFileError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedModelError
+from ..validate import (as_device, check_finite_activation, check_finite_images, check_finite_model,
+                        check_finite_result, probe_forward)
 from .adaround import ReconConfig
 from .blocks import find_units
 from .brecq import reconstruct_model
@@ -30,9 +33,6 @@ from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
 from .presets import PRESETS, get_preset, parse_bits
 from .quantizer import Quantizer
 from .trace import trace_model
-from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedModelError
-from ..validate import (as_device, check_finite_activation, check_finite_images, check_finite_model,
-                        check_finite_result, probe_forward)
 
 METHODS = ("nearest", "adaround", "brecq")
 _QUANTIZABLE = (nn.Conv2d, nn.Linear)

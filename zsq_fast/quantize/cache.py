@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from ..errors import InvalidArgumentError, UnsupportedModelError
 
 MODES = ("host", "device", "recompute")

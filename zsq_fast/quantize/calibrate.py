@@ -12,9 +12,9 @@ import math
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ..ops import fake_quant
 from .quantizer import QuantSpec
-from ..errors import InvalidArgumentError
 
 METHODS = ("mse", "minmax", "percentile")
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..ops import adaround_init_v, adaround_quantize, fake_quantize
 from .quantizer import Quantizer, QuantSpec
-from ..errors import UnsupportedModelError
 
 
 class _QuantLayer(nn.Module):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import InvalidArgumentError, InvalidTypeError
 from ..ops.checks import MAX_BITS, MIN_BITS
 from .quantizer import QuantSpec
-from ..errors import InvalidArgumentError, InvalidTypeError
 
 _BITS = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 
