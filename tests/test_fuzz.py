@@ -617,3 +617,14 @@ def test_error_types_keep_the_builtin_bases():
     from zsq_fast.generate import NonFiniteLossError
     assert issubclass(NonFiniteLossError, errors.NonFiniteError)
     assert all(issubclass(getattr(errors, n), errors.ZsqFastError) for n in errors.__all__)
+
+
+def test_atomic_writes_keep_the_usual_file_modes(tmp_path):
+    """The temporary file/folder is renamed into place: it must not carry mkstemp's private 0600 mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    zsq_fast.save_quantized(tiny_quantized(), tmp_path / "q.pt")
+    zsq_fast.save_images(torch.randn(2, 3, SIZE, SIZE), tmp_path / "pngs")
+    assert (tmp_path / "q.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "pngs").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pngs", "q.pt"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,12 +36,12 @@ def write_atomic(path, write: Callable[[Path], None], what: str) -> Path:
     """write(tmp) fills a temporary file beside `path`, which is then renamed onto `path`."""
     path = as_path(path, what)
     _parent_ready(path, what)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:  # created here, so an unwritable folder fails before any work (and with the usual umask mode)
+        with open(tmp, "xb"):
+            pass
     except OSError as e:
         raise PathError(f"{what} {str(path)!r} is not writable ({type(e).__name__}: {e.strerror or e})") from None
-    tmp = Path(tmp)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -61,7 +61,8 @@ def write_folder_atomic(path, write: Callable[[Path], None], what: str) -> Path:
         raise PathError(f"{what} {str(path)!r} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        tmp.mkdir()  # the usual umask mode (mkdtemp would make it 0700)
     except OSError as e:
         raise PathError(f"{what} {str(path)!r} is not writable ({type(e).__name__}: {e.strerror or e})") from None
     try:

@@ -35,6 +35,7 @@ LAMBDA_SIGMA = {"dgh": 10.0, "bns": 1.0, "fdda": 1.0}
 # term dominates at large steps (BN loss 2.41 at lr 16 vs 1.13 at lr 1), so it defaults to 1.
 DEFAULT_LR = {"dgh": 16.0, "bns": 16.0, "fdda": 1.0}
 FDDA_WEIGHTS = {"ce": 0.5, "bn": 0.2, "distort": 0.9, "center": 0.01}
+MAX_LR = 1e6  # far above any useful step; larger ones overflow float32 in the RAdam update
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # settings that may differ between a run and its resume
 _NOT_COMPARED = ("device", "store", "checkpoint_every")
@@ -199,8 +200,8 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
     if store not in ("host", "device"):
         raise InvalidArgumentError(f"store must be 'host' or 'device', got {store!r}")
     lr = DEFAULT_LR[method] if lr is None else lr
-    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise InvalidArgumentError(f"lr must be a positive number, got {lr!r}")
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise InvalidArgumentError(f"lr must be a number in (0, {MAX_LR:g}] (pixels span a few units), got {lr!r}")
     mean, std = _three("mean", mean), _three("std", std)
     if any(s <= 0 for s in std):
         raise InvalidArgumentError(f"std must be > 0, got {std!r}")

@@ -89,8 +89,9 @@ def _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_
     for name, v in (("lr", lr), ("act_lr", act_lr), ("reg_weight", reg_weight), ("percentile", percentile)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InvalidTypeError(f"{name} must be a number, got {v!r:.80}")
-        if not math.isfinite(v) or v < 0 or (name != "reg_weight" and v == 0):
-            raise InvalidArgumentError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (0 <= v <= 1e6) or (name != "reg_weight" and v == 0):  # larger ones overflow float32 updates
+            raise InvalidArgumentError(f"{name} must be a number in {'[' if name == 'reg_weight' else '('}0, 1e6], "
+                                       f"got {v!r}")
     if percentile > 100:
         raise InvalidArgumentError(f"percentile must be in (0, 100], got {percentile!r}")
     for name, v, lo, hi in (("act_samples", act_samples, 1, math.inf), ("seed", seed, 0, 2**64 - 1)):
