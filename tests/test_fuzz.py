@@ -628,3 +628,49 @@ def test_atomic_writes_keep_the_usual_file_modes(tmp_path):
     assert (tmp_path / "q.pt").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "pngs").stat().st_mode & 0o777 == 0o777 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pngs", "q.pt"]
+
+
+@FUZZ
+@given(images=st.one_of(image_tensors(), odd_scalars),
+       labels=st.one_of(st.none(), st.lists(st.integers(-3, 20), max_size=5).map(torch.tensor),
+                        st.just(torch.zeros(3)), odd_scalars),
+       mean=st.one_of(st.just([0.5, 0.5, 0.5]), st.lists(st.one_of(st.floats(-1, 1), nonfinite), max_size=4),
+                      odd_scalars),
+       std=st.one_of(st.just([0.25, 0.25, 0.25]), st.lists(st.one_of(st.floats(-1, 1), nonfinite), max_size=4),
+                     odd_scalars),
+       as_png=st.booleans())
+def test_save_images_round_trips_or_names_the_argument(images, labels, mean, std, as_png):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / ("pngs" if as_png else "i.pt")
+        r = outcome(lambda: zsq_fast.save_images(images, path, labels=labels, mean=mean, std=std),
+                    ("images", "labels", "mean", "std", "PNG"))
+        if isinstance(r, ZsqFastError):
+            assert files_in(d) == set(), "a failed save left files behind"
+            return
+        back, back_labels = zsq_fast.load_images(path, mean=mean, std=std, with_labels=True)
+        assert back.shape == images.shape and bool(torch.isfinite(back).all())
+        if not as_png:
+            assert torch.equal(back, images.float())
+        else:  # 8-bit pixels: exact up to half a step, within the valid pixel range
+            s = torch.tensor(std).view(1, -1, 1, 1)
+            m = torch.tensor(mean).view(1, -1, 1, 1)
+            want = (images.float() * s + m).clamp(0, 1)
+            assert torch.allclose(back * s + m, want, atol=0.5 / 255 + 1e-5)
+        assert (back_labels is None) == (labels is None)
+
+
+@FUZZ
+@given(model=st.sampled_from(["same", "other_width", "sequential", "str", "none"]))
+def test_load_quantized_needs_the_float_architecture(model):
+    with tempfile.TemporaryDirectory() as d:
+        zsq_fast.save_quantized(tiny_quantized(), Path(d) / "q.pt")
+        other = TinyNet()
+        other.fc = nn.Linear(4, 5)
+        m = {"same": tiny_net(1), "other_width": other, "sequential": nn.Sequential(nn.Conv2d(3, 4, 3)),
+             "str": "TinyNet", "none": None}[model]
+        r = outcome(lambda: zsq_fast.load_quantized(Path(d) / "q.pt", m), ("model",))
+        assert isinstance(r, ZsqFastError) != (model == "same")
+        if model == "same":
+            check_quantized(r)
+            x = torch.randn(3, 3, SIZE, SIZE)
+            assert torch.equal(r(x), tiny_quantized()(x))  # the saved weights, not the float model's

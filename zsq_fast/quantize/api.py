@@ -86,14 +86,13 @@ def _check_args(preset, method, calibration, cache, iterations, batch_size, qdro
 
 
 def _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale, progress):
-    for name, v in (("lr", lr), ("act_lr", act_lr), ("reg_weight", reg_weight), ("percentile", percentile)):
+    # upper bounds: larger steps and weights overflow float32 in the reconstruction updates
+    for name, v, zero_ok, hi in (("lr", lr, False, 1e6), ("act_lr", act_lr, False, 1e6),
+                                 ("reg_weight", reg_weight, True, 1e6), ("percentile", percentile, False, 100)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InvalidTypeError(f"{name} must be a number, got {v!r:.80}")
-        if not (0 <= v <= 1e6) or (name != "reg_weight" and v == 0):  # larger ones overflow float32 updates
-            raise InvalidArgumentError(f"{name} must be a number in {'[' if name == 'reg_weight' else '('}0, 1e6], "
-                                       f"got {v!r}")
-    if percentile > 100:
-        raise InvalidArgumentError(f"percentile must be in (0, 100], got {percentile!r}")
+        if not (0 <= v <= hi) or (v == 0 and not zero_ok):
+            raise InvalidArgumentError(f"{name} must be a number in {'[' if zero_ok else '('}0, {hi:g}], got {v!r}")
     for name, v, lo, hi in (("act_samples", act_samples, 1, math.inf), ("seed", seed, 0, 2**64 - 1)):
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise InvalidArgumentError(f"{name} must be an int in [{lo}, {hi}], got {v!r:.80}")
@@ -223,7 +222,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
                                         f"folded). Pass their names in skip=[...] to keep them float deliberately.")
         layer_names = [n for n in tr.order if isinstance(fp.get_submodule(n), _QUANTIZABLE) and n not in skip]
         if not layer_names:
-            raise UnsupportedModelError("the model has no Conv2d/Linear layer that runs; nothing to quantize")
+            hint = " (a bare layer: wrap it in nn.Sequential)" if isinstance(fp, _QUANTIZABLE) else ""
+            raise UnsupportedModelError(f"the model has no Conv2d/Linear layer that runs{hint}; nothing to quantize")
 
         obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples, gen)
         if progress is not None:

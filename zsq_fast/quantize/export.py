@@ -59,7 +59,7 @@ def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike | io.IOBase) 
 def load_quantized(path, model: nn.Module, device: str | torch.device | None = None) -> QuantizedModel:
     """Rebuild a saved QuantizedModel on top of `model`, the float architecture (left unchanged)."""
     if not isinstance(model, nn.Module):
-        raise InvalidTypeError(f"load_quantized needs the float architecture as an nn.Module, got "
+        raise InvalidTypeError(f"load_quantized: model must be the float architecture (an nn.Module), got "
                                f"{type(model).__name__}")
     what = "zsq_fast quantized model checkpoint (written by save_quantized)"
     if isinstance(path, io.IOBase):
