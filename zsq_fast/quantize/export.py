@@ -38,6 +38,10 @@ from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
 from .quantizer import Quantizer, QuantSpec
 
 FORMAT = "zsq_fast.quantized"
+try:
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as _MAX_OPSET
+except ImportError:  # private in torch; its value in torch 2.14
+    _MAX_OPSET = 20
 
 
 def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike | io.IOBase) -> None:
@@ -218,8 +222,9 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, example_input: 
     _check_frozen(qmodel)
     if isinstance(opset, bool) or not isinstance(opset, int):
         raise InvalidTypeError(f"opset must be an int, got {opset!r:.80}")
-    if opset < 13:
-        raise InvalidArgumentError(f"per-channel DequantizeLinear needs opset >= 13, got {opset}")
+    if not 13 <= opset <= _MAX_OPSET:  # per-channel DequantizeLinear needs 13
+        raise InvalidArgumentError(f"opset must be in [13, {_MAX_OPSET}] (per-channel DequantizeLinear needs 13; "
+                                   f"{_MAX_OPSET} is torch's TorchScript exporter's newest), got {opset}")
     for name, m in qmodel.named_modules():
         if isinstance(m, Quantizer) and m.spec.bits > 8:
             raise InvalidArgumentError(f"ONNX QDQ export supports at most 8 bits; {name} has {m.spec.bits}")
