@@ -105,7 +105,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "onnx": ["onnx", "onnxruntime"],
         "demo": ["scikit-learn"],
     },
