@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgumentError
+from .fileio import write_atomic
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -129,10 +130,8 @@ class RunReport:
         })
 
     def write(self, path: str, device: torch.device | None = None) -> str:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(device), f, indent=2)
-            f.write("\n")
+        text = json.dumps(self.to_dict(device), indent=2) + "\n"  # serialized first: no half-written report
+        write_atomic(path, lambda tmp: tmp.write_text(text), "report")
         return path
 
 
