@@ -515,6 +515,11 @@ CLI_VALUES = {
     "--input-size": st.sampled_from(["16", "0", "3", "x"]),
     "--model": st.sampled_from(["digits_cnn", "resnet20", "nosuch", "w.pt", "os:getcwd", "torchvision:nosuch"]),
     "--out": st.sampled_from(["out.pt", "nodir/out.pt", "w.pt/out.pt", "outdir"]),
+    "--onnx": st.sampled_from(["q.onnx", "nodir/q.onnx", "w.pt/q.onnx"]),
+    "--checkpoint": st.sampled_from(["junk.pt", "cut.pt", "ck.pt"]),
+    "--eval": st.sampled_from(["data.npz", "text.npz", "missing.npz"]),
+    "--generator": st.sampled_from(["bns", "fdda", "x"]),
+    "--real": st.sampled_from(["data.npz", "text.npz"]),
 }
 
 
@@ -532,14 +537,15 @@ def test_cli_exits_0_or_2_with_one_line(command, flags, data, capsys, monkeypatc
         argv |= {"--data": "data.npz"}
     for flag in flags:
         argv[flag] = data.draw(CLI_VALUES[flag], label=flag)
-    paths = {"--weights", "--images", "--data", "--quantized", "--out"}
+    paths = {"--weights", "--images", "--data", "--quantized", "--out", "--onnx", "--checkpoint", "--eval", "--real"}
+    in_out = {"out.pt", "outdir", "nodir/out.pt", "q.onnx", "nodir/q.onnx", "ck.pt"}  # fresh paths: in the temp dir
     with tempfile.TemporaryDirectory() as out:
         args = [command]
         for k, v in argv.items():
-            args += [k] if v is None else [k, str(d / v) if k in paths and v else
-                                           (str(Path(out) / v) if k == "--out" else v)]
-        if "--out" in argv and argv["--out"] in ("out.pt", "outdir", "nodir/out.pt"):
-            args[args.index("--out") + 1] = str(Path(out) / argv["--out"])
+            if v is None:
+                args += [k]
+            else:
+                args += [k, str(Path(out) / v) if v in in_out else str(d / v) if k in paths and v else v]
         monkeypatch.delenv("ZSQ_FAST_DEBUG", raising=False)
         monkeypatch.chdir(out)  # `eval` without --quantized writes its report in the working folder
         code = main(args)
