@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import NonFiniteError
 from ..ops import ChannelStats, channel_stats, inject_stats_grad
 from .bn_capture import BNCapture, BNLayer
 from .losses import bn_loss, bn_terms, std_from_var
@@ -16,7 +17,7 @@ from .store import ImageStore
 from .views import ViewParams, apply_view, final_view
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(NonFiniteError):
     """The loss (or a gradient) became NaN/inf; the message names the step."""
 
 
@@ -94,8 +95,9 @@ def output_images(run: Run, canvas: torch.Tensor) -> torch.Tensor:
 
 def check_finite(run: Run, value: float | torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(torch.as_tensor(value)).all()):
-        raise NonFiniteLossError(f"{what} is NaN or inf at step {run.step}; lower the learning rate, "
-                                 "disable fp16, or check the model for overflow")
+        raise NonFiniteLossError(f"{what} is NaN or inf at step {run.step}; lower the learning rate (lr) or "
+                                 "the loss weights (lambda_sigma, odsl_weight, fdda_weights), disable fp16, or "
+                                 "check the model for overflow")
 
 
 def update(run: Run, sl: slice, x: torch.Tensor, grad: torch.Tensor, exp_avg, exp_avg_sq) -> None:
