@@ -38,12 +38,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=20_000, derandomize=not os.envir
 SIZE = 8  # the tiny net's input size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class TinyNet(nn.Module):
