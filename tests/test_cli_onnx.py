@@ -3,8 +3,8 @@ import json
 
 import pytest
 from conftest import write_tiny_digits
+from test_cli import _model, _run
 
-from zsq_fast.cli import main
 
 pytest.importorskip("onnxruntime")
 
@@ -14,16 +14,6 @@ def tiny(tmp_path_factory):
     """digits_cnn weights with BN statistics from a few batches, and a small labelled npz."""
     d = tmp_path_factory.mktemp("tiny_onnx")
     return write_tiny_digits(d, 40)
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _model(tiny):
-    return ["--model", "digits_cnn", "--weights", tiny / "w.pt", "--no-progress"]
 
 
 def test_quantize_onnx_records_agreement_and_eval_onnx_reproduces_it(tiny, tmp_path, capsys):
