@@ -12,13 +12,14 @@ ConvTranspose2d, ...) would stay float, so they are refused unless named in `ski
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .adaround import ReconConfig
+from .adaround import ReconConfig, default_rates
 from .blocks import find_units
 from .brecq import reconstruct_model
 from .cache import MODES as CACHE_MODES
@@ -73,6 +74,18 @@ def _check_args(preset, method, calibration, cache, iterations, batch_size, qdro
     return p
 
 
+def _check_rates(lr, act_lr, reg_weight) -> None:
+    for name, v, allow_zero in (("lr", lr, False), ("act_lr", act_lr, False), ("reg_weight", reg_weight, True)):
+        if v is None and name != "reg_weight":
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+            v >= 0 if allow_zero else v > 0)
+        if not ok:
+            raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number"
+                             f"{' or None (default: scaled to the iterations)' if name != 'reg_weight' else ''}, "
+                             f"got {v!r}")
+
+
 def _unsupported(model: nn.Module, ran: set[str], skip: set[str]) -> list[str]:
     """Modules that ran and hold parameters but would not be quantized (they would stay float)."""
     bad = []
@@ -116,7 +129,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
              device: str | torch.device | None = None,
              progress: Callable[[int, int, dict], None] | None = None, seed: int = 0,
              qdrop: bool | float = False, cache: str = "host", learn_act_scale: bool | None = None,
-             reg_weight: float = 0.01, lr: float = 1e-3, act_lr: float = 4e-4, percentile: float = 99.99,
+             reg_weight: float = 0.01, lr: float | None = None, act_lr: float | None = None, percentile: float = 99.99,
              act_samples: int = 1 << 16, skip: Sequence[str] = ()) -> QuantizedModel:
     """Post-training quantization of `model` (left unchanged) with calibration images.
 
@@ -128,6 +141,9 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
     iterations   per reconstruction unit (None = 20000, BRECQ's default); batch_size also bounds
                  device memory; cache 'host' | 'device' | 'recompute' (see zsq_fast.quantize.cache).
     qdrop        True (p = 0.5) or a probability: QDrop during reconstruction.
+    lr, act_lr   Adam rates on the rounding variables V and (as a relative step) on the activation scales;
+                 None: BRECQ's 1e-3 / 4e-4 scaled by 20000 / iterations (adaround.default_rates), so that
+                 2000 iterations converge as BRECQ's 20000 do. reg_weight: the rounding regularizer's lambda.
     progress     called as progress(step, total, info) with info['stage'] and, while reconstructing,
                  info['unit'] and info['loss'].
     skip         names of modules to leave float (recorded in quant_config['float_modules']).
@@ -137,6 +153,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     w_bits, a_bits = parse_bits(bits)
     p_drop = _check_args(preset, method, calibration, cache, iterations, batch_size, qdrop)
+    _check_rates(lr, act_lr, reg_weight)
     pre = get_preset(preset)
     images = _as_images(calib_images)
     skip = set(skip)
@@ -207,8 +224,12 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         units_done: list[dict] = []
         recon = None
         if method != "nearest":
-            recon = ReconConfig(iterations=iterations or 20000, batch_size=batch_size, lr=lr, reg_weight=reg_weight,
-                                learn_act_scale=learn_act_scale, act_lr=act_lr, qdrop=p_drop)
+            n_iter = iterations or 20000
+            lr_default, act_lr_default = default_rates(n_iter)
+            recon = ReconConfig(iterations=n_iter, batch_size=batch_size,
+                                lr=lr_default if lr is None else lr, reg_weight=reg_weight,
+                                learn_act_scale=learn_act_scale,
+                                act_lr=act_lr_default if act_lr is None else act_lr, qdrop=p_drop)
             units = find_units(q_inner, tr.order, blocks=method == "brecq")
             units_done = reconstruct_model(q_inner, fp, units, tr.order, images, recon, device=device,
                                            cache=cache, generator=gen, progress=progress)
