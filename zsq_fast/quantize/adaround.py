@@ -74,7 +74,8 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
     """
     vs = [layer.init_adaround() for layer in layers]
     opt_v = torch.optim.Adam(vs, lr=cfg.lr)
-    act = [layer.input_quantizer for layer in layers if layer.input_quantizer.enabled]
+    # a quantizer shared by layers reading one tensor is learned once
+    act = list({id(q): q for q in (layer.input_quantizer for layer in layers) if q.enabled}.values())
     opt_s = None
     if cfg.learn_act_scale and act:
         # act_lr is a relative step (see Quantizer.learning_rate): the same schedule at 4 and at 16 bits

@@ -86,6 +86,46 @@ def _check_rates(lr, act_lr, reg_weight) -> None:
                              f"got {v!r}")
 
 
+def _share_input_quantizers(model: nn.Module, groups: list[list[str]], quantized: set[str]) -> list[list[str]]:
+    """Layers that read the same tensor get one input quantizer (the first reader's): one tensor, one grid.
+    Returns the groups tied. Readers whose grids differ (a preset's first/last-layer bits) keep their own."""
+    tied = []
+    for group in groups:
+        names = [n for n in group if n in quantized]
+        if len(names) < 2:
+            continue
+        q0 = model.get_submodule(names[0]).input_quantizer
+        same = [n for n in names[1:] if model.get_submodule(n).input_quantizer.spec == q0.spec]
+        for n in same:
+            model.get_submodule(n).input_quantizer = q0
+        if same:
+            tied.append([names[0], *same])
+    return tied
+
+
+def activation_quantizers(qmodel: QuantizedModel) -> list[dict]:
+    """Every activation quantizer once (tensor, the layers reading it, grid, scale): what quant_config lists."""
+    seen: dict[int, dict] = {}
+    for name, m in qmodel.model.named_modules():
+        if isinstance(m, QUANT_LAYERS) and m.input_quantizer.enabled:
+            q = m.input_quantizer
+            entry = seen.get(id(q))
+            if entry is None:
+                entry = seen[id(q)] = {"tensor": f"input of {name}", "readers": [], **_grid(q)}
+            entry["readers"].append(name)
+    out = list(seen.values())
+    if qmodel.output_quantizer is not None:
+        out.append({"tensor": "network output", "readers": [], **_grid(qmodel.output_quantizer)})
+    return out
+
+
+def _grid(q: Quantizer) -> dict:
+    sp = q.spec
+    return {"bits": sp.bits, "signed": sp.signed, "symmetric": sp.symmetric, "pow2": sp.pow2,
+            "scale": float(q.effective_scale().reshape(-1)[0]),
+            "zero_point": int(q.zero_point.reshape(-1)[0])}
+
+
 def _unsupported(model: nn.Module, ran: set[str], skip: set[str]) -> list[str]:
     """Modules that ran and hold parameters but would not be quantized (they would stay float)."""
     bad = []
@@ -213,6 +253,10 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             layers_cfg[name] = {"type": layer.kind, "role": edge.get(name, "inner"),
                                 "weight": w_spec.to_dict(), "input": a_spec.to_dict(),
                                 "bias": None if layer.bias is None else ("int32" if layer.int32_bias else "float")}
+        shared = _share_input_quantizers(q_inner, tr.shared_inputs, set(layer_names))
+        for group in shared:
+            for name in group[1:]:
+                layers_cfg[name]["input_shared_with"] = group[0]
         out_q = None
         out_cfg = {"quantized": False}
         if pre.quantize_output:
@@ -252,6 +296,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "num_calibration_images": int(images.shape[0]),
         "folded_bn": [list(p) for p in pairs],
         "layers": layers_cfg,
+        "shared_inputs": shared,
         "output": out_cfg,
         "float_modules": sorted(skip),
         # Conv2d/Linear that did not run on the calibration batch stay float (e.g. an unused head)
@@ -259,4 +304,5 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"]} for u in units_done],
     }
     qmodel = QuantizedModel(q_inner, out_q, config).eval()
+    config["activations"] = activation_quantizers(qmodel)
     return qmodel

@@ -66,6 +66,9 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
                 layer.bias = nn.Parameter(torch.zeros_like(state[f"model.{name}.bias"]), requires_grad=False)
             layer.freeze()
             set_module(m, name, layer)
+        for group in config.get("shared_inputs", []):  # one quantizer per tensor, as when it was made
+            for name in group[1:]:
+                m.get_submodule(name).input_quantizer = m.get_submodule(group[0]).input_quantizer
     except (AttributeError, TypeError) as exc:
         raise ValueError(f"`model` does not match the saved quantized model's architecture: {exc}") from exc
     out_cfg = config["output"]
