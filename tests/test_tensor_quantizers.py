@@ -1,6 +1,8 @@
 """One quantizer per tensor (hw as an integer accelerator holds it): layers reading the same tensor (a block
 input feeding conv1 and the downsample) share one input quantizer through calibration, reconstruction,
 save/load and ONNX export; quant_config lists every activation quantizer once."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -62,18 +64,22 @@ def _input_q(q, name):
 @pytest.mark.parametrize("method", ["nearest", "brecq"])
 def test_a_tensor_read_by_two_convs_has_one_quantizer(net, images, method):
     q = quantize(net, images, "W4A4", preset="hw", method=method, iterations=20, batch_size=16)
-    assert q.quant_config["shared_inputs"] == [SHARED]
     assert _input_q(q, SHARED[0]) is _input_q(q, SHARED[1])
-    assert q.quant_config["layers"]["block.downsample.0"]["input_shared_with"] == "block.conv1"
+    # the block input is the stem's ReLU output: quantized once, by its producer, read by both convs
+    layers = q.quant_config["layers"]
+    assert layers["block.conv1"]["input_from"] == layers["block.downsample.0"]["input_from"] == "stem.2"
     acts = q.quant_config["activations"]
     shared = [a for a in acts if a["readers"] == SHARED]
     assert len(shared) == 1 and shared[0]["scale"] == float(_input_q(q, SHARED[0]).effective_scale())
     layers = [n for n, m in q.model.named_modules() if isinstance(m, QUANT_LAYERS)]
-    # every layer input listed once, plus the logits
+    # every layer input listed once (as a site's output or the layer's own input quantizer), plus the logits
     assert sorted(r for a in acts for r in a["readers"]) == sorted(layers)
-    assert len(acts) == len(layers) - 1 + 1 and acts[-1]["tensor"] == "network output"
+    assert len({a["tensor"] for a in acts}) == len(acts) and acts[-1]["tensor"] == "network output"
+    assert [a["tensor"] for a in acts if a["tensor"].startswith("output of")] == \
+        [f"output of {s['name']}" for s in q.quant_config["sites"]]
     for a in acts:
-        assert a["bits"] == 4 and a["pow2"] and 2.0 ** round(__import__("math").log2(a["scale"])) == a["scale"]
+        assert a["pow2"] and 2.0 ** round(math.log2(a["scale"])) == a["scale"]
+        assert a["bits"] == (8 if a["tensor"] == "input of stem.0" else 4)  # the image on an 8-bit grid
 
 
 def test_sharing_survives_save_and_load(net, images, tmp_path):
@@ -102,7 +108,8 @@ def test_academic_first_layer_keeps_its_own_grid():
     assert q.quant_config["shared_inputs"] == []
     assert q.model.a.input_quantizer is not q.model.b.input_quantizer
     q = quantize(Two().eval(), torch.randn(8, 3, 4, 4), "W4A4", preset="hw")
-    assert q.quant_config["shared_inputs"] == [["a", "b"]]
+    assert q.quant_config["shared_inputs"] == [["a", "b"]]  # both read the network input
+    assert q.model.a.input_quantizer is q.model.b.input_quantizer
 
 
 def test_onnx_conv_and_gemm_inputs_come_out_of_dequantize(net, images, tmp_path):
@@ -127,5 +134,63 @@ def test_onnx_conv_and_gemm_inputs_come_out_of_dequantize(net, images, tmp_path)
     conv1 = [s for w, s in by_weight.items() if "block.conv1" in w or "block/conv1" in w]
     down = [s for w, s in by_weight.items() if "downsample" in w]
     assert conv1 and down and conv1 == down
+    # the image on an 8-bit grid, every other tensor at 4 bits
+    qtypes = [inits[n.input[2]].data_type for n in g.node if n.op_type == "QuantizeLinear"]
+    T = onnx.TensorProto
+    assert qtypes.count(T.INT8) == 1 and set(qtypes) - {T.INT8} <= {T.INT4, T.UINT4}
     r = zsq_fast.evaluate_onnx(path, images, reference=q, threads=1)
     assert r["agreement"] == 100.0 and r["max_logit_diff_steps"] <= 1.0, r
+
+
+def _cifar_resnet8():
+    from zsq_fast.models.cifar_resnet import CifarResNet
+
+    torch.manual_seed(0)
+    m = CifarResNet(8)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.3, 0.3)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.bias.data.uniform_(-0.3, 0.3)
+    return m.eval()
+
+
+@pytest.mark.parametrize("arch", ["cifar_resnet8", "downsample_net"])
+def test_no_float_tensor_crosses_between_quantized_ops(arch, net, tmp_path):
+    """hw as an integer accelerator runs it: in the ONNX QDQ graph every input of every Add/Concat/Conv/Gemm
+    (residual-add operands included: identity and option-A shortcuts) comes out of a DequantizeLinear, and
+    onnxruntime (default options) gives the fake-quant model's outputs."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model, size = (_cifar_resnet8(), 16) if arch == "cifar_resnet8" else (net, 12)
+    x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(3))
+    q = quantize(model, x, "W4A4", preset="hw")
+    path = tmp_path / "q.onnx"
+    zsq_fast.export_onnx(q, path, torch.zeros(1, 3, size, size))
+    g = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    producer = {o: n for n in g.node for o in n.output}
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output]}
+    # data ops only: a Concat of int64 pads (F.pad's shape arithmetic) carries no activation
+    checked = [n for n in g.node if n.op_type in ("Add", "Sum", "Concat", "Conv", "Gemm", "MatMul")
+               and elem.get(n.output[0]) == onnx.TensorProto.FLOAT]
+    assert sum(n.op_type == "Add" for n in checked) == (3 if arch == "cifar_resnet8" else 1)
+    for n in checked:
+        for name in n.input:
+            assert name in producer and producer[name].op_type == "DequantizeLinear", (n.name, name)
+    # the network output too
+    assert producer[g.output[0].name].op_type == "DequantizeLinear"
+    r = zsq_fast.evaluate_onnx(path, x, reference=q, threads=1)
+    assert r["agreement"] >= 99.9 and r["max_logit_diff_steps"] <= 1.0, r
+
+
+def test_block_outputs_and_add_operands_are_sites():
+    q = quantize(_cifar_resnet8(), torch.randn(32, 3, 16, 16), "W4A4", preset="hw")
+    sites = [s["name"] for s in q.quant_config["sites"]]
+    # the add operands (conv2 after its folded BN, the option-A shortcut), the block outputs, the stem ReLU,
+    # the pooled features
+    assert {"relu", "layer1.0.conv2", "layer1.0", "layer2.0.shortcut", "layer2.0.conv2", "layer2.0", "pool"} <= set(sites)
+    assert "layer1.0.conv1" not in sites  # fused with its ReLU: relu1's output is the site
+    assert q.quant_config["layers"]["layer1.0.conv1"]["input_from"] == "relu"
+    assert q.quant_config["layers"]["linear"]["input_from"] == "pool"
+    academic = quantize(_cifar_resnet8(), torch.randn(32, 3, 16, 16), "W4A4", preset="academic")
+    assert academic.quant_config["sites"] == []  # academic: layer inputs only, as before

@@ -66,16 +66,19 @@ def reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,
-                generator: torch.Generator, on_step=None) -> float:
+                generator: torch.Generator, on_step=None, site_quantizers=()) -> float:
     """Learn the rounding of `layers` (inside `unit`) so that unit(x_q) matches the float target.
 
     Leaves every layer with hard rounding (h = 1[V >= 0]); returns the last reconstruction loss.
-    on_step(t, loss_fn) is called each iteration (loss_fn() gives the loss as a float).
+    on_step(t, loss_fn) is called each iteration (loss_fn() gives the loss as a float). site_quantizers: the
+    output quantizers inside the unit (hw), learned with LSQ like the layers' input quantizers.
     """
     vs = [layer.init_adaround() for layer in layers]
     opt_v = torch.optim.Adam(vs, lr=cfg.lr)
     # a quantizer shared by layers reading one tensor is learned once
-    act = list({id(q): q for q in (layer.input_quantizer for layer in layers) if q.enabled}.values())
+    # inputs that arrive quantized (a site outside the unit) are not the unit's to learn
+    own = [layer.input_quantizer for layer in layers if not getattr(layer, "input_prequantized", False)]
+    act = list({id(q): q for q in [*own, *site_quantizers] if q.enabled}.values())
     opt_s = None
     if cfg.learn_act_scale and act:
         # act_lr is a relative step (see Quantizer.learning_rate): the same schedule at 4 and at 16 bits

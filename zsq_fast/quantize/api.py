@@ -20,15 +20,17 @@ import torch
 from torch import nn
 
 from .adaround import ReconConfig, default_rates
-from .blocks import find_units
+from .blocks import find_blocks, find_units
 from .brecq import reconstruct_model
 from .cache import MODES as CACHE_MODES
 from .calibrate import METHODS as CALIBRATIONS
 from .calibrate import ActObserver, weight_scale
 from .fold import fold_bn, set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
+from ..ops.checks import MAX_BITS, MIN_BITS
 from .presets import PRESETS, get_preset, parse_bits
 from .quantizer import Quantizer
+from .sites import SiteHook, Sites, attach, find_sites
 from .trace import trace_model
 
 METHODS = ("nearest", "adaround", "brecq")
@@ -106,6 +108,10 @@ def _share_input_quantizers(model: nn.Module, groups: list[list[str]], quantized
 def activation_quantizers(qmodel: QuantizedModel) -> list[dict]:
     """Every activation quantizer once (tensor, the layers reading it, grid, scale): what quant_config lists."""
     seen: dict[int, dict] = {}
+    for site in qmodel.quant_config.get("sites", []):
+        q = qmodel.model.get_submodule(site["name"])._forward_hooks
+        quant = next(h.quantizer for h in q.values() if isinstance(h, SiteHook))
+        seen[id(quant)] = {"tensor": f"output of {site['name']}", "readers": [], **_grid(quant)}
     for name, m in qmodel.model.named_modules():
         if isinstance(m, QUANT_LAYERS) and m.input_quantizer.enabled:
             q = m.input_quantizer
@@ -145,13 +151,17 @@ def _no_inplace(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _observe_activations(model, names, images, batch_size, device, max_samples, generator):
-    """One pass of the float model: an ActObserver per layer input (by name) and one for the output."""
+def _observe_activations(model, names, images, batch_size, device, max_samples, generator, sites=()):
+    """One pass of the float model: an ActObserver per layer input (by name), per site output (by name, in
+    the second dict) and one for the network output."""
     n_batches = (images.shape[0] + batch_size - 1) // batch_size
     obs = {n: ActObserver(max_samples, n_batches, generator) for n in names}
+    site_obs = {n: ActObserver(max_samples, n_batches, generator) for n in sites}
     out_obs = ActObserver(max_samples, n_batches, generator)
     handles = [model.get_submodule(n).register_forward_pre_hook(
         lambda m, args, n=n: obs[n].observe(args[0])) for n in names]
+    handles += [model.get_submodule(n).register_forward_hook(
+        lambda m, args, out, n=n: site_obs[n].observe(out)) for n in sites]
     try:
         for i in range(0, images.shape[0], batch_size):
             y = model(images[i:i + batch_size].to(device))
@@ -161,7 +171,7 @@ def _observe_activations(model, names, images, batch_size, device, max_samples, 
     finally:
         for h in handles:
             h.remove()
-    return obs, out_obs
+    return obs, site_obs, out_obs
 
 
 def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "hw", method: str = "nearest", *,
@@ -170,7 +180,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
              progress: Callable[[int, int, dict], None] | None = None, seed: int = 0,
              qdrop: bool | float = False, cache: str = "host", learn_act_scale: bool | None = None,
              reg_weight: float = 0.01, lr: float | None = None, act_lr: float | None = None, percentile: float = 99.99,
-             act_samples: int = 1 << 16, skip: Sequence[str] = ()) -> QuantizedModel:
+             act_samples: int = 1 << 16, skip: Sequence[str] = (), input_bits: int | None = None) -> QuantizedModel:
     """Post-training quantization of `model` (left unchanged) with calibration images.
 
     bits         'W{w}A{a}' (e.g. 'W4A4', 'W3A8'), each width 2..16.
@@ -187,6 +197,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
     progress     called as progress(step, total, info) with info['stage'] and, while reconstructing,
                  info['unit'] and info['loss'].
     skip         names of modules to leave float (recorded in quant_config['float_modules']).
+    input_bits   bits of the network input's grid (None: the preset's; hw: 8, as images are; pass the
+                 activation bits to quantize the input like any other tensor).
     Returns a QuantizedModel in eval mode; .quant_config says exactly what is quantized.
     """
     if not isinstance(model, nn.Module):
@@ -194,6 +206,9 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
     w_bits, a_bits = parse_bits(bits)
     p_drop = _check_args(preset, method, calibration, cache, iterations, batch_size, qdrop)
     _check_rates(lr, act_lr, reg_weight)
+    if input_bits is not None:
+        if isinstance(input_bits, bool) or not isinstance(input_bits, int) or not MIN_BITS <= input_bits <= MAX_BITS:
+            raise ValueError(f"input_bits must be None or an int in [{MIN_BITS}, {MAX_BITS}], got {input_bits!r}")
     pre = get_preset(preset)
     images = _as_images(calib_images)
     skip = set(skip)
@@ -231,7 +246,13 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         if not layer_names:
             raise ValueError("the model has no Conv2d/Linear layer that runs; nothing to quantize")
 
-        obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples, gen)
+        found = Sites()
+        if pre.quantize_tensors:  # hw: every tensor between ops quantized by its producer (sites.py)
+            found = find_sites(fp, images[: min(2, images.shape[0])].to(device), find_blocks(fp, tr.order),
+                               layer_names)
+        in_bits = pre.input_bits if input_bits is None else input_bits
+        obs, site_obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples,
+                                                      gen, found.sites)
         if progress is not None:
             progress(1, 1, {"stage": "calibrate"})
         q_inner = copy.deepcopy(fp)
@@ -241,6 +262,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             wb = ab = None
             if name in edge and pre.first_last_bits is not None:
                 wb = ab = pre.first_last_bits
+            if in_bits is not None and name in found.input_readers:
+                ab = in_bits  # the network input's grid (8-bit images), whatever the layers' bits
             w_spec = pre.weight_spec(wb or w_bits)
             a_spec = pre.act_spec(ab or a_bits, obs[name].nonnegative)
             # int8 kernels accumulate in int32; wider grids have no such kernel (nor ONNX export)
@@ -253,7 +276,20 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             layers_cfg[name] = {"type": layer.kind, "role": edge.get(name, "inner"),
                                 "weight": w_spec.to_dict(), "input": a_spec.to_dict(),
                                 "bias": None if layer.bias is None else ("int32" if layer.int32_bias else "float")}
-        shared = _share_input_quantizers(q_inner, tr.shared_inputs, set(layer_names))
+        site_q: dict[str, Quantizer] = {}
+        for name in found.sites:
+            spec = pre.act_spec(a_bits, site_obs[name].nonnegative)
+            site_q[name] = Quantizer(spec, 1).to(device)
+            site_q[name].set_params(*site_obs[name].scale(spec, calibration, percentile=percentile))
+        for name, src in found.fed_by.items():  # the layer reads the site's output, already on its grid
+            layer = q_inner.get_submodule(name)
+            layer.input_quantizer, layer.input_prequantized = site_q[src], name not in found.via_view
+            layers_cfg[name]["input"] = site_q[src].spec.to_dict()
+            layers_cfg[name]["input_from"] = src
+            layers_cfg[name]["input_prequantized"] = layer.input_prequantized
+        attach(q_inner, site_q)
+        shared = _share_input_quantizers(q_inner, [g for g in tr.shared_inputs if g[0] not in found.fed_by],
+                                         set(layer_names))
         for group in shared:
             for name in group[1:]:
                 layers_cfg[name]["input_shared_with"] = group[0]
@@ -276,8 +312,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
                                 act_lr=act_lr_default if act_lr is None else act_lr, qdrop=p_drop)
             units = find_units(q_inner, tr.order, blocks=method == "brecq")
             units_done = reconstruct_model(q_inner, fp, units, tr.order, images, recon, device=device,
-                                           cache=cache, generator=gen, progress=progress)
-        for m in q_inner.modules():
+                                           cache=cache, generator=gen, progress=progress, site_quantizers=site_q)
+        for m in [*q_inner.modules(), *site_q.values()]:
             if isinstance(m, QUANT_LAYERS):
                 m.freeze()
             if isinstance(m, Quantizer):
@@ -297,12 +333,14 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "folded_bn": [list(p) for p in pairs],
         "layers": layers_cfg,
         "shared_inputs": shared,
+        "sites": [{"name": n, **q.spec.to_dict()} for n, q in site_q.items()],
+        "input_bits": in_bits,
         "output": out_cfg,
         "float_modules": sorted(skip),
         # Conv2d/Linear that did not run on the calibration batch stay float (e.g. an unused head)
         "not_run": sorted(n for n, m in q_inner.named_modules() if isinstance(m, _QUANTIZABLE)),
         "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"]} for u in units_done],
     }
-    qmodel = QuantizedModel(q_inner, out_q, config).eval()
+    qmodel = QuantizedModel(q_inner, out_q, config, list(site_q.values())).eval()
     config["activations"] = activation_quantizers(qmodel)
     return qmodel

@@ -42,6 +42,8 @@ class Preset:
     pow2: bool
     quantize_output: bool
     int32_bias: bool = False      # bias rounded to the int32 accumulator grid s_x s_w (integer kernels)
+    quantize_tensors: bool = False  # every tensor between ops on a grid, quantized by its producer (sites.py)
+    input_bits: int | None = None   # the network input's grid (None: the first layer's activation bits)
 
     def weight_spec(self, bits: int) -> QuantSpec:
         # symmetric -> signed grid, z = 0; asymmetric -> unsigned grid with a zero point per channel
@@ -55,7 +57,7 @@ class Preset:
 
 PRESETS = {
     "hw": Preset("hw", None, weight_symmetric=True, act_symmetric=True, pow2=True, quantize_output=True,
-                 int32_bias=True),
+                 int32_bias=True, quantize_tensors=True, input_bits=8),
     "academic": Preset("academic", 8, weight_symmetric=False, act_symmetric=False, pow2=False,
                        quantize_output=False),
 }
