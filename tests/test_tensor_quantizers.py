@@ -155,14 +155,21 @@ def _cifar_resnet8():
     return m.eval()
 
 
-@pytest.mark.parametrize("arch", ["cifar_resnet8", "downsample_net"])
+def _flatten_net():
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+@pytest.mark.parametrize("arch", ["cifar_resnet8", "downsample_net", "flatten_net"])
 def test_no_float_tensor_crosses_between_quantized_ops(arch, net, tmp_path):
     """hw as an integer accelerator runs it: in the ONNX QDQ graph every input of every Add/Concat/Conv/Gemm
     (residual-add operands included: identity and option-A shortcuts) comes out of a DequantizeLinear, and
     onnxruntime (default options) gives the fake-quant model's outputs."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    model, size = (_cifar_resnet8(), 16) if arch == "cifar_resnet8" else (net, 12)
+    model, size = {"cifar_resnet8": (_cifar_resnet8(), 16), "downsample_net": (net, 12),
+                   "flatten_net": (_flatten_net(), 12)}[arch]
     x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(3))
     q = quantize(model, x, "W4A4", preset="hw")
     path = tmp_path / "q.onnx"
@@ -173,7 +180,7 @@ def test_no_float_tensor_crosses_between_quantized_ops(arch, net, tmp_path):
     # data ops only: a Concat of int64 pads (F.pad's shape arithmetic) carries no activation
     checked = [n for n in g.node if n.op_type in ("Add", "Sum", "Concat", "Conv", "Gemm", "MatMul")
                and elem.get(n.output[0]) == onnx.TensorProto.FLOAT]
-    assert sum(n.op_type == "Add" for n in checked) == (3 if arch == "cifar_resnet8" else 1)
+    assert sum(n.op_type == "Add" for n in checked) == {"cifar_resnet8": 3, "downsample_net": 1, "flatten_net": 0}[arch]
     for n in checked:
         for name in n.input:
             assert name in producer and producer[name].op_type == "DequantizeLinear", (n.name, name)

@@ -116,6 +116,7 @@ def cmd_quantize(args) -> int:
     if recon and args.method == "nearest":
         raise UsageError(f"--{'/--'.join(k.replace('_', '-') for k in recon)} set the reconstruction; "
                          "--method nearest has none (use adaround or brecq)")
+    extra = dict(recon, **({"input_bits": args.input_bits} if args.input_bits is not None else {}))
     if bool(args.images) == bool(args.generator):
         raise UsageError("give calibration data: either --images DATA or --generator dgh|bns|fdda")
     with report.timed("load_model"):
@@ -129,7 +130,7 @@ def cmd_quantize(args) -> int:
     calib = _calibration_images(args, src, device, report)
     qmodel = run_quantize(src, calib, bits=args.bits, preset=args.preset, method=args.method, device=device,
                           seed=args.seed, precision=args.precision, iterations=args.iterations,
-                          batch_size=args.batch_size, progress=not args.no_progress, report=report, extra=recon)
+                          batch_size=args.batch_size, progress=not args.no_progress, report=report, extra=extra)
     from .quantize import export_onnx, save_quantized
 
     with report.timed("save"):
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--act-lr", type=_rate(False), help="activation-scale step per iteration, relative to the scale "
                                                         "(default 4e-4 x 20000 / iterations, at least 4e-4)")
     r.add_argument("--reg-weight", type=_rate(True), help="rounding regularizer weight lambda (default 0.01)")
+    r.add_argument("--input-bits", type=_positive,
+                   help="bits of the network input's grid (default: the preset's; hw: 8, as images are)")
     r.add_argument("--qdrop", type=_probability, nargs="?", const=0.5,
                    help="QDrop: keep activations float with this probability while reconstructing "
                         "(--qdrop alone: 0.5; default off)")

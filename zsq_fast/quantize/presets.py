@@ -1,10 +1,16 @@
 """The two quantization presets and the W{w}A{a} bit-width notation.
 
-hw        every layer (first conv and last linear included) at the target bits, the network output
-          quantized, symmetric per-channel weights, symmetric per-tensor activations (unsigned where the
-          calibration data is non-negative, e.g. after ReLU), power-of-two scales, and each layer's bias
-          on its int32 accumulator grid s_x s_w (layers of <= 8 bits): the fake-quant model computes what
-          an integer kernel (and onnxruntime running the ONNX export) computes, bit for bit.
+hw        as an integer accelerator runs the network: every tensor that passes between ops is on an integer
+          grid, quantized once by its producer (sites.py: activation outputs, residual-add operands, block
+          outputs, shortcut and pooling outputs, the logits; a conv's activation fused into it), one quantizer
+          per tensor whoever reads it; the network input on an 8-bit grid (images are 8-bit; `input_bits`
+          changes it); every layer (first conv and last linear included) at the target bits, symmetric
+          per-channel weights, symmetric per-tensor activations (unsigned where the calibration data is
+          non-negative, e.g. after ReLU), power-of-two scales, and each layer's bias on its int32
+          accumulator grid s_x s_w (layers of <= 8 bits): the fake-quant model computes what an integer
+          kernel (and onnxruntime running the ONNX export) computes. Before issue 12, hw quantized layer
+          inputs and the logits only (identity shortcuts added float tensors) and the image at the target
+          bits; results measured then are labelled so in benchmarks/RESULTS.md.
 academic  first and last layer at 8 bits (weights and their input), asymmetric per-channel weights,
           asymmetric per-tensor activations, free (real-valued) scales, network output left float.
 """

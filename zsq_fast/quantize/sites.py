@@ -155,8 +155,8 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
         src = producer.get(id(x))
         if src not in site_set:
             src = site_storage.get((x.untyped_storage().data_ptr(), x.numel()))
-            if src is not None:
-                via_view.add(layer)
         if src in site_set:
             fed_by[layer] = src
+            if outputs.get(src) != id(x):  # through nn.Flatten or torch.flatten: another tensor object
+                via_view.add(layer)
     return Sites(sites, fed_by, readers_of_input, via_view)
