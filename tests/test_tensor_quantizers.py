@@ -201,3 +201,30 @@ def test_block_outputs_and_add_operands_are_sites():
     assert q.quant_config["layers"]["linear"]["input_from"] == "pool"
     academic = quantize(_cifar_resnet8(), torch.randn(32, 3, 16, 16), "W4A4", preset="academic")
     assert academic.quant_config["sites"] == []  # academic: layer inputs only, as before
+
+
+def test_dgh_paper_preset_is_brecqs_setting(tmp_path):
+    """dgh_paper: every layer at the target bits, asymmetric free weight scales, block outputs quantized (read
+    by the next block's layers), the image float, the output quantized, float bias."""
+    model = _cifar_resnet8()
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    q = quantize(model, x, "W4A4", preset="dgh_paper", method="brecq", iterations=10, batch_size=16)
+    cfg = q.quant_config
+    assert [s["name"] for s in cfg["sites"]] == ["layer1.0", "layer2.0", "layer3.0"]
+    assert all(not s["symmetric"] and not s["pow2"] and s["bits"] == 4 for s in cfg["sites"])
+    assert cfg["layers"]["layer2.0.conv1"]["input_from"] == "layer1.0"
+    assert not q.model.conv1.input_quantizer.enabled and cfg["layers"]["conv1"]["input_quantized"] is False
+    for name, lc in cfg["layers"].items():  # first and last layer included
+        assert lc["weight"]["bits"] == 4 and not lc["weight"]["symmetric"] and not lc["weight"]["pow2"], name
+        assert lc["bias"] in (None, "float")
+    assert cfg["output"]["quantized"] and not cfg["output"]["symmetric"]
+    assert all(a["tensor"] != "input of conv1" for a in cfg["activations"])
+    # the image is not quantized: a change below any 8-bit step of the input still changes the output
+    with torch.no_grad():
+        y = q.model(x[:4])
+        assert not torch.equal(q.model(x[:4] + 1e-3), y)
+    save_quantized(q, tmp_path / "q.pt")
+    r = load_quantized(tmp_path / "q.pt", _cifar_resnet8())
+    assert not r.model.conv1.input_quantizer.enabled
+    with torch.no_grad():
+        assert torch.equal(r(x), q(x))

@@ -30,7 +30,7 @@ from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
 from ..ops.checks import MAX_BITS, MIN_BITS
 from .presets import PRESETS, get_preset, parse_bits
 from .quantizer import Quantizer
-from .sites import SiteHook, Sites, attach, find_sites
+from .sites import SiteHook, Sites, attach, find_sites, only
 from .trace import trace_model
 
 METHODS = ("nearest", "adaround", "brecq")
@@ -184,7 +184,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
     """Post-training quantization of `model` (left unchanged) with calibration images.
 
     bits         'W{w}A{a}' (e.g. 'W4A4', 'W3A8'), each width 2..16.
-    preset       'hw' or 'academic' (see zsq_fast.quantize.presets).
+    preset       'hw', 'academic' or 'dgh_paper' (see zsq_fast.quantize.presets).
     method       'nearest' (round to nearest), 'adaround' (layer by layer) or 'brecq' (block by block,
                  with LSQ on activation scales unless learn_act_scale=False).
     calibration  initial scales: 'mse' (clipping search), 'minmax' or 'percentile' (`percentile`).
@@ -247,10 +247,14 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             raise ValueError("the model has no Conv2d/Linear layer that runs; nothing to quantize")
 
         found = Sites()
-        if pre.quantize_tensors:  # hw: every tensor between ops quantized by its producer (sites.py)
-            found = find_sites(fp, images[: min(2, images.shape[0])].to(device), find_blocks(fp, tr.order),
-                               layer_names)
         in_bits = pre.input_bits if input_bits is None else input_bits
+        if pre.sites != "none" or pre.float_input or in_bits is not None:
+            blocks = find_blocks(fp, tr.order)
+            found = find_sites(fp, images[: min(2, images.shape[0])].to(device), blocks, layer_names)
+            if pre.sites == "blocks":  # dgh_paper: BRECQ's block-output quantizers only
+                found = only(found, blocks)
+            elif pre.sites == "none":
+                found = only(found, [])
         obs, site_obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples,
                                                       gen, found.sites)
         if progress is not None:
@@ -272,10 +276,13 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             layer.weight_quantizer.set_params(*weight_scale(layer.weight, w_spec, calibration,
                                                             percentile=percentile))
             layer.input_quantizer.set_params(*obs[name].scale(a_spec, calibration, percentile=percentile))
+            if pre.float_input and name in found.input_readers:
+                layer.input_quantizer.enabled = False  # the image stays float (dgh_paper)
             set_module(q_inner, name, layer)
             layers_cfg[name] = {"type": layer.kind, "role": edge.get(name, "inner"),
                                 "weight": w_spec.to_dict(), "input": a_spec.to_dict(),
-                                "bias": None if layer.bias is None else ("int32" if layer.int32_bias else "float")}
+                                "bias": None if layer.bias is None else ("int32" if layer.int32_bias else "float"),
+                                "input_quantized": layer.input_quantizer.enabled}
         site_q: dict[str, Quantizer] = {}
         for name in found.sites:
             spec = pre.act_spec(a_bits, site_obs[name].nonnegative)

@@ -66,6 +66,7 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
             if layer.bias is None and f"model.{name}.bias" in state:  # BN folding gave it a bias
                 layer.bias = nn.Parameter(torch.zeros_like(state[f"model.{name}.bias"]), requires_grad=False)
             layer.freeze()
+            layer.input_quantizer.enabled = lc.get("input_quantized", True)
             set_module(m, name, layer)
         for group in config.get("shared_inputs", []):  # one quantizer per tensor, as when it was made
             for name in group[1:]:

@@ -39,6 +39,14 @@ class Sites:
     via_view: set[str] = field(default_factory=set)  # fed_by layers that read a reshaped view of the site output
 
 
+def only(found: Sites, names: list[str]) -> Sites:
+    """The sites among `names` (e.g. the residual blocks), with the layers they feed."""
+    keep = set(names)
+    fed = {k: v for k, v in found.fed_by.items() if v in keep}
+    return Sites([n for n in found.sites if n in keep], fed, list(found.input_readers),
+                 {n for n in found.via_view if n in fed})
+
+
 class SiteHook:
     """Forward hook that quantizes a module's output (an object, so deepcopy maps it to the copied quantizer)."""
 
