@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import ImageSet, one_per_class
+from .errors import InvalidArgumentError
 from .models.zoo import LoadedModel, has_batchnorm
 from .plots import UnitCurves
 from .quantize.presets import parse_bits as quant_parse_bits
@@ -23,7 +24,7 @@ PRESETS = ("hw", "academic", "dgh_paper")
 ROUNDINGS = ("nearest", "adaround", "brecq")
 
 
-class UsageError(ValueError):
+class UsageError(InvalidArgumentError):
     """Bad command-line input (printed as one line, exit code 2)."""
 
 
