@@ -134,9 +134,10 @@ def test_relu6_before_a_4_bit_quantizer(calib, test_images, tmp_path):
                   and getattr(producers.get(n.input[0]), "op_type", None) == "Clip"]
     types = _initializer_types(model)
     assert after_clip and all(types[n.input[2]] == onnx.TensorProto.UINT8 for n in after_clip)
-    # the other 4-bit activations (network input, pooled features, logits) are still 4-bit tensors
+    # the other 4-bit activations (network input, pooled features -- quantized by the pool and, on the same grid,
+    # again after nn.Flatten so that the Gemm reads a DequantizeLinear -- and the logits) are still 4-bit tensors
     others = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n not in after_clip]
-    assert len(others) == 3 and {types[n.input[2]] for n in others} <= {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    assert len(others) == 4 and {types[n.input[2]] for n in others} <= {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
     r = zsq_fast.evaluate_onnx(tmp_path / "relu6.onnx", test_images, reference=q, threads=1)
     assert r["agreement"] >= 99.9 and r["max_logit_diff_steps"] <= 1.0, r
 
