@@ -185,8 +185,9 @@ def _observe_activations(model, names, images, batch_size, device, max_samples, 
     out_obs = ActObserver(max_samples, n_batches, generator)
     handles = [model.get_submodule(n).register_forward_pre_hook(
         lambda m, args, n=n: _observe(obs[n], args[0], f"the input of layer {n!r}", batch)) for n in names]
+    # not checked here: a non-finite site output reaches a layer's input (or the output), checked and named there
     handles += [model.get_submodule(n).register_forward_hook(
-        lambda m, args, out, n=n: _observe(site_obs[n], out, f"the output of {n!r}", batch)) for n in sites]
+        lambda m, args, out, n=n: site_obs[n].observe(out)) for n in sites]
     batch = slice(0, 0)
     try:
         for i in range(0, images.shape[0], batch_size):
