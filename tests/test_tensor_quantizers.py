@@ -193,9 +193,11 @@ def test_no_float_tensor_crosses_between_quantized_ops(arch, net, tmp_path):
 def test_block_outputs_and_add_operands_are_sites():
     q = quantize(_cifar_resnet8(), torch.randn(32, 3, 16, 16), "W4A4", preset="hw")
     sites = [s["name"] for s in q.quant_config["sites"]]
-    # the add operands (conv2 after its folded BN, the option-A shortcut), the block outputs, the stem ReLU,
-    # the pooled features
-    assert {"relu", "layer1.0.conv2", "layer1.0", "layer2.0.shortcut", "layer2.0.conv2", "layer2.0", "pool"} <= set(sites)
+    # the add operands (conv2 after its folded BN, the option-A shortcut), the block outputs (made by relu2),
+    # the stem ReLU, the pooled features; the block itself adds no second quantizer on its output
+    assert {"relu", "layer1.0.conv2", "layer1.0.relu2", "layer2.0.shortcut", "layer2.0.conv2", "layer2.0.relu2",
+            "pool"} <= set(sites)
+    assert "layer1.0" not in sites
     assert "layer1.0.conv1" not in sites  # fused with its ReLU: relu1's output is the site
     assert q.quant_config["layers"]["layer1.0.conv1"]["input_from"] == "relu"
     assert q.quant_config["layers"]["linear"]["input_from"] == "pool"
@@ -210,9 +212,10 @@ def test_dgh_paper_preset_is_brecqs_setting(tmp_path):
     x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     q = quantize(model, x, "W4A4", preset="dgh_paper", method="brecq", iterations=10, batch_size=16)
     cfg = q.quant_config
-    assert [s["name"] for s in cfg["sites"]] == ["layer1.0", "layer2.0", "layer3.0"]
+    # the block outputs (made by each block's last ReLU module)
+    assert [s["name"] for s in cfg["sites"]] == ["layer1.0.relu2", "layer2.0.relu2", "layer3.0.relu2"]
     assert all(not s["symmetric"] and not s["pow2"] and s["bits"] == 4 for s in cfg["sites"])
-    assert cfg["layers"]["layer2.0.conv1"]["input_from"] == "layer1.0"
+    assert cfg["layers"]["layer2.0.conv1"]["input_from"] == "layer1.0.relu2"
     assert not q.model.conv1.input_quantizer.enabled and cfg["layers"]["conv1"]["input_quantized"] is False
     for name, lc in cfg["layers"].items():  # first and last layer included
         assert lc["weight"]["bits"] == 4 and not lc["weight"]["symmetric"] and not lc["weight"]["pow2"], name

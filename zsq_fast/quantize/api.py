@@ -292,7 +292,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             blocks = find_blocks(fp, tr.order)
             found = find_sites(fp, images[: min(2, images.shape[0])].to(device), blocks, layer_names)
             if pre.sites == "blocks":  # dgh_paper: BRECQ's block-output quantizers only
-                found = only(found, blocks)
+                found = only(found, found.block_outputs.values())
             elif pre.sites == "none":
                 found = only(found, [])
         obs, site_obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples,

@@ -8,7 +8,9 @@ see module boundaries; one traced forward pass (BN already folded) tells, by ten
   Conv2d/Linear whose output only an activation module reads (the activation is fused into the
   requantization, as integer kernels do) and the module producing the network output (the output
   quantizer does it) -- and every residual block whose output is a new tensor (the residual add, when no
-  activation module follows it in the block);
+  activation module follows it in the block; a block returning its last ReLU module's output is quantized
+  by that ReLU's site, not a second time). A leaf output changed in place by a functional op before a
+  module reads it (`out += identity`) is an add operand: it is a site, and so is the sum;
 - for each Conv2d/Linear whose input is a site's output (through pass-through modules: Identity, Dropout,
   Flatten, folded BN), that site: the layer reads the tensor already on the grid and uses the site's
   quantizer as its input quantizer (one quantizer per tensor) instead of quantizing again. A layer that
@@ -37,14 +39,16 @@ class Sites:
     fed_by: dict[str, str] = field(default_factory=dict)  # layer name -> the site whose output it reads
     input_readers: list[str] = field(default_factory=list)  # layers reading the network input itself
     via_view: set[str] = field(default_factory=set)  # fed_by layers that read a reshaped view of the site output
+    block_outputs: dict[str, str] = field(default_factory=dict)  # block -> the site that quantizes its output
 
 
-def only(found: Sites, names: list[str]) -> Sites:
-    """The sites among `names` (e.g. the residual blocks), with the layers they feed."""
+def only(found: Sites, names) -> Sites:
+    """The sites among `names` (e.g. those quantizing the block outputs), with the layers they feed."""
     keep = set(names)
     fed = {k: v for k, v in found.fed_by.items() if v in keep}
     return Sites([n for n in found.sites if n in keep], fed, list(found.input_readers),
-                 {n for n in found.via_view if n in fed})
+                 {n for n in found.via_view if n in fed},
+                 {b: s for b, s in found.block_outputs.items() if s in keep})
 
 
 class SiteHook:
@@ -77,9 +81,11 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     readers: dict[int, list[str]] = {}                     # id(tensor) -> leaf modules that read it
     inputs: dict[str, torch.Tensor] = {}                   # layer -> its input, first call
     outputs: dict[str, int] = {}                           # module -> id(its output), first call
+    all_outputs: dict[str, set[int]] = {}                  # module -> id(its output) of every call
     order: list[str] = []
     version: dict[int, int] = {}                           # id(tensor) -> its version when it was made
     changed: set[int] = set()                              # tensors modified in place (out += identity) before a read
+    inplace_leaves: set[str] = set()                       # leaves whose output a functional op changed in place
     handles = []
     block_set, layer_set = set(blocks), set(layers)
 
@@ -103,6 +109,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
                 return
             keep.append(out)
             version.setdefault(id(out), out._version)
+            all_outputs.setdefault(name, set()).add(id(out))
             if name not in outputs:
                 outputs[name] = id(out)
                 order.append(name)
@@ -110,6 +117,14 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
                 src = id(args[0]) if args and isinstance(args[0], torch.Tensor) else None
                 producer[id(out)] = producer.get(src) if src is not None else None
             elif _is_leaf(mod) or name in block_set:
+                made = producer.get(id(out))
+                if made is not None and name in block_set and version.get(id(out)) == out._version:
+                    return  # the block returns a module's output as is (its last ReLU): that module made it
+                if made is not None and version.get(id(out)) != out._version:
+                    # a block returning a leaf's output after an in-place add (result += x): that leaf's
+                    # output is an add operand and gets its own site; the block's output is a new value
+                    changed.add(id(out))
+                    inplace_leaves.add(made)
                 producer[id(out)] = name
         return hook
 
@@ -129,6 +144,9 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     for name in order:
         mod = mods[name]
         oid = outputs[name]
+        if name in inplace_leaves:  # its output object became the block's (new) output: both are sites
+            sites.append(name)
+            continue
         if producer.get(oid) != name or oid == out_id:
             continue  # a pass-through, a module whose output another module re-made, or the network output
         if name in block_set:
@@ -165,6 +183,8 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             src = site_storage.get((x.untyped_storage().data_ptr(), x.numel()))
         if src in site_set:
             fed_by[layer] = src
-            if outputs.get(src) != id(x):  # through nn.Flatten or torch.flatten: another tensor object
+            if id(x) not in all_outputs.get(src, ()):  # through nn.Flatten or torch.flatten: another object
                 via_view.add(layer)
-    return Sites(sites, fed_by, readers_of_input, via_view)
+    block_out = {b: producer.get(outputs[b]) for b in blocks
+                 if b in outputs and producer.get(outputs[b]) in site_set}
+    return Sites(sites, fed_by, readers_of_input, via_view, block_out)
