@@ -88,6 +88,9 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     inplace_leaves: set[str] = set()                       # leaves whose output a functional op changed in place
     handles = []
     block_set, layer_set = set(blocks), set(layers)
+    # composite modules (not containers, not the model itself) whose output may be made by a functional op
+    composites = {n for n, m in model.named_modules()
+                  if n and not _is_leaf(m) and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))}
 
     def pre(name, mod):
         def hook(m, args):
@@ -116,9 +119,9 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             if isinstance(mod, PASS_THROUGH):
                 src = id(args[0]) if args and isinstance(args[0], torch.Tensor) else None
                 producer[id(out)] = producer.get(src) if src is not None else None
-            elif _is_leaf(mod) or name in block_set:
+            elif _is_leaf(mod) or name in block_set or name in composites:
                 made = producer.get(id(out))
-                if made is not None and name in block_set and version.get(id(out)) == out._version:
+                if made is not None and not _is_leaf(mod) and version.get(id(out)) == out._version:
                     return  # the block returns a module's output as is (its last ReLU): that module made it
                 if made is not None and version.get(id(out)) != out._version:
                     # a block returning a leaf's output after an in-place add (result += x): that leaf's
@@ -158,7 +161,9 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
                 continue  # fused: the activation's output is the site
         sites.append(name)
         leaf_sites.add(oid)
-    for name in blocks:
+    # blocks, and any other composite module whose output a functional op made (F.relu(x, inplace=True) in
+    # GoogLeNet's BasicConv2d): its output is a new tensor that other ops read
+    for name in [b for b in order if b in block_set or b in composites]:
         oid = outputs.get(name)
         if oid is not None and oid != out_id and producer.get(oid) == name and oid not in leaf_sites:
             sites.append(name)
