@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from zsq_fast.cli import run_generate, run_quantize  # noqa: E402
+from zsq_fast.pipeline import run_generate, run_quantize  # noqa: E402
 from zsq_fast.data import load_images_for, one_per_class, random_subset  # noqa: E402
 from zsq_fast.evaluate import agreement, evaluate, predict_logits  # noqa: E402
 from zsq_fast.models.zoo import load_model  # noqa: E402

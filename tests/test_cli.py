@@ -79,6 +79,31 @@ def test_quantize_with_a_generator_and_pngs(tiny, tmp_path, capsys):
     assert rep["losses"]["quantize_brecq"]["loss"]  # reconstruction losses from the progress callback
 
 
+def test_reconstruction_flags_reach_the_reconstruction(tiny, tmp_path, capsys):
+    data = tiny / "data.npz"
+    code, _, err = _run(capsys, "quantize", *_model(tiny), "--images", data, "--method", "brecq", "--iterations", 3,
+                        "--batch-size", 4, "--lr", "0.02", "--act-lr", "0.005", "--reg-weight", "0.1", "--qdrop",
+                        "--input-bits", 6, "--out", tmp_path / "q.pt")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "q.report.json").read_text())["quant_config"]["brecq"]
+    assert cfg["input_bits"] == 6
+    rec = cfg["reconstruction"]
+    assert (rec["iterations"], rec["lr"], rec["act_lr"], rec["reg_weight"], rec["qdrop"]) == (3, 0.02, 0.005, 0.1, 0.5)
+    # without the flags: the defaults for the count (BRECQ's rates x 20000 / iterations, capped at 100x)
+    code, _, err = _run(capsys, "quantize", *_model(tiny), "--images", data, "--method", "adaround", "--iterations",
+                        2000 // 100, "--batch-size", 4, "--qdrop", "0.25", "--out", tmp_path / "q2.pt")
+    assert code == 0, err
+    rec = json.loads((tmp_path / "q2.report.json").read_text())["quant_config"]["adaround"]["reconstruction"]
+    assert rec["lr"] == pytest.approx(0.1) and rec["act_lr"] == pytest.approx(0.04) and rec["qdrop"] == 0.25
+    assert rec["reg_weight"] == 0.01
+    for argv, expected in ((["--lr", "0"], "expected a positive number"), (["--act-lr", "-1"], "positive number"),
+                           (["--reg-weight", "x"], "non-negative number"), (["--qdrop", "1"], "probability"),
+                           (["--method", "nearest", "--lr", "0.1"], "--method nearest has none"),
+                           (["--method", "nearest", "--input-bits", "17"], "input_bits must be")):
+        code, _, err = _run(capsys, "quantize", *_model(tiny), "--images", data, *argv, "--out", tmp_path / "e.pt")
+        assert code == 2 and expected in _one_error_line(err), (argv, err)
+
+
 def _one_error_line(err):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("zsq-fast"), err

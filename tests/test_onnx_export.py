@@ -93,7 +93,7 @@ def test_w8a8_runs_on_integer_kernels(net, calib, tmp_path):
 
 def test_export_carries_the_bit_widths(net, calib, tmp_path):
     T = onnx.TensorProto
-    q = quantize(net, calib, "W4A4", preset="hw")
+    q = quantize(net, calib, "W4A4", preset="hw", input_bits=4)  # the image at 4 bits too (default: 8)
     m = _export(q, tmp_path / "w4a4.onnx")
     assert {o.domain: o.version for o in m.opset_import}.get("", 0) == 21
     types = _initializer_types(m)
@@ -106,7 +106,7 @@ def test_export_carries_the_bit_widths(net, calib, tmp_path):
     assert all(n.domain in ("", "ai.onnx") for n in m.graph.node)
 
     # 3 bits: weights still INT4 (exact), activations int8 behind a Clip to the 3-bit range
-    q3 = quantize(net, calib, "W3A3", preset="hw")
+    q3 = quantize(net, calib, "W3A3", preset="hw", input_bits=3)
     m3 = _export(q3, tmp_path / "w3a3.onnx")
     t3 = _initializer_types(m3)
     assert t3["model.layer1.0.conv1.w_int"] == T.INT4
@@ -122,16 +122,17 @@ def test_relu6_before_a_4_bit_quantizer(calib, test_images, tmp_path):
     torch.manual_seed(4)
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1),
                       nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
-    q = quantize(m, calib, "W4A4", preset="hw")
+    q = quantize(m, calib, "W4A4", preset="hw", input_bits=4)
     model = _export(q, tmp_path / "relu6.onnx")
     producers = {o: n for n in model.graph.node for o in n.output}
     after_clip = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
                   and getattr(producers.get(n.input[0]), "op_type", None) == "Clip"]
     types = _initializer_types(model)
     assert after_clip and all(types[n.input[2]] == onnx.TensorProto.UINT8 for n in after_clip)
-    # the other 4-bit activations (network input, pooled features, logits) are still 4-bit tensors
+    # the other 4-bit activations (network input, pooled features -- quantized by the pool and, on the same grid,
+    # again after nn.Flatten so that the Gemm reads a DequantizeLinear -- and the logits) are still 4-bit tensors
     others = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n not in after_clip]
-    assert len(others) == 3 and {types[n.input[2]] for n in others} <= {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    assert len(others) == 4 and {types[n.input[2]] for n in others} <= {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
     r = zsq_fast.evaluate_onnx(tmp_path / "relu6.onnx", test_images, reference=q, threads=1)
     assert r["agreement"] >= 99.9 and r["max_logit_diff_steps"] <= 1.0, r
 
@@ -166,8 +167,9 @@ def test_hw_layer_is_integer_true(net, calib):
     b_int = layer.integer_bias().double()
     assert torch.equal(b_int, torch.round(b_int)) and b_int.abs().max() > 0
     acc = acc + b_int.view(1, -1, 1, 1)
-    with torch.no_grad():
-        y = layer(x).double() / layer.bias_scale().double().view(1, -1, 1, 1)
+    with torch.no_grad():  # under hw the layer's input arrives on the grid (its producer quantized it)
+        x_q = x_int * layer.input_quantizer.effective_scale()
+        y = layer(x_q).double() / layer.bias_scale().double().view(1, -1, 1, 1)
     assert torch.equal(y, acc)
 
 

@@ -96,9 +96,10 @@ def test_bn_folding_is_exact(net, images):
 
 def test_16_bits_matches_float(net, images):
     ref = net(images)
-    # academic keeps its first and last layer at 8 bits, hence the looser bound
-    for preset, tol in (("hw", 2e-4), ("academic", 2e-2)):
-        q = quantize(net, images, "W16A16", preset=preset, calibration="minmax")
+    # academic keeps its first and last layer at 8 bits, hence the looser bound; hw's image grid is 8-bit
+    # unless input_bits says otherwise
+    for preset, tol, kw in (("hw", 2e-4, {"input_bits": 16}), ("academic", 2e-2, {}), ("dgh_paper", 2e-4, {})):
+        q = quantize(net, images, "W16A16", preset=preset, calibration="minmax", **kw)
         with torch.no_grad():
             out = q(images)
         assert (out - ref).abs().max() < tol * ref.abs().max(), preset
@@ -110,7 +111,9 @@ def test_hw_scales_are_powers_of_two_and_edges_quantized(net, images):
     for name, qz in _quantizers(q):
         e = torch.log2(qz.scale.detach())
         assert torch.equal(e, e.round()), name
-        assert qz.spec.bits == 4 and qz.spec.symmetric and qz.spec.pow2, name
+        # the image on an 8-bit grid (hw's default input_bits), every other tensor at the target bits
+        assert qz.spec.bits == (8 if name == "model.conv1.input_quantizer" else 4), name
+        assert qz.spec.symmetric and qz.spec.pow2, name
     cfg = q.quant_config
     assert cfg["layers"]["conv1"]["role"] == "first" and cfg["layers"]["fc"]["role"] == "last"
     assert cfg["layers"]["conv1"]["weight"]["bits"] == 4 and cfg["layers"]["fc"]["weight"]["bits"] == 4
@@ -295,7 +298,7 @@ def test_torchvision_block_with_inplace_relu(images):
     ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
     model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), tv.BasicBlock(8, 16, stride=2, downsample=ds),
                                         nn.Flatten(), nn.Linear(16 * 16, 3)))
-    q = quantize(model, images, "W16A16", method="brecq", iterations=2, batch_size=16)
+    q = quantize(model, images, "W16A16", method="brecq", iterations=2, batch_size=16, input_bits=16)
     assert [u["kind"] for u in q.quant_config["units"]] == ["layer", "block", "layer"]
     assert len(q.quant_config["folded_bn"]) == 3
     ref = model(images)

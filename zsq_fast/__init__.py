@@ -4,7 +4,7 @@ model -> generate (synthetic calibration images) -> quantize (fake-quant model) 
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from . import errors, ops  # noqa: E402,F401
 from .errors import ZsqFastError  # noqa: E402,F401

@@ -9,177 +9,21 @@ traceback instead).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
+import math
 import os
 import sys
 
 import torch
-from tqdm.auto import tqdm
 
-from .data import ImageSet, load_images_for, one_per_class, random_subset
-from .errors import InvalidArgumentError, MissingFileError, ZsqFastError
+from .data import ImageSet, load_images_for, random_subset
+from .errors import MissingFileError, ZsqFastError
 from .evaluate import evaluate, predict_logits
-from .models.zoo import LoadedModel, has_batchnorm, load_model
-from .plots import UnitCurves, generation_figure, reconstruction_figure, save_png
-from .quantize.presets import parse_bits as quant_parse_bits
-from .report import (LossLog, RunReport, check_precision, report_path_for, resolve_device,
-                     seed_everything)
-
-GENERATORS = ("dgh", "bns", "fdda")
-PRESETS = ("hw", "academic")
-ROUNDINGS = ("nearest", "adaround", "brecq")
-
-
-class UsageError(InvalidArgumentError):
-    """Bad command-line input (printed as one line, exit code 2)."""
-
-
-# ---------------------------------------------------------------- glue around the library
-class Progress:
-    """A tqdm bar fed by the library's progress callbacks callback(step, total, losses) + a loss log."""
-
-    def __init__(self, desc: str, enabled: bool = True, unit: str = "it", one_based: bool = True):
-        self.desc, self.enabled, self.unit, self.one_based = desc, enabled, unit, one_based
-        self.bar: tqdm | None = None
-        self.log: LossLog | None = None
-
-    def __call__(self, step: int, total: int, losses=None) -> None:
-        if total <= 0:  # a stage notice without steps (e.g. quantize's "calibrated")
-            return
-        if self.bar is None or self.bar.total != total:
-            self.close()
-            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, disable=not self.enabled,
-                            leave=False, dynamic_ncols=True)
-            if self.log is None:
-                self.log = LossLog(total)
-        self.bar.update(max(0, step + (0 if self.one_based else 1) - self.bar.n))
-        if isinstance(losses, dict) and losses:
-            self.bar.set_postfix({k: (f"{float(v):.4g}" if isinstance(v, (int, float)) else str(v))
-                                  for k, v in list(losses.items())[:3] if k != "stage"}, refresh=False)
-        self.log.add(step, losses, total + (0 if self.one_based else -1))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def losses(self) -> dict:
-        return self.log.to_dict() if self.log is not None else {}
-
-
-def parse_bits(bits: str) -> tuple[int, int]:
-    """'W4A4' -> (4, 4), checked before any long work starts (the quantizer's own parser)."""
-    try:
-        return quant_parse_bits(bits)
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from None
-
-
-def _accepted(fn, kwargs: dict) -> dict:
-    """kwargs the library function takes; an explicit setting it does not take is an error, not ignored."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    unknown = [k for k in kwargs if k not in params]
-    if unknown:
-        raise UsageError(f"{fn.__module__}.{fn.__name__} does not support {', '.join(unknown)}")
-    return kwargs
-
-
-def check_generator_model(model_src: LoadedModel, method: str) -> None:
-    if method not in GENERATORS:
-        raise UsageError(f"unknown generator {method!r}; choose from {', '.join(GENERATORS)}")
-    if isinstance(model_src.model, torch.jit.ScriptModule):
-        raise UsageError(f"generator {method} needs an nn.Module with hookable BatchNorm layers; "
-                         f"{model_src.source} is TorchScript (load it as ARCH --weights instead)")
-    if not has_batchnorm(model_src.model):
-        raise UsageError(f"model {model_src.source} has no BatchNorm layers; generator {method} matches BN "
-                         "statistics and cannot work without them (calibrate with real images: --images DATA)")
-
-
-def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, seed: int, precision: str,
-                 iterations: int | None = None, chunk_size: int | None = None, mode: str | None = None,
-                 real: ImageSet | None = None, per_class: int = 1, checkpoint: str | None = None,
-                 progress: bool = True, report: RunReport | None = None, extra: dict | None = None,
-                 stale_refresh: str | None = None):
-    """zsq_fast.generate with a progress bar; returns (images (N,3,S,S) on CPU, record dict, labels or None)."""
-    from .generate import generate as gen
-
-    check_generator_model(model_src, method)
-    kwargs = dict(method=method, image_size=model_src.input_size, mean=model_src.mean, std=model_src.std,
-                  seed=seed, device=device)
-    if precision != "fp32":  # autocast inside the generator's forward passes (CUDA only)
-        kwargs["amp"] = precision
-    if mode is not None and method != "dgh":
-        raise UsageError(f"--mode exact|stale is for generator dgh only (got {method})")
-    if stale_refresh is not None and mode != "stale":
-        raise UsageError("--stale-refresh is for --mode stale only")
-    for k, v in (("iterations", iterations), ("chunk_size", chunk_size), ("aggregation", mode),
-                 ("checkpoint", checkpoint), ("stale_refresh", stale_refresh)):
-        if v is not None:
-            kwargs[k] = v
-    if method == "fdda":
-        if real is None or real.labels is None:
-            raise UsageError("generator fdda needs real labelled images for its class centers (--real DATA)")
-        rx, ry = real.take(one_per_class(real.labels, per_class, seed))
-        kwargs.update(real_images=rx, real_labels=ry, images_per_class=per_class)
-    elif real is not None:
-        raise UsageError(f"--real is for generator fdda only (got --method {method})")
-    kwargs.update(extra or {})
-    bar = Progress(f"generate {method}", progress)
-    kwargs["progress"] = bar
-    try:
-        with report.timed(f"generate_{method}") if report is not None else contextlib.nullcontext():
-            images, record = gen(model_src.model.to(device), n_images, **_accepted(gen, kwargs))
-    finally:
-        bar.close()
-    record_d = record.to_dict() if hasattr(record, "to_dict") else dict(record or {})
-    labels = getattr(record, "labels", None)
-    if report is not None:  # the record holds the settings, per-step losses, timings and peak memory
-        report.extra.setdefault("generation", {})[method] = record_d
-    return images.detach().cpu(), record_d, labels
-
-
-def run_quantize(model_src: LoadedModel, calib: torch.Tensor, *, bits: str, preset: str, method: str,
-                 device, seed: int, precision: str, iterations: int | None = None,
-                 batch_size: int | None = None, progress: bool = True, report: RunReport | None = None,
-                 tag: str = "", extra: dict | None = None):
-    """zsq_fast.quantize (it leaves the float model unchanged) with a progress bar."""
-    from .quantize import quantize as q
-
-    parse_bits(bits)
-    if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    if method not in ROUNDINGS:
-        raise UsageError(f"unknown rounding method {method!r}; choose from {', '.join(ROUNDINGS)}")
-    # Reconstruction always runs in fp32 (its losses are small differences); --precision applies to
-    # generation and evaluation.
-    kwargs = dict(bits=bits, preset=preset, method=method, device=device, seed=seed)
-    for k, v in (("iterations", iterations), ("batch_size", batch_size)):
-        if v is not None:
-            kwargs[k] = v
-    kwargs.update(extra or {})
-    bar = Progress(f"quantize {bits} {preset} {method}", progress)
-    curves = UnitCurves()
-
-    def on_progress(step, total, info=None):
-        bar(step, total, info)
-        curves(step, total, info)
-    kwargs["progress"] = on_progress
-    name = f"quantize_{tag or method}"
-    try:
-        with report.timed(name) if report is not None else contextlib.nullcontext():
-            qmodel = q(model_src.model, calib, **_accepted(q, kwargs))
-    finally:
-        bar.close()
-    if report is not None:
-        report.losses[name] = bar.losses()
-        cfg = getattr(qmodel, "quant_config", None)
-        if cfg is not None:
-            report.extra.setdefault("quant_config", {})[tag or method] = cfg
-            report.extra.setdefault("reconstruction_curves", {})[tag or method] = curves.curves
-    return qmodel
+from .models.zoo import LoadedModel, load_model
+from .pipeline import (GENERATORS, PRESETS, ROUNDINGS, Progress, UsageError,  # noqa: F401 (re-exported)
+                       check_generator_model, parse_bits, run_generate, run_quantize)
+from .plots import generation_figure, reconstruction_figure, save_png
+from .report import RunReport, check_precision, report_path_for, resolve_device, seed_everything
 
 
 # ---------------------------------------------------------------- commands
@@ -267,6 +111,12 @@ def cmd_quantize(args) -> int:
     report, device = _start(args, "quantize")
     parse_bits(args.bits)
     _check_output(args.out)
+    recon = {k: v for k, v in (("lr", args.lr), ("act_lr", args.act_lr), ("reg_weight", args.reg_weight),
+                               ("qdrop", args.qdrop)) if v is not None}
+    if recon and args.method == "nearest":
+        raise UsageError(f"--{'/--'.join(k.replace('_', '-') for k in recon)} set the reconstruction; "
+                         "--method nearest has none (use adaround or brecq)")
+    extra = dict(recon, **({"input_bits": args.input_bits} if args.input_bits is not None else {}))
     if bool(args.images) == bool(args.generator):
         raise UsageError("give calibration data: either --images DATA or --generator dgh|bns|fdda")
     with report.timed("load_model"):
@@ -280,7 +130,7 @@ def cmd_quantize(args) -> int:
     calib = _calibration_images(args, src, device, report)
     qmodel = run_quantize(src, calib, bits=args.bits, preset=args.preset, method=args.method, device=device,
                           seed=args.seed, precision=args.precision, iterations=args.iterations,
-                          batch_size=args.batch_size, progress=not args.no_progress, report=report)
+                          batch_size=args.batch_size, progress=not args.no_progress, report=report, extra=extra)
     from .quantize import export_onnx, save_quantized
 
     with report.timed("save"):
@@ -438,6 +288,29 @@ def _positive(s: str) -> int:
     return v
 
 
+def _rate(allow_zero: bool):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            v = float("nan")
+        if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"expected a {'non-negative' if allow_zero else 'positive'} number, "
+                                             f"got {s!r}")
+        return v
+    return parse
+
+
+def _probability(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {s!r}")
+    return v
+
+
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
@@ -494,11 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
     _generator_args(q, "--gen-iterations")
     r = q.add_argument_group("quantization")
     r.add_argument("--bits", default="W4A4", help="W<w>A<a>, e.g. W4A4, W3A8 (2..16)")
-    r.add_argument("--preset", default="hw", choices=PRESETS, help="hw (default) or academic")
+    r.add_argument("--preset", default="hw", choices=PRESETS,
+                   help="hw (default), academic or dgh_paper (the DGH paper's setting, BRECQ's semantics)")
     r.add_argument("--method", default="brecq", choices=ROUNDINGS, help="rounding (default brecq)")
     r.add_argument("--iterations", type=_positive,
-                   help="reconstruction steps per block/layer (default 20000, BRECQ's; use fewer on CPU)")
+                   help="reconstruction steps per block/layer (default 20000, BRECQ's; 2000 converge as well with "
+                        "the default rates, which follow the count)")
     r.add_argument("--batch-size", type=_positive, help="reconstruction batch size")
+    r.add_argument("--lr", type=_rate(False), help="Adam lr on the rounding variables (default 1e-3 x 20000 / "
+                                                    "iterations, at least 1e-3)")
+    r.add_argument("--act-lr", type=_rate(False), help="activation-scale step per iteration, relative to the scale "
+                                                        "(default 4e-4 x 20000 / iterations, at least 4e-4)")
+    r.add_argument("--reg-weight", type=_rate(True), help="rounding regularizer weight lambda (default 0.01)")
+    r.add_argument("--input-bits", type=_positive,
+                   help="bits of the network input's grid (default: the preset's; hw: 8, as images are)")
+    r.add_argument("--qdrop", type=_probability, nargs="?", const=0.5,
+                   help="QDrop: keep activations float with this probability while reconstructing "
+                        "(--qdrop alone: 0.5; default off)")
     q.add_argument("--out", required=True, help="quantized model file (.pt)")
     q.add_argument("--onnx", help="also export ONNX (QuantizeLinear/DequantizeLinear) here")
     q.add_argument("--eval", help="evaluate float and quantized on this data afterwards")
@@ -525,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

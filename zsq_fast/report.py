@@ -143,7 +143,7 @@ def report_path_for(output: str, suffix: str = "report") -> str:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

@@ -19,6 +19,7 @@ import torch
 from ..data import random_subset, to_uint8_hwc
 from ..evaluate import evaluate, predict_logits
 from ..models.zoo import LoadedModel
+from ..pipeline import parse_bits, run_generate, run_quantize
 from ..report import RunReport, seed_everything
 from .digits import MEAN, SIZE, STD, load_digits_split, train_digits_cnn
 from .grid import save_comparison
@@ -60,8 +61,6 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, settings: DemoSe
              echo=print) -> dict:
     """Run the demo; returns {'rows', 'table', 'grid', 'report'} (paths inside out_dir). On CPU it runs
     single-threaded (see below) and restores the thread count afterwards."""
-    from ..cli import parse_bits
-
     s = settings or (DemoSettings.quick() if quick else DemoSettings())
     for b in s.bits:
         parse_bits(b)
@@ -78,8 +77,6 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, settings: DemoSe
 
 
 def _run(out_dir, quick, s: DemoSettings, device, seed, progress, echo) -> dict:
-    from ..cli import run_generate, run_quantize
-
     os.makedirs(out_dir, exist_ok=True)
     report = RunReport("demo", {"out": out_dir, "quick": quick, "device": str(device), "seed": seed, **vars(s)})
     seed_everything(seed)

@@ -19,17 +19,34 @@ from torch import nn
 from .cache import UnitData
 
 
+# BRECQ's Adam rates for its 20000 iterations per unit: 1e-3 on V; activation scales (LSQ) as a relative step.
+REFERENCE_ITERATIONS = 20000
+REFERENCE_LR = 1e-3
+REFERENCE_ACT_LR = 4e-4
+MAX_RATE_FACTOR = 100.0
+
+
+def default_rates(iterations: int) -> tuple[float, float]:
+    """(lr on V, act_lr) for `iterations` per unit: BRECQ's rates times 20000 / iterations (at most 100x, never
+    below BRECQ's). Adam moves each variable by about lr per step, so lr * iterations -- how far V and log2 s
+    can travel -- stays what BRECQ's schedule allows: at 2000 iterations V gets 1e-2, enough to cross from a
+    fractional part to a hard 0/1 (at 1e-3 it barely leaves its start), and an activation exponent can move.
+    benchmarks/recon_convergence.py measures it (RESULTS.md)."""
+    factor = min(MAX_RATE_FACTOR, max(1.0, REFERENCE_ITERATIONS / iterations))
+    return REFERENCE_LR * factor, REFERENCE_ACT_LR * factor
+
+
 @dataclass
 class ReconConfig:
     iterations: int = 20000       # per unit (BRECQ default)
     batch_size: int = 32
-    lr: float = 1e-3              # Adam on V
+    lr: float = 1e-3              # Adam on V (quantize() picks default_rates(iterations) unless given)
     reg_weight: float = 0.01      # lambda (0.1 is BRECQ's choice for MobileNetV2)
     warmup: float = 0.2           # fraction of iterations without the regularizer
     beta_start: float = 20.0
     beta_end: float = 2.0
     learn_act_scale: bool = False  # LSQ on the unit's activation scales
-    act_lr: float = 4e-4            # relative to each calibrated scale
+    act_lr: float = 4e-4          # relative step per iteration of each activation scale (Quantizer.learning_rate)
     qdrop: float = 0.0            # QDrop probability (0 = off)
 
 
@@ -49,22 +66,23 @@ def reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,
-                generator: torch.Generator, on_step=None) -> float:
+                generator: torch.Generator, on_step=None, site_quantizers=()) -> float:
     """Learn the rounding of `layers` (inside `unit`) so that unit(x_q) matches the float target.
 
     Leaves every layer with hard rounding (h = 1[V >= 0]); returns the last reconstruction loss.
-    on_step(t, loss_fn) is called each iteration (loss_fn() gives the loss as a float).
+    on_step(t, loss_fn) is called each iteration (loss_fn() gives the loss as a float). site_quantizers: the
+    output quantizers inside the unit (hw), learned with LSQ like the layers' input quantizers.
     """
     vs = [layer.init_adaround() for layer in layers]
     opt_v = torch.optim.Adam(vs, lr=cfg.lr)
-    act = [layer.input_quantizer for layer in layers if layer.input_quantizer.enabled]
+    # a quantizer shared by layers reading one tensor is learned once
+    # inputs that arrive quantized (a site outside the unit) are not the unit's to learn
+    own = [layer.input_quantizer for layer in layers if not getattr(layer, "input_prequantized", False)]
+    act = list({id(q): q for q in [*own, *site_quantizers] if q.enabled}.values())
     opt_s = None
     if cfg.learn_act_scale and act:
-        for q in act:
-            q.scale.requires_grad_(True)
-        # Adam's steps are about lr in size whatever the gradient's scale, so each scale gets a step
-        # relative to its calibrated value (act_lr * s0): the same schedule works at 4 and at 16 bits.
-        opt_s = torch.optim.Adam([{"params": [q.scale], "lr": cfg.act_lr * float(q.scale.detach().mean())}
+        # act_lr is a relative step (see Quantizer.learning_rate): the same schedule at 4 and at 16 bits
+        opt_s = torch.optim.Adam([{"params": [q.start_learning()], "lr": q.learning_rate(cfg.act_lr)}
                                   for q in act])
     for q in act:
         q.drop_prob = cfg.qdrop
@@ -91,7 +109,8 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
             if opt_s is not None:
                 opt_s.step()
                 for q in act:
-                    q.scale.data.clamp_(min=1e-8)
+                    if q.log2_scale is None:
+                        q.scale.data.clamp_(min=1e-8)
             if on_step is not None:
                 on_step(t, lambda: rec.item())
             if t == cfg.iterations - 1:
@@ -103,5 +122,6 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
             layer.v.requires_grad_(False)
         for q in act:
             q.drop_prob = 0.0
-            q.scale.requires_grad_(False)
+            if opt_s is not None:
+                q.stop_learning()
     return last

@@ -22,16 +22,18 @@ from torch import nn
 from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedModelError
 from ..validate import (as_device, check_finite_activation, check_finite_images, check_finite_model,
                         check_finite_result, probe_forward)
-from .adaround import ReconConfig
-from .blocks import find_units
+from .adaround import ReconConfig, default_rates
+from .blocks import find_blocks, find_units
 from .brecq import reconstruct_model
 from .cache import MODES as CACHE_MODES
 from .calibrate import METHODS as CALIBRATIONS
 from .calibrate import ActObserver, weight_scale
 from .fold import fold_bn, set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
+from ..ops.checks import MAX_BITS, MIN_BITS
 from .presets import PRESETS, get_preset, parse_bits
 from .quantizer import Quantizer
+from .sites import SiteHook, Sites, attach, find_sites, only
 from .trace import trace_model
 
 METHODS = ("nearest", "adaround", "brecq")
@@ -89,6 +91,8 @@ def _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_
     # upper bounds: larger steps and weights overflow float32 in the reconstruction updates
     for name, v, zero_ok, hi in (("lr", lr, False, 1e6), ("act_lr", act_lr, False, 1e6),
                                  ("reg_weight", reg_weight, True, 1e6), ("percentile", percentile, False, 100)):
+        if v is None and name in ("lr", "act_lr"):
+            continue  # the default: scaled to the iteration count (adaround.default_rates)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InvalidTypeError(f"{name} must be a number, got {v!r:.80}")
         if not (0 <= v <= hi) or (v == 0 and not zero_ok):
@@ -107,6 +111,50 @@ def _device(device, model: nn.Module) -> torch.device:
         p0 = next(iter(model.parameters()), None)
         return p0.device if p0 is not None else torch.device("cpu")
     return as_device(device)
+
+
+def _share_input_quantizers(model: nn.Module, groups: list[list[str]], quantized: set[str]) -> list[list[str]]:
+    """Layers that read the same tensor get one input quantizer (the first reader's): one tensor, one grid.
+    Returns the groups tied. Readers whose grids differ (a preset's first/last-layer bits) keep their own."""
+    tied = []
+    for group in groups:
+        names = [n for n in group if n in quantized]
+        if len(names) < 2:
+            continue
+        q0 = model.get_submodule(names[0]).input_quantizer
+        same = [n for n in names[1:] if model.get_submodule(n).input_quantizer.spec == q0.spec]
+        for n in same:
+            model.get_submodule(n).input_quantizer = q0
+        if same:
+            tied.append([names[0], *same])
+    return tied
+
+
+def activation_quantizers(qmodel: QuantizedModel) -> list[dict]:
+    """Every activation quantizer once (tensor, the layers reading it, grid, scale): what quant_config lists."""
+    seen: dict[int, dict] = {}
+    for site in qmodel.quant_config.get("sites", []):
+        q = qmodel.model.get_submodule(site["name"])._forward_hooks
+        quant = next(h.quantizer for h in q.values() if isinstance(h, SiteHook))
+        seen[id(quant)] = {"tensor": f"output of {site['name']}", "readers": [], **_grid(quant)}
+    for name, m in qmodel.model.named_modules():
+        if isinstance(m, QUANT_LAYERS) and m.input_quantizer.enabled:
+            q = m.input_quantizer
+            entry = seen.get(id(q))
+            if entry is None:
+                entry = seen[id(q)] = {"tensor": f"input of {name}", "readers": [], **_grid(q)}
+            entry["readers"].append(name)
+    out = list(seen.values())
+    if qmodel.output_quantizer is not None:
+        out.append({"tensor": "network output", "readers": [], **_grid(qmodel.output_quantizer)})
+    return out
+
+
+def _grid(q: Quantizer) -> dict:
+    sp = q.spec
+    return {"bits": sp.bits, "signed": sp.signed, "symmetric": sp.symmetric, "pow2": sp.pow2,
+            "scale": float(q.effective_scale().reshape(-1)[0]),
+            "zero_point": int(q.zero_point.reshape(-1)[0])}
 
 
 def _unsupported(model: nn.Module, ran: set[str], skip: set[str]) -> list[str]:
@@ -128,13 +176,18 @@ def _no_inplace(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _observe_activations(model, names, images, batch_size, device, max_samples, generator):
-    """One pass of the float model: an ActObserver per layer input (by name) and one for the output."""
+def _observe_activations(model, names, images, batch_size, device, max_samples, generator, sites=()):
+    """One pass of the float model: an ActObserver per layer input (by name), per site output (by name, in
+    the second dict) and one for the network output."""
     n_batches = (images.shape[0] + batch_size - 1) // batch_size
     obs = {n: ActObserver(max_samples, n_batches, generator) for n in names}
+    site_obs = {n: ActObserver(max_samples, n_batches, generator) for n in sites}
     out_obs = ActObserver(max_samples, n_batches, generator)
     handles = [model.get_submodule(n).register_forward_pre_hook(
         lambda m, args, n=n: _observe(obs[n], args[0], f"the input of layer {n!r}", batch)) for n in names]
+    # not checked here: a non-finite site output reaches a layer's input (or the output), checked and named there
+    handles += [model.get_submodule(n).register_forward_hook(
+        lambda m, args, out, n=n: site_obs[n].observe(out)) for n in sites]
     batch = slice(0, 0)
     try:
         for i in range(0, images.shape[0], batch_size):
@@ -146,7 +199,7 @@ def _observe_activations(model, names, images, batch_size, device, max_samples, 
     finally:
         for h in handles:
             h.remove()
-    return obs, out_obs
+    return obs, site_obs, out_obs
 
 
 def _observe(observer: ActObserver, x: torch.Tensor, where: str, batch: slice) -> None:
@@ -159,27 +212,35 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
              device: str | torch.device | None = None,
              progress: Callable[[int, int, dict], None] | None = None, seed: int = 0,
              qdrop: bool | float = False, cache: str = "host", learn_act_scale: bool | None = None,
-             reg_weight: float = 0.01, lr: float = 1e-3, act_lr: float = 4e-4, percentile: float = 99.99,
-             act_samples: int = 1 << 16, skip: Sequence[str] = ()) -> QuantizedModel:
+             reg_weight: float = 0.01, lr: float | None = None, act_lr: float | None = None, percentile: float = 99.99,
+             act_samples: int = 1 << 16, skip: Sequence[str] = (), input_bits: int | None = None) -> QuantizedModel:
     """Post-training quantization of `model` (left unchanged) with calibration images.
 
     bits         'W{w}A{a}' (e.g. 'W4A4', 'W3A8'), each width 2..16.
-    preset       'hw' or 'academic' (see zsq_fast.quantize.presets).
+    preset       'hw', 'academic' or 'dgh_paper' (see zsq_fast.quantize.presets).
     method       'nearest' (round to nearest), 'adaround' (layer by layer) or 'brecq' (block by block,
                  with LSQ on activation scales unless learn_act_scale=False).
     calibration  initial scales: 'mse' (clipping search), 'minmax' or 'percentile' (`percentile`).
     iterations   per reconstruction unit (None = 20000, BRECQ's default); batch_size also bounds
                  device memory; cache 'host' | 'device' | 'recompute' (see zsq_fast.quantize.cache).
     qdrop        True (p = 0.5) or a probability: QDrop during reconstruction.
+    lr, act_lr   Adam rates on the rounding variables V and (as a relative step) on the activation scales;
+                 None: BRECQ's 1e-3 / 4e-4 scaled by 20000 / iterations (adaround.default_rates), so that
+                 2000 iterations converge as BRECQ's 20000 do. reg_weight: the rounding regularizer's lambda.
     progress     called as progress(step, total, info) with info['stage'] and, while reconstructing,
                  info['unit'] and info['loss'].
     skip         names of modules to leave float (recorded in quant_config['float_modules']).
+    input_bits   bits of the network input's grid (None: the preset's; hw: 8, as images are; pass the
+                 activation bits to quantize the input like any other tensor).
     Returns a QuantizedModel in eval mode; .quant_config says exactly what is quantized.
     """
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     w_bits, a_bits = parse_bits(bits)
     p_drop = _check_args(preset, method, calibration, cache, iterations, batch_size, qdrop)
+    if input_bits is not None:
+        if isinstance(input_bits, bool) or not isinstance(input_bits, int) or not MIN_BITS <= input_bits <= MAX_BITS:
+            raise InvalidArgumentError(f"input_bits must be None or an int in [{MIN_BITS}, {MAX_BITS}], got {input_bits!r}")
     pre = get_preset(preset)
     _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale, progress)
     images = _as_images(calib_images)
@@ -225,7 +286,17 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             hint = " (a bare layer: wrap it in nn.Sequential)" if isinstance(fp, _QUANTIZABLE) else ""
             raise UnsupportedModelError(f"the model has no Conv2d/Linear layer that runs{hint}; nothing to quantize")
 
-        obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples, gen)
+        found = Sites()
+        in_bits = pre.input_bits if input_bits is None else input_bits
+        if pre.sites != "none" or pre.float_input or in_bits is not None:
+            blocks = find_blocks(fp, tr.order)
+            found = find_sites(fp, images[: min(2, images.shape[0])].to(device), blocks, layer_names)
+            if pre.sites == "blocks":  # dgh_paper: BRECQ's block-output quantizers only
+                found = only(found, found.block_outputs.values())
+            elif pre.sites == "none":
+                found = only(found, [])
+        obs, site_obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples,
+                                                      gen, found.sites)
         if progress is not None:
             progress(1, 1, {"stage": "calibrate"})
         q_inner = copy.deepcopy(fp)
@@ -235,6 +306,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             wb = ab = None
             if name in edge and pre.first_last_bits is not None:
                 wb = ab = pre.first_last_bits
+            if in_bits is not None and name in found.input_readers:
+                ab = in_bits  # the network input's grid (8-bit images), whatever the layers' bits
             w_spec = pre.weight_spec(wb or w_bits)
             a_spec = pre.act_spec(ab or a_bits, obs[name].nonnegative)
             # int8 kernels accumulate in int32; wider grids have no such kernel (nor ONNX export)
@@ -243,10 +316,30 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             layer.weight_quantizer.set_params(*weight_scale(layer.weight, w_spec, calibration,
                                                             percentile=percentile))
             layer.input_quantizer.set_params(*obs[name].scale(a_spec, calibration, percentile=percentile))
+            if pre.float_input and name in found.input_readers:
+                layer.input_quantizer.enabled = False  # the image stays float (dgh_paper)
             set_module(q_inner, name, layer)
             layers_cfg[name] = {"type": layer.kind, "role": edge.get(name, "inner"),
                                 "weight": w_spec.to_dict(), "input": a_spec.to_dict(),
-                                "bias": None if layer.bias is None else ("int32" if layer.int32_bias else "float")}
+                                "bias": None if layer.bias is None else ("int32" if layer.int32_bias else "float"),
+                                "input_quantized": layer.input_quantizer.enabled}
+        site_q: dict[str, Quantizer] = {}
+        for name in found.sites:
+            spec = pre.act_spec(a_bits, site_obs[name].nonnegative)
+            site_q[name] = Quantizer(spec, 1).to(device)
+            site_q[name].set_params(*site_obs[name].scale(spec, calibration, percentile=percentile))
+        for name, src in found.fed_by.items():  # the layer reads the site's output, already on its grid
+            layer = q_inner.get_submodule(name)
+            layer.input_quantizer, layer.input_prequantized = site_q[src], name not in found.via_view
+            layers_cfg[name]["input"] = site_q[src].spec.to_dict()
+            layers_cfg[name]["input_from"] = src
+            layers_cfg[name]["input_prequantized"] = layer.input_prequantized
+        attach(q_inner, site_q)
+        shared = _share_input_quantizers(q_inner, [g for g in tr.shared_inputs if g[0] not in found.fed_by],
+                                         set(layer_names))
+        for group in shared:
+            for name in group[1:]:
+                layers_cfg[name]["input_shared_with"] = group[0]
         out_q = None
         out_cfg = {"quantized": False}
         if pre.quantize_output:
@@ -258,12 +351,16 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         units_done: list[dict] = []
         recon = None
         if method != "nearest":
-            recon = ReconConfig(iterations=iterations or 20000, batch_size=batch_size, lr=lr, reg_weight=reg_weight,
-                                learn_act_scale=learn_act_scale, act_lr=act_lr, qdrop=p_drop)
+            n_iter = iterations or 20000
+            lr_default, act_lr_default = default_rates(n_iter)
+            recon = ReconConfig(iterations=n_iter, batch_size=batch_size,
+                                lr=lr_default if lr is None else lr, reg_weight=reg_weight,
+                                learn_act_scale=learn_act_scale,
+                                act_lr=act_lr_default if act_lr is None else act_lr, qdrop=p_drop)
             units = find_units(q_inner, tr.order, blocks=method == "brecq")
             units_done = reconstruct_model(q_inner, fp, units, tr.order, images, recon, device=device,
-                                           cache=cache, generator=gen, progress=progress)
-        for m in q_inner.modules():
+                                           cache=cache, generator=gen, progress=progress, site_quantizers=site_q)
+        for m in [*q_inner.modules(), *site_q.values()]:
             if isinstance(m, QUANT_LAYERS):
                 m.freeze()
             if isinstance(m, Quantizer):
@@ -282,12 +379,16 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "num_calibration_images": int(images.shape[0]),
         "folded_bn": [list(p) for p in pairs],
         "layers": layers_cfg,
+        "shared_inputs": shared,
+        "sites": [{"name": n, **q.spec.to_dict()} for n, q in site_q.items()],
+        "input_bits": in_bits,
         "output": out_cfg,
         "float_modules": sorted(skip),
         # Conv2d/Linear that did not run on the calibration batch stay float (e.g. an unused head)
         "not_run": sorted(n for n, m in q_inner.named_modules() if isinstance(m, _QUANTIZABLE)),
         "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"]} for u in units_done],
     }
-    qmodel = QuantizedModel(q_inner, out_q, config).eval()
+    qmodel = QuantizedModel(q_inner, out_q, config, list(site_q.values())).eval()
     check_finite_result(qmodel)  # never hand back a model with NaN/inf scales, weights or biases
+    config["activations"] = activation_quantizers(qmodel)
     return qmodel

@@ -39,17 +39,37 @@ class Unit:
     layers: list[str]         # names of the quantized layers it holds
 
 
-def _n_layers(m: nn.Module) -> int:
-    return sum(isinstance(d, QUANT_LAYERS) for d in m.modules())
+def _n_layers(m: nn.Module, layer_types=QUANT_LAYERS) -> int:
+    return sum(isinstance(d, layer_types) for d in m.modules())
 
 
-def is_block(m: nn.Module) -> bool:
+def is_block(m: nn.Module, layer_types=QUANT_LAYERS) -> bool:
     if isinstance(m, KNOWN_BLOCKS):
         return True
-    if isinstance(m, _CONTAINERS) or isinstance(m, QUANT_LAYERS) or _n_layers(m) < 2:
+    if isinstance(m, _CONTAINERS) or isinstance(m, layer_types) or _n_layers(m, layer_types) < 2:
         return False
-    return not any(is_block(c) for c in m.children()) and not any(
+    return not any(is_block(c, layer_types) for c in m.children()) and not any(
         isinstance(d, KNOWN_BLOCKS) for d in m.modules() if d is not m)
+
+
+def find_blocks(model: nn.Module, order: list[str]) -> list[str]:
+    """Names of the blocks find_units would reconstruct, found on the float model (Conv2d/Linear layers)."""
+    layer_types = (nn.Conv2d, nn.Linear)
+    found: list[str] = []
+
+    def visit(prefix: str, m: nn.Module) -> None:
+        for name, child in m.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, layer_types):
+                continue
+            if is_block(child, layer_types):
+                found.append(full)
+            else:
+                visit(full, child)
+
+    visit("", model)
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted((b for b in found if b in rank), key=lambda b: rank[b])
 
 
 def find_units(model: nn.Module, order: list[str], blocks: bool = True) -> list[Unit]:

@@ -19,7 +19,7 @@ from .cache import UnitData
 
 def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], order: list[str],
                       images: torch.Tensor, cfg: ReconConfig, *, device: torch.device, cache: str,
-                      generator: torch.Generator, progress=None) -> list[dict]:
+                      generator: torch.Generator, progress=None, site_quantizers: dict | None = None) -> list[dict]:
     """Reconstruct every unit in turn; returns [{name, kind, layers, loss}] for the units done."""
     todo = deque(units)
     done: list[dict] = []
@@ -46,7 +46,9 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
                          {"stage": "reconstruct", "unit": name, "loss": loss_fn()})
 
         layers = [qmodel.get_submodule(n) for n in unit.layers]
-        loss = reconstruct(q_unit, layers, data, cfg, generator, on_step)
+        # the unit's own output sites (hw: add operands, its output) are learned with it
+        inside = [q for n, q in (site_quantizers or {}).items() if n == unit.name or n.startswith(unit.name + ".")]
+        loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=inside)
         done.append({"name": unit.name, "kind": unit.kind, "layers": list(unit.layers), "loss": loss})
         del data
     return done

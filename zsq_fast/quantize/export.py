@@ -36,6 +36,7 @@ from .fold import set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
 from .onnx_qdq import DOMAIN, INT4_MIN_OPSET, MAX_OPSET, lower_qdq
 from .quantizer import Quantizer, QuantSpec
+from .sites import attach
 
 FORMAT = "zsq_fast.quantized"
 
@@ -83,7 +84,19 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
             if layer.bias is None and f"model.{name}.bias" in state:  # BN folding gave it a bias
                 layer.bias = nn.Parameter(torch.zeros_like(state[f"model.{name}.bias"]), requires_grad=False)
             layer.freeze()
+            layer.input_quantizer.enabled = lc.get("input_quantized", True)
             set_module(m, name, layer)
+        for group in config.get("shared_inputs", []):  # one quantizer per tensor, as when it was made
+            for name in group[1:]:
+                m.get_submodule(name).input_quantizer = m.get_submodule(group[0]).input_quantizer
+        sites = {sc["name"]: Quantizer(QuantSpec(**{k: v for k, v in sc.items() if k != "name"}), 1)
+                 for sc in config.get("sites", [])}
+        for name, lc in config["layers"].items():
+            if lc.get("input_from") is not None:
+                layer = m.get_submodule(name)
+                layer.input_quantizer = sites[lc["input_from"]]
+                layer.input_prequantized = lc.get("input_prequantized", True)
+        attach(m, sites)
         out_cfg = config["output"]
         out_q = None
         if out_cfg.get("quantized"):
@@ -91,7 +104,7 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
     except (AttributeError, TypeError, KeyError, ValueError) as exc:
         raise InvalidArgumentError(f"`model` does not match the architecture saved in {path!r}: "
                                    f"{_one_line(exc)}") from None
-    qmodel = QuantizedModel(m, out_q, config)
+    qmodel = QuantizedModel(m, out_q, config, list(sites.values()))
     try:
         qmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:

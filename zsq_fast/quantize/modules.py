@@ -34,6 +34,9 @@ class _QuantLayer(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.weight_quantizer = Quantizer(w_spec, weight.shape[0])
         self.input_quantizer = Quantizer(a_spec, 1)
+        # True when the input arrives on the grid already (a site's output, see sites.py): input_quantizer
+        # is then that site's quantizer, used for the bias grid s_x s_w but not applied again
+        self.input_prequantized = False
         self.rounding = "nearest"
         self.v: nn.Parameter | None = None   # AdaRound's continuous rounding variable
         self.beta = 2.0
@@ -114,7 +117,8 @@ class _QuantLayer(nn.Module):
             w_hat = dq_weight(self)
         else:
             w_hat = self.weight_hat()
-        return self._op(self.input_quantizer(x), w_hat, self._bias_for_forward())
+        x_q = x if self.input_prequantized else self.input_quantizer(x)
+        return self._op(x_q, w_hat, self._bias_for_forward())
 
     def _bias_for_forward(self) -> torch.Tensor | None:
         if torch.onnx.is_in_onnx_export() and self.bias is not None and self.int32_bias:
@@ -181,14 +185,18 @@ def quant_layer_for(module: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec, int
 class QuantizedModel(nn.Module):
     """The quantized network: `model` (layers swapped, BN folded) followed by the output quantizer.
 
-    `quant_config` (a JSON-serialisable dict) says exactly what is quantized and how.
+    `quant_config` (a JSON-serialisable dict) says exactly what is quantized and how. `site_quantizers`
+    (hw) quantize module outputs through forward hooks already registered on `model` (sites.attach); they
+    are held here, in quant_config["sites"] order, so that they are saved and moved with the model.
     """
 
-    def __init__(self, model: nn.Module, output_quantizer: Quantizer | None, quant_config: dict):
+    def __init__(self, model: nn.Module, output_quantizer: Quantizer | None, quant_config: dict,
+                 site_quantizers: list[Quantizer] | None = None):
         super().__init__()
         self.model = model
         self.output_quantizer = output_quantizer
         self.quant_config = quant_config
+        self.site_quantizers = nn.ModuleList(site_quantizers or [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.model(x)

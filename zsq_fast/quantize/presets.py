@@ -1,12 +1,23 @@
-"""The two quantization presets and the W{w}A{a} bit-width notation.
+"""The quantization presets and the W{w}A{a} bit-width notation.
 
-hw        every layer (first conv and last linear included) at the target bits, the network output
-          quantized, symmetric per-channel weights, symmetric per-tensor activations (unsigned where the
-          calibration data is non-negative, e.g. after ReLU), power-of-two scales, and each layer's bias
-          on its int32 accumulator grid s_x s_w (layers of <= 8 bits): the fake-quant model computes what
-          an integer kernel (and onnxruntime running the ONNX export) computes, bit for bit.
+hw        as an integer accelerator runs the network: every tensor that passes between ops is on an integer
+          grid, quantized once by its producer (sites.py: activation outputs, residual-add operands, block
+          outputs, shortcut and pooling outputs, the logits; a conv's activation fused into it), one quantizer
+          per tensor whoever reads it; the network input on an 8-bit grid (images are 8-bit; `input_bits`
+          changes it); every layer (first conv and last linear included) at the target bits, symmetric
+          per-channel weights, symmetric per-tensor activations (unsigned where the calibration data is
+          non-negative, e.g. after ReLU), power-of-two scales, and each layer's bias on its int32
+          accumulator grid s_x s_w (layers of <= 8 bits): the fake-quant model computes what an integer
+          kernel (and onnxruntime running the ONNX export) computes. Before issue 12, hw quantized layer
+          inputs and the logits only (identity shortcuts added float tensors) and the image at the target
+          bits; results measured then are labelled so in benchmarks/RESULTS.md.
 academic  first and last layer at 8 bits (weights and their input), asymmetric per-channel weights,
           asymmetric per-tensor activations, free (real-valued) scales, network output left float.
+dgh_paper the setting of the DGH paper's tables (BRECQ's semantics), so results can be set beside the paper's:
+          every layer, first and last included, at the target bits; asymmetric per-channel weights with free
+          scales; asymmetric per-tensor activations (each layer's input) with free scales; residual-block
+          outputs quantized (one quantizer per block output, which the next layers read); the image float;
+          the network output quantized; float bias.
 """
 from __future__ import annotations
 
@@ -43,6 +54,10 @@ class Preset:
     pow2: bool
     quantize_output: bool
     int32_bias: bool = False      # bias rounded to the int32 accumulator grid s_x s_w (integer kernels)
+    sites: str = "none"           # module outputs quantized (sites.py): "all" tensors between ops, "blocks"
+                                  # (residual-block outputs only) or "none" (layer inputs only)
+    input_bits: int | None = None   # the network input's grid (None: the first layer's activation bits)
+    float_input: bool = False     # the image stays float (the layers reading it do not quantize it)
 
     def weight_spec(self, bits: int) -> QuantSpec:
         # symmetric -> signed grid, z = 0; asymmetric -> unsigned grid with a zero point per channel
@@ -56,9 +71,11 @@ class Preset:
 
 PRESETS = {
     "hw": Preset("hw", None, weight_symmetric=True, act_symmetric=True, pow2=True, quantize_output=True,
-                 int32_bias=True),
+                 int32_bias=True, sites="all", input_bits=8),
     "academic": Preset("academic", 8, weight_symmetric=False, act_symmetric=False, pow2=False,
                        quantize_output=False),
+    "dgh_paper": Preset("dgh_paper", None, weight_symmetric=False, act_symmetric=False, pow2=False,
+                        quantize_output=True, sites="blocks", float_input=True),
 }
 
 

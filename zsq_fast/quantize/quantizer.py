@@ -3,9 +3,17 @@
 One module per tensor that is quantized (a layer's weight, a layer's input, the network output).
 Its state is the scale s (an nn.Parameter, so LSQ can learn it), the zero point z (a buffer) and a
 QuantSpec saying which integer grid is used.
+
+Learning the scale (LSQ, Esser et al. 2020) during reconstruction: start_learning() returns the tensor to
+optimise. A free scale is learned as s itself. A power-of-two scale is learned as t = log2 s, used as
+s = 2^round(t) with a straight-through round: the value is always an exact power of two, while t moves
+smoothly, so many small steps add up to a change of the exponent (with s itself, a step smaller than
+the gap to the next rounding boundary is lost at every use and the exponent rarely changes).
+stop_learning() stores s = 2^round(t).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,6 +48,7 @@ class Quantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(channels))
         self.enabled = True
         self.drop_prob = 0.0
+        self.log2_scale: torch.Tensor | None = None  # the learned exponent while LSQ runs (pow2 grids)
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
         """Set the scale and zero point. Their values are not read per step by the ops (that would sync a GPU):
@@ -52,8 +61,41 @@ class Quantizer(nn.Module):
         self.zero_point = zp.clone()
 
     def effective_scale(self) -> torch.Tensor:
+        if self.log2_scale is not None:
+            return torch.exp2(torch.round(self.log2_scale.detach()))
         s = self.scale.detach()
         return torch.exp2(torch.round(torch.log2(s))) if self.spec.pow2 else s
+
+    # ---------------------------------------------------------------- LSQ
+    def start_learning(self) -> torch.Tensor:
+        """The tensor LSQ optimises: log2 s for power-of-two grids, s otherwise (see the module docstring)."""
+        if self.spec.pow2:
+            self.log2_scale = torch.round(torch.log2(self.scale.detach())).clone().requires_grad_(True)
+            return self.log2_scale
+        self.scale.requires_grad_(True)
+        return self.scale
+
+    def learning_rate(self, relative_step: float) -> float:
+        """Adam lr for start_learning()'s tensor so that one step changes s by about relative_step * s
+        (Adam's steps are about lr in size whatever the gradient's scale: the same act_lr works at any
+        bit width and scale magnitude). For t = log2 s that is relative_step / ln 2."""
+        if self.spec.pow2:
+            return relative_step / math.log(2.0)
+        return relative_step * float(self.scale.detach().mean())
+
+    def stop_learning(self) -> None:
+        if self.log2_scale is not None:
+            self.scale.data = torch.exp2(torch.round(self.log2_scale.detach())).to(self.scale)
+            self.log2_scale = None
+        else:
+            self.scale.data.clamp_(min=torch.finfo(self.scale.dtype).tiny)
+        self.scale.requires_grad_(False)
+
+    def _scale_for_forward(self) -> torch.Tensor:
+        t = self.log2_scale
+        if t is None:
+            return self.scale
+        return torch.exp2(t + (torch.round(t) - t).detach())  # exactly 2^round(t); d/dt = s ln 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -62,7 +104,7 @@ class Quantizer(nn.Module):
             from .onnx_qdq import qdq_activation  # the ONNX graph gets QuantizeLinear/DequantizeLinear
             return qdq_activation(x, self)
         sp = self.spec
-        x_hat = fake_quantize(x, self.scale, None if sp.symmetric else self.zero_point, bits=sp.bits,
+        x_hat = fake_quantize(x, self._scale_for_forward(), None if sp.symmetric else self.zero_point, bits=sp.bits,
                               signed=sp.signed, axis=sp.axis, power_of_two=sp.pow2)
         if self.drop_prob > 0:  # QDrop (Wei et al. 2022): element-wise, keep the float value with prob p
             x_hat = torch.where(torch.rand_like(x) < self.drop_prob, x, x_hat)

@@ -2,7 +2,9 @@
 
 - the order in which modules run (first call), so layers and blocks are reconstructed in data-flow order;
 - which Conv2d/Linear output each BatchNorm reads (the tensor object itself), so BN folding pairs
-  exactly the layers that feed a BN, whatever the attribute names are.
+  exactly the layers that feed a BN, whatever the attribute names are;
+- which Conv2d/Linear layers read the same tensor object (a block input feeding conv1 and the downsample):
+  an integer accelerator holds that tensor once, on one grid, so they share one input quantizer.
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ class Trace:
     bn_pairs: list[tuple[str, str]] = field(default_factory=list)  # (conv/linear name, bn name)
     orphan_bns: list[str] = field(default_factory=list)         # BNs not reading a conv/linear output
     calls: dict[str, int] = field(default_factory=dict)
+    shared_inputs: list[list[str]] = field(default_factory=list)  # layers reading one tensor (>= 2, call order)
 
 
 @torch.no_grad()
 def trace_model(model: nn.Module, example: torch.Tensor) -> Trace:
     tr = Trace()
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (layer name, output kept alive)
+    readers: dict[int, tuple[torch.Tensor, list[str]]] = {}  # id(input) -> (input kept alive, layers reading it)
     handles = []
 
     def pre_hook(name):
@@ -34,6 +38,9 @@ def trace_model(model: nn.Module, example: torch.Tensor) -> Trace:
             tr.calls[name] = tr.calls.get(name, 0) + 1
             if tr.calls[name] == 1:
                 tr.order.append(name)
+            if isinstance(mod, _FOLDABLE) and args and isinstance(args[0], torch.Tensor) and tr.calls[name] == 1:
+                entry = readers.setdefault(id(args[0]), (args[0], []))
+                entry[1].append(name)
             if isinstance(mod, _BN) and args:
                 src = produced.get(id(args[0]))
                 src = src[0] if src is not None and src[1] is args[0] else None
@@ -61,4 +68,5 @@ def trace_model(model: nn.Module, example: torch.Tensor) -> Trace:
     finally:
         for h in handles:
             h.remove()
+    tr.shared_inputs = [names for _, names in readers.values() if len(names) > 1]
     return tr
