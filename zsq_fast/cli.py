@@ -109,7 +109,7 @@ def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, 
     check_generator_model(model_src, method)
     kwargs = dict(method=method, image_size=model_src.input_size, mean=model_src.mean, std=model_src.std,
                   seed=seed, device=device)
-    if precision != "fp32":  # autocast inside the generator's forward passes (CUDA only)
+    if precision != "fp32":  # autocast inside the generator's forward passes (fp16: CUDA only)
         kwargs["amp"] = precision
     if mode is not None and method != "dgh":
         raise UsageError(f"--mode exact|stale is for generator dgh only (got {method})")

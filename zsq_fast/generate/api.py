@@ -40,8 +40,8 @@ FDDA_WEIGHTS = {"ce": 0.5, "bn": 0.2, "distort": 0.9, "center": 0.01}
 DEFAULT_ODSL_WEIGHT = 1e-5
 ODSL_UNITS = "batch_mean"
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# settings that may differ between a run and its resume
-_NOT_COMPARED = ("device", "store", "checkpoint_every")
+# settings that may differ between a run and its resume (memory layout changes rounding only, like device)
+_NOT_COMPARED = ("device", "store", "checkpoint_every", "channels_last")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Settings:
     odsl_units: str
     odsl_form: str
     amp: str | None
+    channels_last: bool
     store: str
     device: str
     min_lr: float
@@ -108,7 +109,7 @@ def _probe(model, size, device):
 def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=224, *,
              iterations: int = 1000, chunk_size: int = 128, lr: float | None = None, seed: int = 0,
              mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store: str = "host", amp: str | None = None,
-             lambda_sigma: float | None = None, layer_weighting: str = "average",
+             channels_last: bool = False, lambda_sigma: float | None = None, layer_weighting: str = "average",
              aggregation: str = "exact", stale_refresh: str = "after_update", augment: bool | None = None,
              margin: int | None = None, odsl_weight: float | None = None, odsl_form: str = "hinged",
              min_lr: float = 1e-4, patience: int | None = None,
@@ -124,7 +125,9 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     image_size: int or (H, W). lr: None = per-method default (DEFAULT_LR). mean/std: the model's input
     normalization (pixels are clipped to [(0-mean)/std, (1-mean)/std]). device: default the model's.
     store: "host" (images + RAdam moments in pinned host memory, streamed per chunk) or "device".
-    amp: None, "bf16" or "fp16" (CUDA only). lambda_sigma: None = 10 for dgh, 1 otherwise.
+    amp: None, "bf16" (CUDA, or CPU autocast: about 2x on CPUs with AMX-BF16) or "fp16" (CUDA only); the
+    statistics, losses and the optimizer stay fp32/fp64. channels_last: run the model's forward on
+    channels-last (NHWC) images (faster convolutions on CPU; the store stays NCHW). lambda_sigma: None = 10 for dgh, 1 otherwise.
     layer_weighting: "average" or "first_x10". aggregation (dgh): "exact" or "stale".
     stale_refresh (stale): "after_update" (default: a chunk's cached statistics are recomputed from its
     finalised images (output view) after their update, as the DGH code and MCT do, so results compare) or
@@ -142,8 +145,8 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     """
     settings, device = make_settings(
         model, n_images, method, image_size, iterations=iterations, chunk_size=chunk_size, lr=lr, seed=seed,
-        mean=mean, std=std, device=device, store=store, amp=amp, lambda_sigma=lambda_sigma,
-        layer_weighting=layer_weighting, aggregation=aggregation, stale_refresh=stale_refresh, augment=augment,
+        mean=mean, std=std, device=device, store=store, amp=amp, channels_last=channels_last,
+        lambda_sigma=lambda_sigma, layer_weighting=layer_weighting, aggregation=aggregation, stale_refresh=stale_refresh, augment=augment,
         margin=margin, odsl_weight=odsl_weight, odsl_form=odsl_form, min_lr=min_lr, patience=patience,
         images_per_class=images_per_class, fdda_weights=fdda_weights, checkpoint_every=checkpoint_every)
     if method == "fdda" and real_images is None:
@@ -164,7 +167,7 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
 
 def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1000, chunk_size=128,
                   lr=None, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store="host",
-                  amp=None, lambda_sigma=None, layer_weighting="average", aggregation="exact",
+                  amp=None, channels_last=False, lambda_sigma=None, layer_weighting="average", aggregation="exact",
                   stale_refresh="after_update", augment=None,
                   margin=None, odsl_weight=None, odsl_form="hinged", min_lr=1e-4, patience=None,
                   images_per_class=1, fdda_weights=None, checkpoint_every=50) -> tuple[Settings, torch.device]:
@@ -197,8 +200,12 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
     margin = (margin_for(min(size)) if augment else 0) if margin is None else _int("margin", margin, 0)
     params = list(model.parameters()) + list(model.buffers())
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
-    if amp is not None and device.type != "cuda":
-        raise ValueError(f"amp={amp!r} needs a CUDA device, the run is on {device}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"amp='fp16' needs a CUDA device, the run is on {device} (use amp='bf16' on CPU)")
+    if amp == "bf16" and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"amp='bf16' runs on CUDA or CPU, the run is on {device}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
     settings = Settings(
         method=method, n_images=n_images, image_size=list(size), iterations=iterations, chunk_size=chunk_size,
         lr=float(lr), seed=int(seed), mean=[float(m) for m in mean], std=[float(s) for s in std],
@@ -206,7 +213,8 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         layer_weighting=layer_weighting, aggregation=aggregation, stale_refresh=stale_refresh, augment=augment,
         margin=margin,
         odsl_weight=float((DEFAULT_ODSL_WEIGHT if method == "dgh" else 0.0) if odsl_weight is None else odsl_weight),
-        odsl_units=ODSL_UNITS, odsl_form=odsl_form, amp=amp, store=store, device=str(device), min_lr=float(min_lr),
+        odsl_units=ODSL_UNITS, odsl_form=odsl_form, amp=amp, channels_last=channels_last, store=store,
+        device=str(device), min_lr=float(min_lr),
         patience=int(max(5, iterations // 50) if patience is None else patience),
         checkpoint_every=checkpoint_every, images_per_class=images_per_class,
         fdda_weights={**FDDA_WEIGHTS, **(fdda_weights or {})} if method == "fdda" else {})
@@ -238,7 +246,7 @@ def build_run(model, s: Settings, device) -> tuple[Run, torch.Tensor]:
               store=make_store(x0, location), device=device, chunk_size=s.chunk_size, size=size, lo=lo, hi=hi,
               generator=generator, plateau=Plateau(lr=s.lr, patience=s.patience, min_lr=s.min_lr),
               augment=s.augment, odsl_weight=s.odsl_weight, odsl_hinged=s.odsl_form == "hinged",
-              amp_dtype=AMP[s.amp], loss_scale=LossScale() if s.amp == "fp16" else None)
+              amp_dtype=AMP[s.amp], channels_last=s.channels_last, loss_scale=LossScale() if s.amp == "fp16" else None)
     run.state["stale_refresh"] = s.stale_refresh
     return run, out
 
