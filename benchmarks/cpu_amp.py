@@ -17,7 +17,8 @@ sys.path.insert(0, ROOT)
 from zsq_fast.generate import generate  # noqa: E402
 from zsq_fast.models.zoo import load_model  # noqa: E402
 
-CONFIGS = {"fp32": {}, "bf16+channels_last": {"amp": "bf16", "channels_last": True}}
+CONFIGS = {"fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"amp": "bf16"},
+           "bf16+channels_last": {"amp": "bf16", "channels_last": True}}
 
 
 def resnet20():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -19,7 +21,8 @@ from .io import IMAGENET_MEAN, IMAGENET_STD
 from .losses import layer_weights
 from .optim import Plateau
 from .record import GenerationRecord
-from .store import make_store
+from .run_folder import begin_step, end_step, open_run_folder, write_output
+from .store import ImageStore, choose_store, initial_canvases, make_store
 from .views import draw_views, margin_for
 
 METHODS = ("dgh", "bns", "fdda")
@@ -40,6 +43,7 @@ FDDA_WEIGHTS = {"ce": 0.5, "bn": 0.2, "distort": 0.9, "center": 0.01}
 DEFAULT_ODSL_WEIGHT = 1e-5
 ODSL_UNITS = "batch_mean"
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORES = ("host", "device", "disk", "auto")
 # settings that may differ between a run and its resume (memory layout changes rounding only, like device)
 _NOT_COMPARED = ("device", "store", "checkpoint_every", "channels_last")
 
@@ -124,7 +128,11 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
 
     image_size: int or (H, W). lr: None = per-method default (DEFAULT_LR). mean/std: the model's input
     normalization (pixels are clipped to [(0-mean)/std, (1-mean)/std]). device: default the model's.
-    store: "host" (images + RAdam moments in pinned host memory, streamed per chunk) or "device".
+    store: "host" (images + RAdam moments in pinned host memory, streamed per chunk), "device", "disk"
+    (a run folder of files read and written per chunk: N is bounded by disk, not memory; the folder is
+    `checkpoint`, or a temporary folder removed after the run; see run_folder.py) or "auto" (device when
+    the set fits in half the free device memory, else host when it fits in half the free host memory,
+    else disk; record.store says what was chosen and why).
     amp: None, "bf16" (CUDA, or CPU autocast: about 2x on CPUs with AMX-BF16) or "fp16" (CUDA only); the
     statistics, losses and the optimizer stay fp32/fp64. channels_last: run the model's forward on
     channels-last (NHWC) images (faster convolutions on CPU; the store stays NCHW). lambda_sigma: None = 10 for dgh, 1 otherwise.
@@ -189,8 +197,8 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         raise ValueError(f"odsl_form must be 'plain' or 'hinged', got {odsl_form!r}")
     if amp not in AMP:
         raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    if store not in ("host", "device"):
-        raise ValueError(f"store must be 'host' or 'device', got {store!r}")
+    if store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, got {store!r}")
     lr = DEFAULT_LR[method] if lr is None else lr
     if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
@@ -223,9 +231,20 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
     return settings, device
 
 
-def build_run(model, s: Settings, device) -> tuple[Run, torch.Tensor]:
+def compared_settings(s: Settings) -> dict:
+    """The settings a resumed run must share with the run that wrote the checkpoint."""
+    return {k: v for k, v in asdict(s).items() if k not in _NOT_COMPARED}
+
+
+def canvas_shape(s: Settings) -> tuple[int, int, int, int]:
+    return (s.n_images, 3, s.image_size[0] + s.margin, s.image_size[1] + s.margin)
+
+
+def build_run(model, s: Settings, device, store: str | None = None, folder=None) -> tuple[Run, torch.Tensor]:
     """The run state before step 1 (and the model's output on a probe batch). The model must
-    already be in eval mode; enter run.capture before any forward."""
+    already be in eval mode; enter run.capture before any forward. store: the resolved store kind
+    (default s.store; "auto" is resolved by generate()); folder: the run folder of store "disk", whose
+    saved state (None on a fresh start) goes to run.state["saved"]."""
     size = tuple(s.image_size)
     layers = find_bn_layers(model)
     out = _probe(model, size, device)
@@ -236,35 +255,79 @@ def build_run(model, s: Settings, device) -> tuple[Run, torch.Tensor]:
     targets = [(torch.zeros(3, device=device), torch.ones(3, device=device))]
     targets += [(l.mean.to(device), l.std.to(device)) for l in layers]
     generator = torch.Generator().manual_seed(s.seed)
-    canvas = (size[0] + s.margin, size[1] + s.margin)
-    x0 = torch.randn(s.n_images, 3, *canvas, generator=generator)
-    x0 = torch.maximum(torch.minimum(x0, hi.cpu().view(1, -1, 1, 1)), lo.cpu().view(1, -1, 1, 1))
-    location = torch.device("cpu") if s.store == "host" else device
+    shape = canvas_shape(s)
+    kind = s.store if store is None else store
+    saved = None
+    if kind == "disk":
+        if folder is None:
+            raise ValueError("store='disk' needs a run folder (generate's checkpoint=FOLDER)")
+        image_store, saved = open_run_folder(folder, compared_settings(s), shape,
+                                             lambda: initial_canvases(generator, shape, lo, hi))
+    elif kind in ("host", "device"):
+        x0 = torch.cat([x for _, x in initial_canvases(generator, shape, lo, hi)])
+        image_store = make_store(x0, torch.device("cpu") if kind == "host" else device)
+    else:
+        raise ValueError(f"build_run needs a resolved store kind, got {kind!r}")
     capture = BNCapture(layers)
     run = Run(model=model, layers=layers, capture=capture, targets=targets,
               weights=layer_weights(len(targets), s.layer_weighting), lambda_sigma=s.lambda_sigma,
-              store=make_store(x0, location), device=device, chunk_size=s.chunk_size, size=size, lo=lo, hi=hi,
+              store=image_store, device=device, chunk_size=s.chunk_size, size=size, lo=lo, hi=hi,
               generator=generator, plateau=Plateau(lr=s.lr, patience=s.patience, min_lr=s.min_lr),
               augment=s.augment, odsl_weight=s.odsl_weight, odsl_hinged=s.odsl_form == "hinged",
               amp_dtype=AMP[s.amp], channels_last=s.channels_last, loss_scale=LossScale() if s.amp == "fp16" else None)
     run.state["stale_refresh"] = s.stale_refresh
+    run.state["saved"] = saved
     return run, out
 
 
+def _resolve_store(s: Settings, device, checkpoint) -> dict:
+    """{"kind", "reason", "folder"}: where this run keeps its images and moments."""
+    kind, reason = s.store, "requested"
+    if kind == "auto":
+        kind, reason = choose_store(3 * 4 * math.prod(canvas_shape(s)), device)
+    if kind == "device" and device.type == "cpu":
+        kind = "host"
+    folder, temporary = None, False
+    if kind == "disk":
+        temporary = checkpoint is None
+        folder = tempfile.mkdtemp(prefix="zsq_fast_run_") if temporary else str(checkpoint)
+    return {"kind": kind, "reason": reason, "folder": folder, "temporary": temporary}
+
+
+def _store_note(placed: dict) -> dict:
+    note = {"kind": placed["kind"], "reason": placed["reason"]}
+    if placed["folder"] is not None and not placed["temporary"]:
+        note["folder"] = placed["folder"]
+    return note
+
+
 def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, progress):
+    placed = _resolve_store(s, device, checkpoint)
+    try:
+        return _generate_in(model, s, device, real_images, real_labels, checkpoint, progress, placed)
+    finally:
+        if placed["temporary"]:  # the returned images stay readable: a mapped file outlives its name
+            shutil.rmtree(placed["folder"], ignore_errors=True)
+
+
+def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoint, progress, placed):
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run, out = build_run(model, s, device)
+    disk = placed["kind"] == "disk"
+    run, out = build_run(model, s, device, placed["kind"], placed["folder"])
     layers, capture = run.layers, run.capture
-    compared = {k: v for k, v in asdict(s).items() if k not in _NOT_COMPARED}
+    compared = compared_settings(s)
     with capture:
         if s.method == "fdda":
             _setup_fdda(run, s, real_images, real_labels, out.shape[-1])
         step_fn = {"bns": bns.bns_step, "fdda": fdda.fdda_step,
                    "dgh": dgh.exact_step if s.aggregation == "exact" else dgh.stale_step}[s.method]
         history, resumed = [], None
-        saved = load_checkpoint(checkpoint, compared) if checkpoint is not None else None
+        if disk:  # the run folder is the checkpoint
+            saved = run.state.pop("saved")
+        else:
+            saved = load_checkpoint(checkpoint, compared) if checkpoint is not None else None
         if saved is not None:
             resumed = _restore(run, saved)
             history, initial_bn = saved["history"], saved["initial_bn_loss"]
@@ -276,12 +339,16 @@ def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, 
         t_loop = time.perf_counter()
         for step in range(run.step + 1, s.iterations + 1):
             run.step = step
+            if disk:
+                begin_step(run.store, step)
             views = _views(run, s)
             lr_used = run.plateau.lr
             losses = step_fn(run, views)
             run.plateau.step(losses["total"])
             history.append({"step": step, "lr": lr_used, **losses})
-            if checkpoint is not None and (step % s.checkpoint_every == 0 or step == s.iterations):
+            if disk:  # every step: images are updated in place, the state must follow them
+                end_step(run.store, _state(run, compared, history, initial_bn, images=False))
+            elif checkpoint is not None and (step % s.checkpoint_every == 0 or step == s.iterations):
                 save_checkpoint(checkpoint, _state(run, compared, history, initial_bn))
             if progress is not None:
                 progress(step, s.iterations, losses)
@@ -290,6 +357,8 @@ def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, 
         t_final = time.perf_counter()
         final_bn = measure_bn_loss(run)
         images = _output(run)
+    if disk:
+        run.store.close()
     timings = {"setup_s": t_setup, "steps_s": t_steps,
                "per_step_s": t_steps / max(1, s.iterations - (resumed or 0)),
                "final_s": time.perf_counter() - t_final, "total_s": time.perf_counter() - t_start}
@@ -301,7 +370,8 @@ def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, 
         settings=json.loads(json.dumps(asdict(s))), losses=history, initial_bn_loss=initial_bn,
         final_bn_loss=final_bn, timings=timings, peak_memory=peak, bn_layers=[l.name for l in layers],
         steps_done=steps_done, resumed_from_step=resumed,
-        labels=run.state["labels"].clone() if s.method == "fdda" else None)
+        labels=run.state["labels"].clone() if s.method == "fdda" else None,
+        store=_store_note(placed))
     return images, record
 
 
@@ -323,6 +393,9 @@ def _setup_fdda(run: Run, s: Settings, real_images, real_labels, num_classes: in
 
 @torch.no_grad()
 def _output(run: Run) -> torch.Tensor:
+    if not isinstance(run.store, ImageStore):  # disk: written to the run folder, returned memory-mapped
+        return write_output(run.store, run.chunk_size, (run.n, 3, *run.size),
+                            lambda sl: output_images(run, run.store.load(sl, run.device)))
     if not run.augment:
         return run.store.x.clone()
     out = torch.empty(run.n, 3, *run.size, dtype=torch.float32, device=run.store.x.device)
@@ -331,16 +404,19 @@ def _output(run: Run) -> torch.Tensor:
     return out
 
 
-def _state(run: Run, compared: dict, history: list, initial_bn: float) -> dict:
-    return {"settings": json.dumps(compared), "step": run.step, "x": run.store.x.cpu(),
-            "exp_avg": run.store.exp_avg.cpu(), "exp_avg_sq": run.store.exp_avg_sq.cpu(),
+def _state(run: Run, compared: dict, history: list, initial_bn: float, images: bool = True) -> dict:
+    """The checkpoint: everything the next step depends on (images and moments unless they live on disk)."""
+    arrays = {"x": run.store.x.cpu(), "exp_avg": run.store.exp_avg.cpu(),
+              "exp_avg_sq": run.store.exp_avg_sq.cpu()} if images else {}
+    return {"settings": json.dumps(compared), "step": run.step, **arrays,
             "plateau": run.plateau.state(), "generator": run.generator.get_state(),
             "history": history, "initial_bn_loss": initial_bn, "stale_cache": dgh.cache_state(run),
             "loss_scale": run.loss_scale.state() if run.loss_scale is not None else {}}
 
 
 def _restore(run: Run, saved: dict) -> int:
-    run.store.put(slice(None), saved["x"], saved["exp_avg"], saved["exp_avg_sq"])
+    if "x" in saved:  # a checkpoint file; a run folder holds its images already
+        run.store.put(slice(None), saved["x"], saved["exp_avg"], saved["exp_avg_sq"])
     for k, v in saved["plateau"].items():
         setattr(run.plateau, k, v)
     run.generator.set_state(saved["generator"])

@@ -1,0 +1,257 @@
+"""store="disk": a run folder holding the canvases and both RAdam moments as raw float32 files, read
+and written chunk by chunk (pread/pwrite: process memory stays at a chunk, the OS page cache does
+the rest), and the small run state beside them. The folder is the checkpoint:
+
+    run.json      the run configuration and the image shape, written once when the folder is made
+    x.f32, exp_avg.f32, exp_avg_sq.f32   (N, C, Hc, Wc) float32, C order
+    state.pt      step, lr schedule, RNG state, stale cache, loss history; replaced atomically per step
+    step.lock     the step being written; removed once state.pt holds it
+    images.f32    the output images (N, C, H, W) float32, written at the end
+
+Images are updated in place, so a run killed inside a step cannot be rolled back: step.lock tells, and
+resuming then fails with one clear line instead of continuing from half-updated images. A run stopped
+between steps (an exception in progress(), Ctrl-C, kill after a step) resumes exactly.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = 1
+ARRAYS = ("x", "exp_avg", "exp_avg_sq")
+_OURS = {"run.json", "state.pt", "state.pt.tmp", "run.json.tmp", "step.lock", "images.f32",
+         *(f"{a}.f32" for a in ARRAYS)}
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used; the message is one line naming the folder and the problem."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise RunFolderError(f"run folder {path.parent}: cannot write {path.name} ({exc.strerror or exc}); "
+                             "is the disk full or the folder read-only?") from None
+
+
+class DiskStore:
+    """The ImageStore interface (n, chunks, load, put, flush) over the three files of a run folder."""
+
+    def __init__(self, folder: Path, shape: tuple[int, ...]):
+        self.folder, self.shape = folder, tuple(shape)
+        self.image_numel = math.prod(shape[1:])
+        self._fds = {a: os.open(folder / f"{a}.f32", os.O_RDWR) for a in ARRAYS}
+
+    @property
+    def n(self) -> int:
+        return self.shape[0]
+
+    def chunks(self, chunk_size: int) -> list[slice]:
+        return [slice(i, min(i + chunk_size, self.n)) for i in range(0, self.n, chunk_size)]
+
+    def _read(self, name: str, sl: slice) -> torch.Tensor:
+        start, stop, _ = sl.indices(self.n)
+        out = np.empty((stop - start, *self.shape[1:]), dtype=np.float32)
+        buf, offset, done = memoryview(out).cast("B"), start * self.image_numel * 4, 0
+        while done < len(buf):  # one read call moves at most ~2 GiB
+            got = os.preadv(self._fds[name], [buf[done:]], offset + done)
+            if got == 0:
+                raise RunFolderError(f"run folder {self.folder}: {name}.f32 is shorter than its {self.n} images "
+                                     "(truncated?); remove the folder to start over")
+            done += got
+        return torch.from_numpy(out)
+
+    def _write(self, name: str, sl: slice, t: torch.Tensor) -> None:
+        start, stop, _ = sl.indices(self.n)
+        data = t.detach().to("cpu", torch.float32).contiguous().numpy()
+        if data.shape[0] != stop - start:
+            raise ValueError(f"{name}: {data.shape[0]} images for a slice of {stop - start}")
+        buf, offset, done = memoryview(data).cast("B"), start * self.image_numel * 4, 0
+        try:
+            while done < len(buf):
+                done += os.pwrite(self._fds[name], buf[done:], offset + done)
+        except OSError as exc:
+            raise RunFolderError(f"run folder {self.folder}: cannot write {name}.f32 ({exc.strerror})") from None
+
+    def load(self, sl: slice, device, moments: bool = False):
+        """The chunk's images (and moments) on the compute device, as copies."""
+        if not moments:
+            return self._read("x", sl).to(device)
+        return tuple(self._read(a, sl).to(device) for a in ARRAYS)
+
+    def put(self, sl: slice, x, exp_avg=None, exp_avg_sq=None) -> None:
+        self._write("x", sl, x)
+        if exp_avg is not None:
+            self._write("exp_avg", sl, exp_avg)
+            self._write("exp_avg_sq", sl, exp_avg_sq)
+
+    def flush(self) -> None:
+        for fd in self._fds.values():
+            os.fsync(fd)
+
+    @property
+    def x(self) -> torch.Tensor:
+        """All canvases, memory-mapped read-only (for inspection; the loop uses load/put)."""
+        return mapped(self.folder / "x.f32", self.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+def mapped(path: Path, shape) -> torch.Tensor:
+    """A float32 file as a lazily read, copy-on-write tensor (changes stay in memory)."""
+    return torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=torch.float32).view(*shape)
+
+
+def _config(folder: Path) -> dict | None:
+    path = folder / "run.json"
+    if not path.exists():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+        if cfg.get("format") != FORMAT or not isinstance(cfg.get("settings"), dict):
+            raise ValueError("unknown layout")
+        return cfg
+    except (ValueError, OSError) as exc:
+        raise RunFolderError(f"run folder {folder}: run.json is corrupted ({exc}); remove the folder to start "
+                             "over") from None
+
+
+def _prepare(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"run folder {folder} is a file; store='disk' needs a folder (checkpoint=FOLDER)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunFolderError(f"run folder {folder} cannot be created ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RunFolderError(f"run folder {folder} is not writable")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _OURS)
+    if foreign:
+        raise RunFolderError(f"run folder {folder} holds other files ({', '.join(foreign[:3])}); "
+                             "use an empty or new folder")
+
+
+def _allocate(folder: Path, nbytes: int) -> None:
+    need = len(ARRAYS) * nbytes
+    free = shutil.disk_usage(folder).free
+    have = sum((folder / f"{a}.f32").stat().st_size for a in ARRAYS if (folder / f"{a}.f32").exists())
+    if need > free + have:
+        raise RunFolderError(f"run folder {folder}: not enough disk space for the images and RAdam moments "
+                             f"(needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free)")
+    for a in ARRAYS:
+        try:
+            with open(folder / f"{a}.f32", "wb") as f:  # truncates: a fresh start begins from zeros
+                if nbytes:
+                    os.posix_fallocate(f.fileno(), 0, nbytes)  # the space is reserved now, not on a later write
+        except OSError as exc:
+            reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+            raise RunFolderError(f"run folder {folder}: cannot allocate {a}.f32 ({reason})") from None
+
+
+def open_run_folder(folder, settings: dict, shape: tuple[int, ...], initial_blocks) -> tuple[DiskStore, dict | None]:
+    """The disk store of `folder` and its saved state (None for a fresh start).
+
+    settings: the compared run settings (a folder of another configuration is an error).
+    initial_blocks: a callable giving the initial canvases as (slice, tensor) blocks, used on a fresh
+    start only (so N images are never in memory at once)."""
+    folder = Path(folder)
+    _prepare(folder)
+    current = json.loads(json.dumps(settings))
+    cfg = _config(folder)
+    if cfg is not None:
+        saved = cfg["settings"]
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if diff:
+            raise RunFolderError(f"run folder {folder} belongs to another run configuration "
+                                 f"({', '.join(diff)}); use another folder or remove it")
+        if list(cfg.get("shape", [])) != list(shape):
+            raise RunFolderError(f"run folder {folder}: run.json is corrupted (shape {cfg.get('shape')} for "
+                                 f"images of {list(shape)}); remove the folder to start over")
+    state = _load_state(folder) if cfg is not None else None
+    lock = _lock_step(folder)
+    if lock is not None and (state is None or lock > state["step"]):
+        raise RunFolderError(f"run folder {folder} was interrupted inside step {lock} (images partly updated); "
+                             "it cannot be resumed exactly: remove the folder to start over")
+    if state is None:  # fresh start: (re)write everything
+        (folder / "step.lock").unlink(missing_ok=True)
+        _allocate(folder, 4 * math.prod(shape))
+        _atomic_write(folder / "run.json",
+                      lambda f: f.write(json.dumps({"format": FORMAT, "settings": current, "shape": list(shape)},
+                                                   indent=1).encode()))
+    store = DiskStore(folder, shape)
+    for a in ARRAYS:
+        size = (folder / f"{a}.f32").stat().st_size
+        if size != 4 * math.prod(shape):
+            store.close()
+            raise RunFolderError(f"run folder {folder}: {a}.f32 holds {size} bytes, expected "
+                                 f"{4 * math.prod(shape)}; remove the folder to start over")
+    if state is None:
+        for sl, block in initial_blocks():
+            store.put(sl, block)
+        store.flush()
+    return store, state
+
+
+def _load_state(folder: Path) -> dict | None:
+    path = folder / "state.pt"
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        int(state["step"])
+        return state
+    except Exception as exc:  # noqa: BLE001 - any unreadable state file is the same problem to the user
+        raise RunFolderError(f"run folder {folder}: state.pt is corrupted ({type(exc).__name__}); remove the "
+                             "folder to start over") from None
+
+
+def _lock_step(folder: Path) -> int | None:
+    path = folder / "step.lock"
+    if not path.exists():
+        return None
+    try:
+        return int(path.read_text())
+    except ValueError:
+        raise RunFolderError(f"run folder {folder}: step.lock is corrupted; remove the folder to start "
+                             "over") from None
+
+
+def begin_step(store: DiskStore, step: int) -> None:
+    """Mark `step` as being written (before any image of it changes)."""
+    _atomic_write(store.folder / "step.lock", lambda f: f.write(str(step).encode()))
+
+
+def end_step(store: DiskStore, state: dict) -> None:
+    """The step's images are durable, then its state; then the mark goes."""
+    store.flush()
+    _atomic_write(store.folder / "state.pt", lambda f: torch.save(state, f))
+    (store.folder / "step.lock").unlink(missing_ok=True)
+
+
+def write_output(store: DiskStore, chunk_size: int, shape: tuple[int, ...], images_of_chunk) -> torch.Tensor:
+    """The output images, chunk by chunk into images.f32; returned memory-mapped (lazily read)."""
+    path = store.folder / "images.f32"
+    try:
+        with open(path, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 4 * math.prod(shape)) if math.prod(shape) else None
+            for sl in store.chunks(chunk_size):
+                f.write(memoryview(images_of_chunk(sl).to("cpu", torch.float32).contiguous().numpy()).cast("B"))
+    except OSError as exc:
+        raise RunFolderError(f"run folder {store.folder}: cannot write images.f32 ({exc.strerror})") from None
+    return mapped(path, shape)
