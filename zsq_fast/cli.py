@@ -102,7 +102,7 @@ def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, 
                  iterations: int | None = None, chunk_size: int | None = None, mode: str | None = None,
                  real: ImageSet | None = None, per_class: int = 1, checkpoint: str | None = None,
                  progress: bool = True, report: RunReport | None = None, extra: dict | None = None,
-                 stale_refresh: str | None = None):
+                 stale_refresh: str | None = None, store: str | None = None, channels_last: bool = False):
     """zsq_fast.generate with a progress bar; returns (images (N,3,S,S) on CPU, record dict, labels or None)."""
     from .generate import generate as gen
 
@@ -111,12 +111,14 @@ def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, 
                   seed=seed, device=device)
     if precision != "fp32":  # autocast inside the generator's forward passes (fp16: CUDA only)
         kwargs["amp"] = precision
+    if channels_last:
+        kwargs["channels_last"] = True
     if mode is not None and method != "dgh":
         raise UsageError(f"--mode exact|stale is for generator dgh only (got {method})")
     if stale_refresh is not None and mode != "stale":
         raise UsageError("--stale-refresh is for --mode stale only")
     for k, v in (("iterations", iterations), ("chunk_size", chunk_size), ("aggregation", mode),
-                 ("checkpoint", checkpoint), ("stale_refresh", stale_refresh)):
+                 ("checkpoint", checkpoint), ("stale_refresh", stale_refresh), ("store", store)):
         if v is not None:
             kwargs[k] = v
     if method == "fdda":
@@ -213,7 +215,7 @@ def cmd_generate(args) -> int:
         src, args.num_images or 1024, args.method, device=device, seed=args.seed, precision=args.precision,
         iterations=args.iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
         per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress, report=report,
-        stale_refresh=args.stale_refresh)
+        stale_refresh=args.stale_refresh, store=args.store, channels_last=args.channels_last)
     from .generate import save_images
 
     with report.timed("save"):
@@ -258,7 +260,8 @@ def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> to
     images, _, _ = run_generate(
         src, args.num_images or 1024, args.generator, device=device, seed=args.seed, precision=args.precision,
         iterations=args.gen_iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
-        per_class=args.per_class, progress=not args.no_progress, report=report, stale_refresh=args.stale_refresh)
+        per_class=args.per_class, progress=not args.no_progress, report=report, stale_refresh=args.stale_refresh,
+        store=args.store, channels_last=args.channels_last)
     report.settings["calibration"] = {"source": f"generator {args.generator}", "n": images.shape[0]}
     return images
 
@@ -471,6 +474,11 @@ def _generator_args(p: argparse.ArgumentParser, iterations_flag: str) -> None:
     g.add_argument("--stale-refresh", choices=("after_update", "before_update"),
                    help="--mode stale: refresh a chunk's cached statistics after its update (default, as DGH/MCT) "
                         "or from the step's own forward (cheaper)")
+    g.add_argument("--store", choices=("host", "device", "disk", "auto"),
+                   help="where the images and optimizer state live: host (default), device, disk (a run folder: "
+                        "generate's --checkpoint, else a temporary one) or auto (device, host or disk by free memory)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC forward passes (faster on CPU, with "
+                   "--precision bf16 too)")
     g.add_argument("--real", help="fdda: labelled real images for the class centers")
     g.add_argument("--per-class", type=_positive, default=1, help="fdda: real images per class (default 1)")
 
@@ -485,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(g)
     g.add_argument("--method", default="dgh", choices=GENERATORS, help="generator (default dgh)")
     _generator_args(g, "--iterations")
-    g.add_argument("--checkpoint", help="checkpoint file: resume from it, save to it")
+    g.add_argument("--checkpoint", help="checkpoint file (--store disk: the run folder): resume from it, save to it")
     g.add_argument("--out", required=True, help="images.pt (tensor) or a folder (PNGs)")
     g.set_defaults(func=cmd_generate)
 
