@@ -3,6 +3,9 @@ from the run folder, one-line errors for unusable folders."""
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -79,19 +82,72 @@ def test_resume_from_the_run_folder_equals_the_uninterrupted_run(tmp_path, kw):
     assert torch.equal(again, full) and rec_again.resumed_from_step == 6 and rec_again.steps_done == 6
 
 
-def test_a_run_killed_inside_a_step_is_refused(tmp_path, monkeypatch):
-    def crash_after_first_chunk(run, sl, x, grad, m, v):
-        if sl.start > 0 and run.step == 3:
-            raise Killed  # as if killed after chunk 0 of step 3 was written
-        real_update(run, sl, x, grad, m, v)
+@pytest.mark.parametrize("kw", [{"aggregation": "exact"}, {"aggregation": "stale"}])
+def test_a_run_stopped_inside_a_step_is_rolled_back_and_resumes_exactly(tmp_path, monkeypatch, kw):
+    full, rec_full = zsq_fast.generate(tiny(), 7, "dgh", 8, **COMMON, **kw)
     from zsq_fast.generate import dgh
     real_update = dgh.update
-    monkeypatch.setattr(dgh, "update", crash_after_first_chunk)
+
+    def stop_in_step_3(run, sl, x, grad, m, v):
+        real_update(run, sl, x, grad, m, v)
+        if run.step == 3 and sl.start > 0:
+            raise Killed  # chunks 0 and 1 of step 3 are written, chunk 2 is not
+    monkeypatch.setattr(dgh, "update", stop_in_step_3)
+    with pytest.raises(Killed):
+        zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON, **kw)
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "step.lock").read_text() == "3"
+    resumed, rec = zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON, **kw)
+    assert rec.resumed_from_step == 2
+    assert torch.equal(resumed, full) and rec.losses == rec_full.losses
+    assert not (tmp_path / "run" / "step.lock").exists() and not (tmp_path / "run" / "undo.log").exists()
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import zsq_fast
+from zsq_fast.generate import dgh
+from test_generate import tiny
+real_update = dgh.update
+def update(run, sl, x, grad, m, v):
+    real_update(run, sl, x, grad, m, v)
+    if run.step == {step} and sl.start > 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+dgh.update = update
+zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint={folder!r}, **{common!r})
+"""
+
+
+def test_kill_9_inside_a_step_resumes_to_the_uninterrupted_images(tmp_path):
+    full, _ = zsq_fast.generate(tiny(), 7, "dgh", 8, **COMMON)
+    folder = str(tmp_path / "run")
+    script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), step=4, folder=folder, common=COMMON)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert (tmp_path / "run" / "step.lock").read_text() == "4"
+    assert os.path.getsize(tmp_path / "run" / "undo.log") > 0
+    resumed, rec = zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=folder, **COMMON)
+    assert rec.resumed_from_step == 3 and torch.equal(resumed, full)
+
+
+def test_a_damaged_undo_log_is_refused(tmp_path, monkeypatch):
+    from zsq_fast.generate import dgh
+    real_update = dgh.update
+
+    def stop(run, sl, x, grad, m, v):
+        real_update(run, sl, x, grad, m, v)
+        if run.step == 2:
+            raise Killed
+    monkeypatch.setattr(dgh, "update", stop)
     with pytest.raises(Killed):
         zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON)
     monkeypatch.undo()
-    assert (tmp_path / "run" / "step.lock").read_text() == "3"
-    with pytest.raises(RunFolderError, match=r"interrupted inside step 3 .*remove the folder"):
+    (tmp_path / "run" / "undo.log").write_bytes(b"\xff" * 64)
+    with pytest.raises(RunFolderError, match="interrupted inside step 2 and its undo.log is missing or damaged"):
         zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON)
 
 

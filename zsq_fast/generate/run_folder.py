@@ -6,11 +6,17 @@ the rest), and the small run state beside them. The folder is the checkpoint:
     x.f32, exp_avg.f32, exp_avg_sq.f32   (N, C, Hc, Wc) float32, C order
     state.pt      step, lr schedule, RNG state, stale cache, loss history; replaced atomically per step
     step.lock     the step being written; removed once state.pt holds it
+    undo.log      during a step: the previous contents of every chunk the step has overwritten
     images.f32    the output images (N, C, H, W) float32, written at the end
 
-Images are updated in place, so a run killed inside a step cannot be rolled back: step.lock tells, and
-resuming then fails with one clear line instead of continuing from half-updated images. A run stopped
-between steps (an exception in progress(), Ctrl-C, kill after a step) resumes exactly.
+Images are updated in place. Before a chunk is overwritten, its old images and moments are appended
+to undo.log (entry first, data after, in that order through the page cache), so a process killed at
+any point inside step k (kill -9 included) leaves step.lock = k, state.pt of step k - 1 and a log that
+restores every touched chunk: opening the folder rolls the step back and the run resumes as if it had
+stopped after step k - 1, giving the uninterrupted run's images. The log costs one extra write of
+each chunk per step (disk traffic, not memory). Data and state are fsynced at the end of each step;
+the log is not fsynced per chunk, so after a power loss (not a process kill) inside a step the folder
+may not be restorable, which opening it then says.
 """
 from __future__ import annotations
 
@@ -26,8 +32,9 @@ import torch
 
 FORMAT = 1
 ARRAYS = ("x", "exp_avg", "exp_avg_sq")
-_OURS = {"run.json", "state.pt", "state.pt.tmp", "run.json.tmp", "step.lock", "images.f32",
-         *(f"{a}.f32" for a in ARRAYS)}
+_OURS = {"run.json", "state.pt", "state.pt.tmp", "run.json.tmp", "step.lock", "step.lock.tmp", "undo.log",
+         "images.f32", *(f"{a}.f32" for a in ARRAYS)}
+_ENTRY = np.dtype([("start", "<i8"), ("stop", "<i8")])  # an undo entry's header; x, m, v follow
 
 
 class RunFolderError(ValueError):
@@ -54,6 +61,7 @@ class DiskStore:
         self.folder, self.shape = folder, tuple(shape)
         self.image_numel = math.prod(shape[1:])
         self._fds = {a: os.open(folder / f"{a}.f32", os.O_RDWR) for a in ARRAYS}
+        self._undo = None  # the open undo log while a step runs
 
     @property
     def n(self) -> int:
@@ -93,10 +101,55 @@ class DiskStore:
         return tuple(self._read(a, sl).to(device) for a in ARRAYS)
 
     def put(self, sl: slice, x, exp_avg=None, exp_avg_sq=None) -> None:
+        if self._undo is not None:
+            self._log_old(sl)
         self._write("x", sl, x)
         if exp_avg is not None:
             self._write("exp_avg", sl, exp_avg)
             self._write("exp_avg_sq", sl, exp_avg_sq)
+
+    def _log_old(self, sl: slice) -> None:
+        start, stop, _ = sl.indices(self.n)
+        head = np.array([(start, stop)], dtype=_ENTRY).tobytes()
+        try:
+            self._undo.write(head + b"".join(memoryview(self._read(a, sl).numpy()).cast("B") for a in ARRAYS))
+            self._undo.flush()  # in the page cache before the data write below: a kill cannot reorder them
+        except OSError as exc:
+            raise RunFolderError(f"run folder {self.folder}: cannot write undo.log ({exc.strerror})") from None
+
+    def begin_step(self) -> None:
+        self._undo = open(self.folder / "undo.log", "wb")
+
+    def end_step(self) -> None:
+        if self._undo is not None:
+            self._undo.close()
+            self._undo = None
+        (self.folder / "undo.log").unlink(missing_ok=True)
+
+    def roll_back(self) -> bool:
+        """Restore the chunks of an interrupted step from undo.log (newest first); False when the log is
+        missing or unreadable."""
+        path = self.folder / "undo.log"
+        if not path.exists():
+            return False
+        raw = path.read_bytes()
+        entries, pos = [], 0
+        while len(raw) - pos >= _ENTRY.itemsize:  # a shorter rest is a torn header
+            start, stop = np.frombuffer(raw, _ENTRY, 1, pos)[0].tolist()
+            if not 0 <= start < stop <= self.n:
+                return False  # not an entry this code wrote
+            size, body = (stop - start) * self.image_numel * 4, pos + _ENTRY.itemsize
+            if body + 3 * size > len(raw):
+                break  # a torn last entry: its data write never started
+            entries.append((slice(start, stop), [raw[body + i * size: body + (i + 1) * size] for i in range(3)]))
+            pos = body + 3 * size
+        for sl, blobs in reversed(entries):
+            for a, blob in zip(ARRAYS, blobs):
+                arr = np.frombuffer(blob, np.float32).reshape(sl.stop - sl.start, *self.shape[1:])
+                self._write(a, sl, torch.from_numpy(arr.copy()))
+        self.flush()
+        path.unlink()
+        return True
 
     def flush(self) -> None:
         for fd in self._fds.values():
@@ -108,6 +161,9 @@ class DiskStore:
         return mapped(self.folder / "x.f32", self.shape)
 
     def close(self) -> None:
+        if self._undo is not None:  # the log stays: an unfinished step is rolled back on the next open
+            self._undo.close()
+            self._undo = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
@@ -185,11 +241,9 @@ def open_run_folder(folder, settings: dict, shape: tuple[int, ...], initial_bloc
                                  f"images of {list(shape)}); remove the folder to start over")
     state = _load_state(folder) if cfg is not None else None
     lock = _lock_step(folder)
-    if lock is not None and (state is None or lock > state["step"]):
-        raise RunFolderError(f"run folder {folder} was interrupted inside step {lock} (images partly updated); "
-                             "it cannot be resumed exactly: remove the folder to start over")
     if state is None:  # fresh start: (re)write everything
         (folder / "step.lock").unlink(missing_ok=True)
+        (folder / "undo.log").unlink(missing_ok=True)
         _allocate(folder, 4 * math.prod(shape))
         _atomic_write(folder / "run.json",
                       lambda f: f.write(json.dumps({"format": FORMAT, "settings": current, "shape": list(shape)},
@@ -205,6 +259,13 @@ def open_run_folder(folder, settings: dict, shape: tuple[int, ...], initial_bloc
         for sl, block in initial_blocks():
             store.put(sl, block)
         store.flush()
+    elif lock is not None:
+        if lock > state["step"] and not store.roll_back():
+            store.close()
+            raise RunFolderError(f"run folder {folder} was interrupted inside step {lock} and its undo.log is "
+                                 "missing or damaged; it cannot be resumed exactly: remove the folder to start over")
+        (folder / "undo.log").unlink(missing_ok=True)  # a finished step's leftover
+        (folder / "step.lock").unlink()
     return store, state
 
 
@@ -233,15 +294,17 @@ def _lock_step(folder: Path) -> int | None:
 
 
 def begin_step(store: DiskStore, step: int) -> None:
-    """Mark `step` as being written (before any image of it changes)."""
+    """Mark `step` as being written and start its undo log (before any image of it changes)."""
+    store.begin_step()  # first: whenever step.lock exists, its undo.log does
     _atomic_write(store.folder / "step.lock", lambda f: f.write(str(step).encode()))
 
 
 def end_step(store: DiskStore, state: dict) -> None:
-    """The step's images are durable, then its state; then the mark goes."""
+    """The step's images are durable, then its state; then the mark and the undo log go."""
     store.flush()
     _atomic_write(store.folder / "state.pt", lambda f: torch.save(state, f))
     (store.folder / "step.lock").unlink(missing_ok=True)
+    store.end_step()
 
 
 def write_output(store: DiskStore, chunk_size: int, shape: tuple[int, ...], images_of_chunk) -> torch.Tensor:
