@@ -23,7 +23,8 @@ def random_chunk(g, channels=(3, 5), scale=1.0):
     out = []
     for c in channels:
         x = torch.randn(int(torch.randint(1, 9, (1,), generator=g)), c, 4, 4, generator=g, dtype=torch.float64)
-        out.append(channel_stats(x * scale * (1 + 3 * torch.rand(1, generator=g).item()) + 5 * torch.randn(1, generator=g).item()))
+        spread, offset = 1 + 3 * torch.rand(1, generator=g).item(), 5 * torch.randn(1, generator=g).item()
+        out.append(channel_stats(x * scale * spread + offset))
     return out
 
 

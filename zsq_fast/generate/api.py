@@ -133,9 +133,10 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     `checkpoint`, or a temporary folder removed after the run; see run_folder.py) or "auto" (device when
     the set fits in half the free device memory, else host when it fits in half the free host memory,
     else disk; record.store says what was chosen and why).
-    amp: None, "bf16" (CUDA, or CPU autocast: about 2x on CPUs with AMX-BF16) or "fp16" (CUDA only); the
-    statistics, losses and the optimizer stay fp32/fp64. channels_last: run the model's forward on
-    channels-last (NHWC) images (faster convolutions on CPU; the store stays NCHW). lambda_sigma: None = 10 for dgh, 1 otherwise.
+    amp: None, "bf16" (CUDA, or CPU autocast: pays on CPUs with native bf16, see benchmarks/RESULTS.md) or
+    "fp16" (CUDA only); the statistics, losses and the optimizer stay fp32/fp64. channels_last: run the
+    model's forward on channels-last (NHWC) images (the store stays NCHW). lambda_sigma: None = 10 for dgh,
+    1 otherwise.
     layer_weighting: "average" or "first_x10". aggregation (dgh): "exact" or "stale".
     stale_refresh (stale): "after_update" (default: a chunk's cached statistics are recomputed from its
     finalised images (output view) after their update, as the DGH code and MCT do, so results compare) or
@@ -154,7 +155,8 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     settings, device = make_settings(
         model, n_images, method, image_size, iterations=iterations, chunk_size=chunk_size, lr=lr, seed=seed,
         mean=mean, std=std, device=device, store=store, amp=amp, channels_last=channels_last,
-        lambda_sigma=lambda_sigma, layer_weighting=layer_weighting, aggregation=aggregation, stale_refresh=stale_refresh, augment=augment,
+        lambda_sigma=lambda_sigma, layer_weighting=layer_weighting, aggregation=aggregation,
+        stale_refresh=stale_refresh, augment=augment,
         margin=margin, odsl_weight=odsl_weight, odsl_form=odsl_form, min_lr=min_lr, patience=patience,
         images_per_class=images_per_class, fdda_weights=fdda_weights, checkpoint_every=checkpoint_every)
     if method == "fdda" and real_images is None:
@@ -175,7 +177,8 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
 
 def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1000, chunk_size=128,
                   lr=None, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store="host",
-                  amp=None, channels_last=False, lambda_sigma=None, layer_weighting="average", aggregation="exact",
+                  amp=None, channels_last=False, lambda_sigma=None, layer_weighting="average",
+                  aggregation="exact",
                   stale_refresh="after_update", augment=None,
                   margin=None, odsl_weight=None, odsl_form="hinged", min_lr=1e-4, patience=None,
                   images_per_class=1, fdda_weights=None, checkpoint_every=50) -> tuple[Settings, torch.device]:
