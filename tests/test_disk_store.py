@@ -228,3 +228,13 @@ def test_build_run_without_a_folder_for_disk_is_an_error():
     s, dev = api.make_settings(model, 4, "dgh", 8, store="disk")
     with pytest.raises(ValueError, match="needs a run folder"):
         api.build_run(model, s, dev)
+
+
+def test_load_images_opens_a_run_folder_lazily(tmp_path):
+    images, _ = zsq_fast.generate(tiny(), 5, "dgh", 8, store="disk", checkpoint=tmp_path / "run", iterations=2,
+                                  chunk_size=2)
+    back, labels = zsq_fast.load_images(tmp_path / "run", with_labels=True)
+    assert torch.equal(back, images) and labels is None and back.shape == (5, 3, 8, 8)
+    (tmp_path / "run" / "images.f32").unlink()
+    with pytest.raises(RunFolderError, match="no finished output"):
+        zsq_fast.load_images(tmp_path / "run")

@@ -67,10 +67,16 @@ def save_images(images: torch.Tensor, path: str | os.PathLike, *, labels: torch.
 
 def load_images(path: str | os.PathLike, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, with_labels: bool = False):
     """Read what save_images wrote: images (N, C, H, W) normalized with mean/std (a .pt file keeps
-    its own); with_labels=True returns (images, labels or None)."""
+    its own); with_labels=True returns (images, labels or None). A generate run folder (store="disk")
+    gives its output images memory-mapped (read lazily; the run's own normalization)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"no images at {path}")
+    if path.is_dir() and (path / "run.json").exists():
+        from .run_folder import open_output
+
+        images = open_output(path)
+        return (images, None) if with_labels else images
     if path.is_file():
         data = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(data, torch.Tensor):

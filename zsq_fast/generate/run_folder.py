@@ -318,3 +318,19 @@ def write_output(store: DiskStore, chunk_size: int, shape: tuple[int, ...], imag
     except OSError as exc:
         raise RunFolderError(f"run folder {store.folder}: cannot write images.f32 ({exc.strerror})") from None
     return mapped(path, shape)
+
+
+def open_output(folder) -> torch.Tensor:
+    """A run folder's output images (N, 3, H, W), memory-mapped: read lazily, so sets larger than
+    memory can be indexed chunk by chunk."""
+    folder = Path(folder)
+    cfg = _config(folder)
+    if cfg is None:
+        raise RunFolderError(f"{folder} is not a run folder (no run.json)")
+    n, size = cfg["shape"][0], cfg["settings"].get("image_size")
+    shape = (n, 3, *size)
+    path = folder / "images.f32"
+    if not path.exists() or path.stat().st_size != 4 * math.prod(shape):
+        raise RunFolderError(f"run folder {folder} has no finished output (images.f32); rerun generate with "
+                             "checkpoint set to this folder to finish it")
+    return mapped(path, shape)
