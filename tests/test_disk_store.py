@@ -238,3 +238,23 @@ def test_load_images_opens_a_run_folder_lazily(tmp_path):
     (tmp_path / "run" / "images.f32").unlink()
     with pytest.raises(RunFolderError, match="no finished output"):
         zsq_fast.load_images(tmp_path / "run")
+
+
+def test_a_restart_after_unsynced_steps_is_refused(tmp_path, monkeypatch):
+    def stop_at_4(step, total, losses):
+        if step == 4:
+            raise Killed
+    common = {**COMMON, "checkpoint_every": 3}
+    with pytest.raises(Killed):
+        zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", progress=stop_at_4,
+                          **common)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert (state["step"], state["synced_step"]) == (4, 3) and state["boot_id"] == run_folder.boot_id()
+    monkeypatch.setattr(run_folder, "boot_id", lambda: "another-boot")
+    with pytest.raises(RunFolderError, match="machine restarted after step 4 .*last synced at step 3") as e:
+        zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **common)
+    one_line(e)
+    monkeypatch.undo()  # the same boot: the page cache still holds step 4
+    full, _ = zsq_fast.generate(tiny(), 7, "dgh", 8, **common)
+    resumed, rec = zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **common)
+    assert rec.resumed_from_step == 4 and torch.equal(resumed, full)

@@ -150,7 +150,9 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     forgotten after each cut as in DGH/MCT).
     fdda: real_images, real_labels, images_per_class (1), fdda_weights (ce 0.5, bn 0.2, distort 0.9,
     center 0.01). checkpoint: a path; written atomically every checkpoint_every steps and resumed from
-    when it exists. progress: called as progress(step, iterations, losses_dict) after every step.
+    when it exists (store="disk": the run folder, whose state follows every step and whose images are
+    synced to disk every checkpoint_every steps). progress: called as progress(step, iterations,
+    losses_dict) after every step.
     """
     settings, device = make_settings(
         model, n_images, method, image_size, iterations=iterations, chunk_size=chunk_size, lr=lr, seed=seed,
@@ -350,7 +352,8 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
             run.plateau.step(losses["total"])
             history.append({"step": step, "lr": lr_used, **losses})
             if disk:  # every step: images are updated in place, the state must follow them
-                end_step(run.store, _state(run, compared, history, initial_bn, images=False))
+                end_step(run.store, _state(run, compared, history, initial_bn, images=False),
+                         sync=step % s.checkpoint_every == 0 or step == s.iterations)
             elif checkpoint is not None and (step % s.checkpoint_every == 0 or step == s.iterations):
                 save_checkpoint(checkpoint, _state(run, compared, history, initial_bn))
             if progress is not None:
