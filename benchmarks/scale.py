@@ -66,6 +66,43 @@ def one(cfg: dict) -> dict:
             "bn_loss": [rec.initial_bn_loss, rec.final_bn_loss]}
 
 
+def stale_bookkeeping(chunk_counts=(100, 200, 400, 3907), channels=(3, 16, 32, 32, 64), max_old: int = 400) -> str:
+    """Seconds per step of stale mode's "all chunks but j" statistics alone (no model): the running totals
+    (one un-merge + merge per chunk and layer) against merging the K - 1 other chunks for every chunk
+    (before issue 10). channels: the digits CNN's input + BN layers; 3907 chunks = 10^6 images / 256."""
+    import time
+
+    from zsq_fast.generate.stale_cache import StaleCache
+    from zsq_fast.ops import ChannelStats
+
+    def all_others(chunks, j, layer):
+        total = ChannelStats(0.0, data=torch.zeros_like(chunks[0][layer].data))
+        for k, c in enumerate(chunks):
+            if k != j:
+                total = total.merge(c[layer])
+        return total
+
+    rows = ["| chunks K | running totals s / step | merge all others s / step |", "| ---: | ---: | ---: |"]
+    for k in chunk_counts:
+        g = torch.Generator().manual_seed(0)
+        chunks = [[ChannelStats(4096.0, torch.randn(c, generator=g), 4096 * torch.rand(c, generator=g))
+                   for c in channels] for _ in range(k)]
+        cache = StaleCache.from_chunks(chunks)
+        t = time.perf_counter()
+        cache.resync()
+        for j in range(k):
+            cache.replace(j, chunks[j], cache.others(j))
+        new = time.perf_counter() - t
+        old = "not run"
+        if k <= max_old:
+            t = time.perf_counter()
+            for j in range(k):
+                [all_others(chunks, j, layer) for layer in range(len(channels))]
+            old = f"{time.perf_counter() - t:.2f}"
+        rows.append(f"| {k} | {new:.3f} | {old} |")
+    return "\n".join(rows)
+
+
 def _child(cfg: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-W", "ignore", os.path.abspath(__file__), "--one", json.dumps(cfg)]
     try:
@@ -109,8 +146,14 @@ def main(argv=None) -> str:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     p.add_argument("--in-process", action="store_true", help="no child processes (peak RSS is then shared)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument("--stale-bookkeeping", action="store_true", help="only time stale mode's statistics bookkeeping")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.stale_bookkeeping:
+        torch.set_num_threads(a.threads)
+        text = stale_bookkeeping()
+        print(text)
+        return text
     if a.one is not None:
         print(json.dumps(one(json.loads(a.one))))
         return ""

@@ -38,3 +38,10 @@ def test_smoke_grid_runs(tmp_path):
             assert loss[(n, mode, "host")] == loss[(n, mode, "disk")]  # same seed, same run
     assert (tmp_path / "scale.md").read_text().strip() == text.strip()
     assert list(tmp_path.iterdir()) == [tmp_path / "scale.md"]  # run folders removed
+
+
+def test_stale_bookkeeping_table():
+    text = _scale().stale_bookkeeping(chunk_counts=(3, 6), channels=(2, 4), max_old=3)
+    rows = [line.split("|")[1:-1] for line in text.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["3", "6"]
+    assert float(rows[0][2]) >= 0 and rows[1][2].strip() == "not run"
