@@ -114,11 +114,13 @@ def _child(cfg: dict, timeout: float) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def plan(grid: str, max_n: int | None, iterations: int, chunk: int, threads: int, folder: str | None) -> list[dict]:
+def plan(grid: str, max_n: int | None, iterations: int, chunk: int, threads: int, folder: str | None,
+         min_n: int = 0, models=None, modes=MODES, stores=STORES) -> list[dict]:
     return [{"model": m, "size": size, "n": n, "mode": mode, "store": store, "iterations": iterations,
              "chunk": chunk, "threads": threads, "folder": folder}
-            for m, size, ns in GRIDS[grid] for n in ns if max_n is None or n <= max_n
-            for mode in MODES for store in STORES]
+            for m, size, ns in GRIDS[grid] if models is None or m in models
+            for n in ns if min_n <= n and (max_n is None or n <= max_n)
+            for mode in modes for store in stores]
 
 
 def markdown(rows: list[dict], label: str) -> str:
@@ -139,6 +141,10 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", choices=sorted(GRIDS), default="cpu")
     p.add_argument("--max-n", type=int, default=None)
+    p.add_argument("--min-n", type=int, default=0)
+    p.add_argument("--models", nargs="+", default=None, help="only these models of the grid")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
+    p.add_argument("--stores", nargs="+", choices=STORES, default=STORES)
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
@@ -157,7 +163,7 @@ def main(argv=None) -> str:
     if a.one is not None:
         print(json.dumps(one(json.loads(a.one))))
         return ""
-    cfgs = plan(a.grid, a.max_n, a.iterations, a.chunk, a.threads, a.folder)
+    cfgs = plan(a.grid, a.max_n, a.iterations, a.chunk, a.threads, a.folder, a.min_n, a.models, a.modes, a.stores)
     rows = []
     for cfg in cfgs:
         rows.append(one(cfg) if a.in_process else _child(cfg, a.timeout))
