@@ -258,3 +258,19 @@ def test_a_restart_after_unsynced_steps_is_refused(tmp_path, monkeypatch):
     full, _ = zsq_fast.generate(tiny(), 7, "dgh", 8, **common)
     resumed, rec = zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **common)
     assert rec.resumed_from_step == 4 and torch.equal(resumed, full)
+
+
+def test_auto_resumes_where_the_run_was_stored(tmp_path, monkeypatch):
+    from zsq_fast.generate import store as store_mod
+    common = dict(iterations=2, chunk_size=2, store="auto")
+    monkeypatch.setattr(store_mod, "free_host_bytes", lambda: 1000)  # the set does not fit: disk
+    _, rec = zsq_fast.generate(tiny(), 4, "dgh", 8, checkpoint=tmp_path / "run", **common)
+    assert rec.store["kind"] == "disk" and "> 0.5 x" in rec.store["reason"]
+    monkeypatch.undo()  # memory is free now, but the run lives in its folder
+    _, rec = zsq_fast.generate(tiny(), 4, "dgh", 8, checkpoint=tmp_path / "run", **common)
+    assert rec.store["kind"] == "disk" and rec.store["reason"].startswith("resuming the run folder")
+    assert rec.resumed_from_step == 2
+    zsq_fast.generate(tiny(), 4, "dgh", 8, checkpoint=tmp_path / "c.pt", iterations=2, chunk_size=2)
+    monkeypatch.setattr(store_mod, "free_host_bytes", lambda: 1000)
+    _, rec = zsq_fast.generate(tiny(), 4, "dgh", 8, checkpoint=tmp_path / "c.pt", **common)
+    assert rec.store["kind"] == "host" and rec.resumed_from_step == 2

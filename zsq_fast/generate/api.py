@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -288,8 +289,14 @@ def build_run(model, s: Settings, device, store: str | None = None, folder=None)
 def _resolve_store(s: Settings, device, checkpoint) -> dict:
     """{"kind", "reason", "folder"}: where this run keeps its images and moments."""
     kind, reason = s.store, "requested"
-    if kind == "auto":
-        kind, reason = choose_store(3 * 4 * math.prod(canvas_shape(s)), device)
+    if kind == "auto":  # a run resumes where it was stored, whatever memory is free now
+        existing = None if checkpoint is None else Path(checkpoint)
+        if existing is not None and (existing / "run.json").exists():
+            kind, reason = "disk", f"resuming the run folder {existing}"
+        elif existing is not None and existing.is_file():
+            kind, reason = ("device" if device.type == "cuda" else "host"), f"resuming the checkpoint file {existing}"
+        else:
+            kind, reason = choose_store(3 * 4 * math.prod(canvas_shape(s)), device)
     if kind == "device" and device.type == "cpu":
         kind = "host"
     folder, temporary = None, False
