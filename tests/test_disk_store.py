@@ -80,6 +80,7 @@ def test_resume_from_the_run_folder_equals_the_uninterrupted_run(tmp_path, kw):
     again, rec_again = zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run",
                                          **COMMON, **kw)
     assert torch.equal(again, full) and rec_again.resumed_from_step == 6 and rec_again.steps_done == 6
+    assert torch.equal(resumed, full)  # the first result stays readable after the output was rewritten
 
 
 @pytest.mark.parametrize("kw", [{"aggregation": "exact"}, {"aggregation": "stale"}])

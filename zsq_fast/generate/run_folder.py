@@ -38,7 +38,7 @@ FORMAT = 1
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 ARRAYS = ("x", "exp_avg", "exp_avg_sq")
 _OURS = {"run.json", "state.pt", "state.pt.tmp", "run.json.tmp", "step.lock", "step.lock.tmp", "undo.log",
-         "images.f32", *(f"{a}.f32" for a in ARRAYS)}
+         "images.f32", "images.f32.tmp", *(f"{a}.f32" for a in ARRAYS)}
 _ENTRY = np.dtype([("start", "<i8"), ("stop", "<i8")])  # an undo entry's header; x, m, v follow
 
 
@@ -333,11 +333,13 @@ def end_step(store: DiskStore, state: dict, sync: bool) -> None:
 def write_output(store: DiskStore, chunk_size: int, shape: tuple[int, ...], images_of_chunk) -> torch.Tensor:
     """The output images, chunk by chunk into images.f32; returned memory-mapped (lazily read)."""
     path = store.folder / "images.f32"
-    try:
-        with open(path, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, 4 * math.prod(shape)) if math.prod(shape) else None
+    tmp = path.with_name("images.f32.tmp")
+    try:  # a new file replaces the old one: images returned by an earlier call stay mapped to the old one
+        with open(tmp, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 4 * math.prod(shape))  # out of space now, not half-way
             for sl in store.chunks(chunk_size):
                 f.write(memoryview(images_of_chunk(sl).to("cpu", torch.float32).contiguous().numpy()).cast("B"))
+        os.replace(tmp, path)
     except OSError as exc:
         raise RunFolderError(f"run folder {store.folder}: cannot write images.f32 ({exc.strerror})") from None
     return mapped(path, shape)
