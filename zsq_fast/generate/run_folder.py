@@ -43,7 +43,8 @@ _ENTRY = np.dtype([("start", "<i8"), ("stop", "<i8")])  # an undo entry's header
 
 
 class RunFolderError(ValueError):
-    """A run folder that cannot be used; the message is one line naming the folder and the problem."""
+    """A run folder that cannot be used; the message is one line naming the folder (generate's
+    `checkpoint`) and the problem."""
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -55,7 +56,7 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise RunFolderError(f"run folder {path.parent}: cannot write {path.name} ({exc.strerror or exc}); "
+        raise RunFolderError(f"checkpoint folder {path.parent}: cannot write {path.name} ({exc.strerror or exc}); "
                              "is the disk full or the folder read-only?") from None
 
 
@@ -83,7 +84,7 @@ class DiskStore:
         while done < len(buf):  # one read call moves at most ~2 GiB
             got = os.preadv(self._fds[name], [buf[done:]], offset + done)
             if got == 0:
-                raise RunFolderError(f"run folder {self.folder}: {name}.f32 is shorter than its {self.n} images "
+                raise RunFolderError(f"checkpoint folder {self.folder}: {name}.f32 is shorter than its {self.n} images "
                                      "(truncated?); remove the folder to start over")
             done += got
         return torch.from_numpy(out)
@@ -98,7 +99,7 @@ class DiskStore:
             while done < len(buf):
                 done += os.pwrite(self._fds[name], buf[done:], offset + done)
         except OSError as exc:
-            raise RunFolderError(f"run folder {self.folder}: cannot write {name}.f32 ({exc.strerror})") from None
+            raise RunFolderError(f"checkpoint folder {self.folder}: cannot write {name}.f32 ({exc.strerror})") from None
 
     def load(self, sl: slice, device, moments: bool = False):
         """The chunk's images (and moments) on the compute device, as copies."""
@@ -121,7 +122,7 @@ class DiskStore:
             self._undo.write(head + b"".join(memoryview(self._read(a, sl).numpy()).cast("B") for a in ARRAYS))
             self._undo.flush()  # in the page cache before the data write below: a kill cannot reorder them
         except OSError as exc:
-            raise RunFolderError(f"run folder {self.folder}: cannot write undo.log ({exc.strerror})") from None
+            raise RunFolderError(f"checkpoint folder {self.folder}: cannot write undo.log ({exc.strerror})") from None
 
     def begin_step(self) -> None:
         self._undo = open(self.folder / "undo.log", "wb")
@@ -190,32 +191,32 @@ def _config(folder: Path) -> dict | None:
             raise ValueError("unknown layout")
         return cfg
     except (ValueError, OSError) as exc:
-        raise RunFolderError(f"run folder {folder}: run.json is corrupted ({exc}); remove the folder to start "
+        raise RunFolderError(f"checkpoint folder {folder}: run.json is corrupted ({exc}); remove the folder to start "
                              "over") from None
 
 
 def _prepare(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
-        raise RunFolderError(f"run folder {folder} is a file; store='disk' needs a folder (checkpoint=FOLDER)")
+        raise RunFolderError(f"checkpoint folder {folder} is a file; store='disk' needs a folder (checkpoint=FOLDER)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RunFolderError(f"run folder {folder} cannot be created ({exc.strerror})") from None
+        raise RunFolderError(f"checkpoint folder {folder} cannot be created ({exc.strerror})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise RunFolderError(f"run folder {folder} is not writable")
+        raise RunFolderError(f"checkpoint folder {folder} is not writable")
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in _OURS)
     if foreign:
-        raise RunFolderError(f"run folder {folder} holds other files ({', '.join(foreign[:3])}); "
+        raise RunFolderError(f"checkpoint folder {folder} holds other files ({', '.join(foreign[:3])}); "
                              "use an empty or new folder")
 
 
-def _allocate(folder: Path, nbytes: int) -> None:
+def _allocate(folder: Path, nbytes: int, n_images: int) -> None:
     need = len(ARRAYS) * nbytes
     free = shutil.disk_usage(folder).free
     have = sum((folder / f"{a}.f32").stat().st_size for a in ARRAYS if (folder / f"{a}.f32").exists())
     if need > free + have:
-        raise RunFolderError(f"run folder {folder}: not enough disk space for the images and RAdam moments "
-                             f"(needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free)")
+        raise RunFolderError(f"checkpoint folder {folder}: not enough disk space for n_images={n_images} and their "
+                             f"RAdam moments (needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free)")
     for a in ARRAYS:
         try:
             with open(folder / f"{a}.f32", "wb") as f:  # truncates: a fresh start begins from zeros
@@ -223,7 +224,7 @@ def _allocate(folder: Path, nbytes: int) -> None:
                     os.posix_fallocate(f.fileno(), 0, nbytes)  # the space is reserved now, not on a later write
         except OSError as exc:
             reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-            raise RunFolderError(f"run folder {folder}: cannot allocate {a}.f32 ({reason})") from None
+            raise RunFolderError(f"checkpoint folder {folder}: cannot allocate {a}.f32 ({reason})") from None
 
 
 def open_run_folder(folder, settings: dict, shape: tuple[int, ...], initial_blocks) -> tuple[DiskStore, dict | None]:
@@ -240,22 +241,22 @@ def open_run_folder(folder, settings: dict, shape: tuple[int, ...], initial_bloc
         saved = cfg["settings"]
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if diff:
-            raise RunFolderError(f"run folder {folder} belongs to another run configuration "
+            raise RunFolderError(f"checkpoint folder {folder} belongs to another run configuration "
                                  f"({', '.join(diff)}); use another folder or remove it")
         if list(cfg.get("shape", [])) != list(shape):
-            raise RunFolderError(f"run folder {folder}: run.json is corrupted (shape {cfg.get('shape')} for "
+            raise RunFolderError(f"checkpoint folder {folder}: run.json is corrupted (shape {cfg.get('shape')} for "
                                  f"images of {list(shape)}); remove the folder to start over")
     state = _load_state(folder) if cfg is not None else None
     lock = _lock_step(folder)
     if state is not None and state.get("boot_id") != boot_id() and (
             lock is not None or state.get("synced_step") != state["step"]):
-        raise RunFolderError(f"run folder {folder}: the machine restarted after step {state['step']} before its "
+        raise RunFolderError(f"checkpoint folder {folder}: the machine restarted after step {state['step']} before its "
                              f"images reached the disk (last synced at step {state.get('synced_step')}); they cannot "
                              "be trusted: remove the folder to start over")
     if state is None:  # fresh start: (re)write everything
         (folder / "step.lock").unlink(missing_ok=True)
         (folder / "undo.log").unlink(missing_ok=True)
-        _allocate(folder, 4 * math.prod(shape))
+        _allocate(folder, 4 * math.prod(shape), shape[0])
         _atomic_write(folder / "run.json",
                       lambda f: f.write(json.dumps({"format": FORMAT, "settings": current, "shape": list(shape)},
                                                    indent=1).encode()))
@@ -265,7 +266,7 @@ def open_run_folder(folder, settings: dict, shape: tuple[int, ...], initial_bloc
         size = (folder / f"{a}.f32").stat().st_size
         if size != 4 * math.prod(shape):
             store.close()
-            raise RunFolderError(f"run folder {folder}: {a}.f32 holds {size} bytes, expected "
+            raise RunFolderError(f"checkpoint folder {folder}: {a}.f32 holds {size} bytes, expected "
                                  f"{4 * math.prod(shape)}; remove the folder to start over")
     if state is None:
         for sl, block in initial_blocks():
@@ -274,7 +275,7 @@ def open_run_folder(folder, settings: dict, shape: tuple[int, ...], initial_bloc
     elif lock is not None:
         if lock > state["step"] and not store.roll_back():
             store.close()
-            raise RunFolderError(f"run folder {folder} was interrupted inside step {lock} and its undo.log is "
+            raise RunFolderError(f"checkpoint folder {folder} was interrupted inside step {lock} and its undo.log is "
                                  "missing or damaged; it cannot be resumed exactly: remove the folder to start over")
         (folder / "undo.log").unlink(missing_ok=True)  # a finished step's leftover
         (folder / "step.lock").unlink()
@@ -290,7 +291,7 @@ def _load_state(folder: Path) -> dict | None:
         int(state["step"])
         return state
     except Exception as exc:  # noqa: BLE001 - any unreadable state file is the same problem to the user
-        raise RunFolderError(f"run folder {folder}: state.pt is corrupted ({type(exc).__name__}); remove the "
+        raise RunFolderError(f"checkpoint folder {folder}: state.pt is corrupted ({type(exc).__name__}); remove the "
                              "folder to start over") from None
 
 
@@ -301,7 +302,7 @@ def _lock_step(folder: Path) -> int | None:
     try:
         return int(path.read_text())
     except ValueError:
-        raise RunFolderError(f"run folder {folder}: step.lock is corrupted; remove the folder to start "
+        raise RunFolderError(f"checkpoint folder {folder}: step.lock is corrupted; remove the folder to start "
                              "over") from None
 
 
@@ -341,7 +342,7 @@ def write_output(store: DiskStore, chunk_size: int, shape: tuple[int, ...], imag
                 f.write(memoryview(images_of_chunk(sl).to("cpu", torch.float32).contiguous().numpy()).cast("B"))
         os.replace(tmp, path)
     except OSError as exc:
-        raise RunFolderError(f"run folder {store.folder}: cannot write images.f32 ({exc.strerror})") from None
+        raise RunFolderError(f"checkpoint folder {store.folder}: cannot write images.f32 ({exc.strerror})") from None
     return mapped(path, shape)
 
 
@@ -356,6 +357,6 @@ def open_output(folder) -> torch.Tensor:
     shape = (n, 3, *size)
     path = folder / "images.f32"
     if not path.exists() or path.stat().st_size != 4 * math.prod(shape):
-        raise RunFolderError(f"run folder {folder} has no finished output (images.f32); rerun generate with "
+        raise RunFolderError(f"checkpoint folder {folder} has no finished output (images.f32); rerun generate with "
                              "checkpoint set to this folder to finish it")
     return mapped(path, shape)
