@@ -121,7 +121,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.19"],  # INT4/UINT4 QuantizeLinear (opset 21)
         "demo": ["scikit-learn"],
     },

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a bare GPU machine (torch preinstalled, no network, nothing else set up):
 #   1. build zsq_fast._C in place with every core, for the local GPU's architecture;
-#   2. run the whole test suite (CUDA variants included);
+#   2. every kernel once per layout/dtype/alignment case against the reference (cuda_smoke.py), under
+#      compute-sanitizer memcheck when it is installed, then the whole test suite (CUDA variants included);
 #   3. the kernel benchmark (ours vs PyTorch composites vs copy bandwidth, CUDA events);
 #   4. the speed benchmark (generation vs N, BRECQ per block, ResNet-18 224 px end to end).
 # Every log and table lands in one folder (default gpu_check_out/), summarised in summary.md.
@@ -53,10 +54,16 @@ fi
 step backend backend.txt "$PY" -c "import json, zsq_fast; print(json.dumps(zsq_fast.ops.backend()))"
 
 if [ "$DRY" = 1 ]; then
+  step smoke smoke.log "$PY" benchmarks/cuda_smoke.py --device cpu
   step tests tests.log "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_library.py -k "schemas or meta_tensors"
   step kernels kernels.log "$PY" benchmarks/bench_kernels.py --table --quick --repeat 1 --out "$OUT/kernels.md"
   step speed speed.log "$PY" benchmarks/speed.py --tiny --device cpu --out "$OUT/speed.md"
 else
+  step smoke smoke.log "$PY" benchmarks/cuda_smoke.py --device cuda
+  if command -v compute-sanitizer > /dev/null && [ "${ZSQ_GPU_CHECK_SANITIZE:-1}" = 1 ]; then
+    step sanitizer sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 3 \
+      "$PY" benchmarks/cuda_smoke.py --device cuda
+  fi
   step tests tests.log "$PY" -m pytest -q -p no:cacheprovider -ra tests --junitxml="$OUT/tests.xml"
   step kernels kernels.log "$PY" benchmarks/bench_kernels.py --table --out "$OUT/kernels.md"
   step speed speed.log "$PY" benchmarks/speed.py --device cuda --iterations 10 --recon-iterations 50 \

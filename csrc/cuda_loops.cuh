@@ -148,6 +148,16 @@ void channel_map(const Layout& L, bool aligned16, const F& f) {
   }
 }
 
+// A map over a functor whose apply also returns a total (used by channel_map_sum), dropping the total.
+template <typename F>
+struct DropTotal {
+  F f;
+  template <int V, typename I>
+  __device__ __forceinline__ void apply(I i, I c0, I dc) const {
+    f.template apply<V>(i, c0, dc);
+  }
+};
+
 // ---------------------------------------------------------------- block sums
 template <typename T>
 __device__ inline T warp_sum(T v) {

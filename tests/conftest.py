@@ -19,3 +19,32 @@ def shared_data() -> Path:
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP barrier stalls on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_tiny_digits(d: Path, n_images: int) -> Path:
+    """A digits_cnn state dict with BN statistics from a few train-mode passes (w.pt) and a labelled npz of
+    n_images random 16x16 grey images (data.npz), in folder d, for CLI tests."""
+    import numpy as np
+
+    from zsq_fast.models.zoo import ZOO
+
+    torch.manual_seed(0)
+    m = ZOO["digits_cnn"].factory()
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 3, 16, 16))
+    torch.save(m.state_dict(), d / "w.pt")
+    rng = np.random.default_rng(0)
+    np.savez(d / "data.npz", x=rng.integers(0, 256, (n_images, 16, 16, 1), dtype=np.uint8),
+             y=np.arange(n_images) % 10)
+    return d

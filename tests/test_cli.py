@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_tiny_digits
+
 from zsq_fast.cli import main
 from zsq_fast.models.zoo import ZOO
 
@@ -18,16 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny(tmp_path_factory):
     """A digits_cnn state dict with BN statistics from a few forward passes, and a small labelled npz."""
     d = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    m = ZOO["digits_cnn"].factory()
-    m.train()
-    with torch.no_grad():
-        for _ in range(3):
-            m(torch.randn(16, 3, 16, 16))
-    torch.save(m.state_dict(), d / "w.pt")
-    rng = np.random.default_rng(0)
-    np.savez(d / "data.npz", x=rng.integers(0, 256, (24, 16, 16, 1), dtype=np.uint8), y=np.arange(24) % 10)
-    return d
+    return write_tiny_digits(d, 24)
 
 
 def _run(capsys, *argv):

@@ -1,12 +1,10 @@
 """`zsq-fast quantize --onnx` records, and `zsq-fast eval --onnx` measures, the export run by onnxruntime."""
 import json
 
-import numpy as np
 import pytest
-import torch
+from conftest import write_tiny_digits
+from test_cli import _model, _run
 
-from zsq_fast.cli import main
-from zsq_fast.models.zoo import ZOO
 
 pytest.importorskip("onnxruntime")
 
@@ -15,26 +13,7 @@ pytest.importorskip("onnxruntime")
 def tiny(tmp_path_factory):
     """digits_cnn weights with BN statistics from a few batches, and a small labelled npz."""
     d = tmp_path_factory.mktemp("tiny_onnx")
-    torch.manual_seed(0)
-    m = ZOO["digits_cnn"].factory()
-    m.train()
-    with torch.no_grad():
-        for _ in range(3):
-            m(torch.randn(16, 3, 16, 16))
-    torch.save(m.state_dict(), d / "w.pt")
-    rng = np.random.default_rng(0)
-    np.savez(d / "data.npz", x=rng.integers(0, 256, (40, 16, 16, 1), dtype=np.uint8), y=np.arange(40) % 10)
-    return d
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _model(tiny):
-    return ["--model", "digits_cnn", "--weights", tiny / "w.pt", "--no-progress"]
+    return write_tiny_digits(d, 40)
 
 
 def test_quantize_onnx_records_agreement_and_eval_onnx_reproduces_it(tiny, tmp_path, capsys):

@@ -14,8 +14,9 @@ def test_gpu_check_dry_run_writes_every_table(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr + "".join(
         f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in out.glob("*.log"))
-    for name in ("summary.md", "env.txt", "backend.txt", "tests.log", "kernels.md", "speed.md"):
+    for name in ("summary.md", "env.txt", "backend.txt", "smoke.log", "tests.log", "kernels.md", "speed.md"):
         assert (out / name).is_file(), name
     assert "| adaround |" in (out / "kernels.md").read_text()
     assert "DGH generation throughput" in (out / "speed.md").read_text()
     assert "exit 0" in (out / "summary.md").read_text()
+    assert "all cases match" in (out / "smoke.log").read_text()

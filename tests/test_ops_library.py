@@ -292,7 +292,7 @@ def test_compiled_quantized_model_forward_and_backward_match_eager():
             out = net(inp)
             return out.square().mean() + 0.01 * sum(layer.reg for layer in layers)
 
-        fn = torch.compile(loss_fn, fullgraph=True, backend="aot_eager") if compiled else loss_fn
+        fn = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
         loss = fn(x)
         params = [layer.v for layer in layers] + [layer.input_quantizer.scale for layer in layers]
         results.append((loss.detach(), torch.autograd.grad(loss, params)))
@@ -343,7 +343,7 @@ def test_compiled_exact_dgh_chunk_step_matches_eager():
             return loss + 1e-3 * odsl(logits, acts[-1], targets, True).sum()
 
         out = []
-        for fn in (chunk_loss, torch.compile(chunk_loss, fullgraph=True, backend="aot_eager")):
+        for fn in (chunk_loss, torch.compile(chunk_loss, fullgraph=True)):
             x = images.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(fn(x), x)
             out.append(g)

@@ -12,13 +12,13 @@ import argparse
 import contextlib
 import inspect
 import os
-import pickle
 import sys
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import ImageSet, load_images_for, one_per_class, random_subset
+from .errors import InvalidArgumentError, MissingFileError, ZsqFastError
 from .evaluate import evaluate, predict_logits
 from .models.zoo import LoadedModel, has_batchnorm, load_model
 from .plots import UnitCurves, generation_figure, reconstruction_figure, save_png
@@ -31,7 +31,7 @@ PRESETS = ("hw", "academic")
 ROUNDINGS = ("nearest", "adaround", "brecq")
 
 
-class UsageError(ValueError):
+class UsageError(InvalidArgumentError):
     """Bad command-line input (printed as one line, exit code 2)."""
 
 
@@ -399,11 +399,8 @@ def _load_quantized(path: str, src: LoadedModel):
     from .quantize import load_quantized
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"quantized model not found: {path}")
-    try:
-        return load_quantized(path, src.model)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # not a torch file / truncated
-        raise ValueError(f"cannot read {path} as a quantized model ({type(e).__name__})") from None
+        raise MissingFileError(f"quantized model not found: {path}")
+    return load_quantized(path, src.model)  # names a file that is not a quantized checkpoint
 
 
 def cmd_demo(args) -> int:
@@ -418,7 +415,7 @@ def cmd_demo(args) -> int:
 def _check_output(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise FileNotFoundError(f"output folder does not exist: {parent}")
+        raise MissingFileError(f"output folder does not exist: {parent}")
 
 
 # ---------------------------------------------------------------- argument parsing
@@ -543,7 +540,8 @@ def _version() -> str:
 
 # Errors that mean "bad input" and end in one line + exit 2. A RuntimeError only when it is a
 # state-dict mismatch; any other RuntimeError is a bug and keeps its traceback.
-_INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError, IsADirectoryError, PermissionError)
+_INPUT_ERRORS = (ZsqFastError, ValueError, TypeError, FileNotFoundError, KeyError, IsADirectoryError,
+                 PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:

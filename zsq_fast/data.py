@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import FileFormatError, InvalidArgumentError, MissingFileError
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
 
@@ -57,7 +59,7 @@ def load_images_for(path: str, mean: Sequence[float], std: Sequence[float], size
                     limit: int | None = None) -> ImageSet:
     """Read `path` (see module docstring) for a model with input normalization mean/std and size."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data not found: {path}")
+        raise MissingFileError(f"data not found: {path}")
     if os.path.isdir(path):
         data = _folder(path, mean, std, size)
     elif path.endswith(".npz"):
@@ -65,10 +67,10 @@ def load_images_for(path: str, mean: Sequence[float], std: Sequence[float], size
     elif path.endswith((".pt", ".pth")):
         data = _tensor_file(path, mean, std, size)
     elif path.lower().endswith(IMAGE_EXTS):
-        raise ValueError(f"{path} is a single image; pass the folder that holds the images")
+        raise InvalidArgumentError(f"{path} is a single image; pass the folder that holds the images")
     else:
-        raise ValueError(f"unsupported data file {path}: use .npz (x uint8 NHWC, y), an image folder, "
-                         "or a .pt tensor written by zsq-fast generate")
+        raise InvalidArgumentError(f"unsupported data file {path}: use .npz (x uint8 NHWC, y), an image folder, "
+                                   "or a .pt tensor written by zsq-fast generate")
     if limit is not None and limit < data.n:
         data = data.subset(torch.arange(limit), f"{data.source}[:{limit}]")
     return data
@@ -78,11 +80,12 @@ def from_uint8(x: np.ndarray | torch.Tensor, y, mean, std, size: int, source: st
     """In-memory uint8 images (N, H, W, C) or (N, H, W) -> ImageSet (kept uint8 until a batch is read)."""
     x = torch.as_tensor(np.asarray(x))
     if x.dtype != torch.uint8:
-        raise ValueError(f"{source}: images must be uint8 in 0..255, got {x.dtype}")
+        raise InvalidArgumentError(f"{source}: images must be uint8 in 0..255, got {x.dtype}")
     if x.dim() == 3:
         x = x.unsqueeze(-1)
     if x.dim() != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"{source}: images must be (N, H, W, C) with C in (1, 3) (NHWC), got {tuple(x.shape)}")
+        raise InvalidArgumentError(f"{source}: images must be (N, H, W, C) with C in (1, 3) (NHWC), got "
+                                   f"{tuple(x.shape)}")
     labels = _labels(y, x.shape[0], source)
     x = x.permute(0, 3, 1, 2)  # a view; made contiguous per batch
     m, s = _norm_tensors(mean, std)
@@ -92,14 +95,18 @@ def from_uint8(x: np.ndarray | torch.Tensor, y, mean, std, size: int, source: st
 def _npz(path: str, mean, std, size: int) -> ImageSet:
     try:
         z = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as .npz ({type(e).__name__})") from None
-    with z:
-        if "x" not in z.files:
-            raise ValueError(f"{path} has no array 'x' (found: {', '.join(z.files) or 'nothing'}); "
-                           "expected x uint8 (N, H, W, C) and optional y")
-        x = z["x"]
-        y = z["y"] if "y" in z.files else None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise FileFormatError(f"{path} is a single .npy array, not an .npz archive with x (and y)")
+        with z:
+            if "x" not in z.files:
+                raise FileFormatError(f"{path} has no array 'x' (found: {', '.join(z.files) or 'nothing'}); "
+                                      "expected x uint8 (N, H, W, C) and optional y")
+            x = z["x"]  # arrays are read (and CRC-checked) here, lazily
+            y = z["y"] if "y" in z.files else None
+    except FileFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zip/npy errors of every kind: truncated or corrupted
+        raise FileFormatError(f"cannot read {path} as .npz: truncated or corrupted ({type(e).__name__})") from None
     return from_uint8(x, y, mean, std, size, os.path.basename(path))
 
 
@@ -108,7 +115,7 @@ def _labels(y, n: int, source: str) -> torch.Tensor | None:
         return None
     y = np.asarray(y)
     if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{source}: labels y must be {n} integers, got {y.dtype} {y.shape}")
+        raise InvalidArgumentError(f"{source}: labels y must be {n} integers, got {y.dtype} {y.shape}")
     return torch.as_tensor(y.astype(np.int64))
 
 
@@ -116,7 +123,7 @@ def _norm_tensors(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
     m = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor([float(v) for v in std], dtype=torch.float32).view(1, -1, 1, 1)
     if m.numel() != 3 or s.numel() != 3:
-        raise ValueError("mean and std need 3 values (RGB)")
+        raise InvalidArgumentError("mean and std need 3 values (RGB)")
     return m, s
 
 
@@ -160,7 +167,7 @@ def _folder(path: str, mean, std, size: int) -> ImageSet:
         y = _sidecar_labels(path, len(items))
         source = f"image folder {path}"
     if not items:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) in {path}")
+        raise InvalidArgumentError(f"no images ({', '.join(IMAGE_EXTS)}) in {path}")
     m, s = _norm_tensors(mean, std)
     return ImageSet(len(items), y, source, lambda idx: torch.cat([
         _normalize(_read_image(items[i]), m, s, size) for i in idx.tolist()]))
@@ -185,7 +192,7 @@ def _read_image(path: str) -> torch.Tensor:
         with Image.open(path) as im:
             a = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except Exception as e:
-        raise ValueError(f"cannot read image {path} ({type(e).__name__})") from None
+        raise FileFormatError(f"cannot read image {path} ({type(e).__name__})") from None
     return torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -193,7 +200,7 @@ def _tensor_file(path: str, mean, std, size: int) -> ImageSet:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a tensor file ({type(e).__name__})") from None
+        raise FileFormatError(f"cannot read {path} as a tensor file ({type(e).__name__})") from None
     labels = None
     if isinstance(obj, dict):  # {"images": T, "labels": T} style
         x = obj.get("images", obj.get("x"))
@@ -201,9 +208,9 @@ def _tensor_file(path: str, mean, std, size: int) -> ImageSet:
     else:
         x = obj
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
-        raise ValueError(f"{path}: expected a float tensor (N, 3, H, W) in normalized input space")
+        raise InvalidArgumentError(f"{path}: expected a float tensor (N, 3, H, W) in normalized input space")
     if x.shape[-1] != size or x.shape[-2] != size:
-        raise ValueError(f"{path}: images are {x.shape[-2]}x{x.shape[-1]}, the model takes {size}x{size}")
+        raise InvalidArgumentError(f"{path}: images are {x.shape[-2]}x{x.shape[-1]}, the model takes {size}x{size}")
     x = x.float()
     saved = (obj.get("mean"), obj.get("std")) if isinstance(obj, dict) else (None, None)
     if saved[0] is not None and saved[1] is not None:  # saved under another normalization: re-normalize
@@ -235,5 +242,5 @@ def one_per_class(labels: torch.Tensor, k: int = 1, seed: int = 0) -> torch.Tens
 
 def random_subset(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
     if n > n_total:
-        raise ValueError(f"asked for {n} images but the data has {n_total}")
+        raise InvalidArgumentError(f"asked for {n} images but the data has {n_total}")
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values

@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import InvalidArgumentError
+from .fileio import write_atomic
+
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -29,17 +32,17 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+        raise InvalidArgumentError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} requested but CUDA is not available on this machine")
+        raise InvalidArgumentError(f"device {name} requested but CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r} (use cpu, cuda, cuda:N or auto)")
+        raise InvalidArgumentError(f"unsupported device {name!r} (use cpu, cuda, cuda:N or auto)")
     return dev
 
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        raise InvalidArgumentError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     return precision
 
 
@@ -127,10 +130,8 @@ class RunReport:
         })
 
     def write(self, path: str, device: torch.device | None = None) -> str:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(device), f, indent=2)
-            f.write("\n")
+        text = json.dumps(self.to_dict(device), indent=2) + "\n"  # serialized first: no half-written report
+        write_atomic(path, lambda tmp: tmp.write_text(text), "report")
         return path
 
 

@@ -34,14 +34,6 @@ struct Forward {
   }
 };
 
-template <typename F>
-struct DropTotal {
-  F f;
-  template <int V, typename I>
-  __device__ __forceinline__ void apply(I i, I c0, I dc) const {
-    f.template apply<V>(i, c0, dc);
-  }
-};
 
 template <typename scalar_t, typename T>
 struct Backward {
@@ -91,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_forward_cuda(const at::Tensor& w_in,
     if (compute_reg) {
       cuda::channel_map_sum<scalar_t, T, T>(L, aligned, f, w, reg.mutable_data_ptr<T>());
     } else {
-      cuda::channel_map<scalar_t>(L, aligned, DropTotal<Forward<scalar_t, T>>{f});
+      cuda::channel_map<scalar_t>(L, aligned, cuda::DropTotal<Forward<scalar_t, T>>{f});
     }
   });
   return {w_hat, reg};

@@ -59,15 +59,6 @@ struct Backward {
   }
 };
 
-// A map that ignores the functor's returned total (grad of x only).
-template <typename F>
-struct DropTotal {
-  F f;
-  template <int V, typename I>
-  __device__ __forceinline__ void apply(I i, I c0, I dc) const {
-    f.template apply<V>(i, c0, dc);
-  }
-};
 
 }  // namespace
 
@@ -111,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_backward_cuda(const at::Tensor& gr
         const Backward<scalar_t, T> f{x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
                                       grad_x.mutable_data_ptr<scalar_t>(), s.const_data_ptr<T>(),
                                       z.const_data_ptr<T>(), static_cast<T>(qmin), static_cast<T>(qmax)};
-        cuda::channel_map<scalar_t>(L, aligned, DropTotal<Backward<scalar_t, T>>{f});
+        cuda::channel_map<scalar_t>(L, aligned, cuda::DropTotal<Backward<scalar_t, T>>{f});
       });
     }
     return {grad_x, at::empty({0}, scale.options())};

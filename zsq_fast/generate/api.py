@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError, InvalidTypeError
+from ..fileio import as_path
+from ..validate import as_device, check_finite_images, check_finite_model, probe_forward
 from . import bns, dgh, fdda
 from .bn_capture import BNCapture, find_bn_layers, used_layers
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -43,6 +46,7 @@ FDDA_WEIGHTS = {"ce": 0.5, "bn": 0.2, "distort": 0.9, "center": 0.01}
 # a batch-mean weight.
 DEFAULT_ODSL_WEIGHT = 1e-5
 ODSL_UNITS = "batch_mean"
+MAX_LR = 1e6  # far above any useful step; larger ones overflow float32 in the RAdam update
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORES = ("host", "device", "disk", "auto")
 # settings that may differ between a run and its resume (memory layout changes rounding only, like device)
@@ -82,10 +86,30 @@ class Settings:
 
 def _int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise InvalidTypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InvalidArgumentError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _number(name, value, minimum: float) -> float:
+    """A finite real number >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTypeError(f"{name} must be a number, got {value!r:.80}")
+    if not (math.isfinite(value) and value >= minimum):
+        raise InvalidArgumentError(f"{name} must be a finite number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _three(name, values) -> list[float]:
+    """mean/std: 3 finite numbers (a sequence or a tensor)."""
+    try:
+        v = [float(x) for x in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+    except (TypeError, ValueError):
+        raise InvalidTypeError(f"{name} must be 3 numbers, got {values!r:.80}") from None
+    if len(v) != 3 or not all(math.isfinite(x) for x in v):
+        raise InvalidArgumentError(f"{name} must be 3 finite numbers (one per RGB channel), got {values!r:.80}")
+    return v
 
 
 def _image_size(image_size) -> tuple[int, int]:
@@ -93,21 +117,20 @@ def _image_size(image_size) -> tuple[int, int]:
         image_size = (image_size, image_size)
     if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 4 for s in image_size)):
-        raise ValueError(f"image_size must be an int or (H, W) of ints >= 4, got {image_size!r}")
+        raise InvalidArgumentError(f"image_size must be an int or (H, W) of ints >= 4, got {image_size!r}")
     return tuple(image_size)
 
 
 def _probe(model, size, device):
     """One forward on a tiny batch: fails clearly when the model cannot take this image size."""
-    x = torch.zeros(2, 3, *size, device=device)
+    name = f"images of image_size={size[0]}x{size[1]} (shape (N, 3, {size[0]}, {size[1]}))"
     try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the size does not fit the model
-        raise ValueError(f"the model's forward fails on images of image_size={size[0]}x{size[1]} "
-                         f"({type(exc).__name__}: {exc}); pass the input size the model expects") from exc
+        x = torch.zeros(2, 3, *size, device=device)
+    except (RuntimeError, MemoryError):  # the allocator's "not enough memory"
+        raise InvalidArgumentError(f"image_size={size[0]}x{size[1]} is too large to allocate even 2 images") from None
+    out = probe_forward(model, x, name)
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
+        raise InvalidTypeError(f"the model must return a tensor, got {type(out).__name__}")
     return out
 
 
@@ -163,7 +186,14 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
         margin=margin, odsl_weight=odsl_weight, odsl_form=odsl_form, min_lr=min_lr, patience=patience,
         images_per_class=images_per_class, fdda_weights=fdda_weights, checkpoint_every=checkpoint_every)
     if method == "fdda" and real_images is None:
-        raise ValueError("fdda needs real_images (a tensor with real_labels, or a dataset of (image, label))")
+        raise InvalidArgumentError("fdda needs real_images (a tensor with real_labels, or a dataset of (image, label))")
+    check_finite_model(model)
+    if isinstance(real_images, torch.Tensor):
+        check_finite_images(real_images, "real_images")
+    if checkpoint is not None:
+        checkpoint = as_path(checkpoint, "checkpoint")
+    if progress is not None and not callable(progress):
+        raise InvalidTypeError(f"progress must be a callable progress(step, total, losses), got {progress!r:.80}")
     modes = [m.training for m in model.modules()]  # per module: a model may mix train and eval parts
     requires = [p.requires_grad for p in model.parameters()]
     model.eval()
@@ -187,39 +217,56 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
                   images_per_class=1, fdda_weights=None, checkpoint_every=50) -> tuple[Settings, torch.device]:
     """Validated settings with the method's defaults filled in, and the compute device."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InvalidTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InvalidArgumentError(f"method must be one of {METHODS}, got {method!r}")
     _int("n_images", n_images, 1)
     _int("chunk_size", chunk_size, 1)
     _int("iterations", iterations, 0)
     _int("checkpoint_every", checkpoint_every, 1)
     size = _image_size(image_size)
     if aggregation not in ("exact", "stale"):
-        raise ValueError(f"aggregation must be 'exact' or 'stale', got {aggregation!r}")
-    if stale_refresh not in dgh.STALE_REFRESH:
-        raise ValueError(f"stale_refresh must be one of {dgh.STALE_REFRESH}, got {stale_refresh!r}")
+        raise InvalidArgumentError(f"aggregation must be 'exact' or 'stale', got {aggregation!r}")
+    if not isinstance(stale_refresh, str) or stale_refresh not in dgh.STALE_REFRESH:
+        raise InvalidArgumentError(f"stale_refresh must be one of {dgh.STALE_REFRESH}, got {stale_refresh!r}")
     if odsl_form not in ("plain", "hinged"):
-        raise ValueError(f"odsl_form must be 'plain' or 'hinged', got {odsl_form!r}")
-    if amp not in AMP:
-        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    if store not in STORES:
-        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+        raise InvalidArgumentError(f"odsl_form must be 'plain' or 'hinged', got {odsl_form!r}")
+    if not (amp is None or isinstance(amp, str)) or amp not in AMP:
+        raise InvalidArgumentError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if not isinstance(store, str) or store not in STORES:
+        raise InvalidArgumentError(f"store must be one of {STORES}, got {store!r}")
     lr = DEFAULT_LR[method] if lr is None else lr
-    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise ValueError(f"mean and std need 3 entries (std > 0), got {mean!r}, {std!r}")
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise InvalidArgumentError(f"lr must be a number in (0, {MAX_LR:g}] (pixels span a few units), got {lr!r}")
+    mean, std = _three("mean", mean), _three("std", std)
+    if any(s <= 0 for s in std):
+        raise InvalidArgumentError(f"std must be > 0, got {std!r}")
+    for name, v in (("lambda_sigma", lambda_sigma), ("odsl_weight", odsl_weight)):
+        if v is not None:
+            _number(name, v, 0.0)
+    _number("min_lr", min_lr, 0.0)
+    if patience is not None:
+        _int("patience", patience, 1)
+    if _int("seed", seed, 0) > 2**64 - 1:  # torch generators take 64-bit seeds
+        raise InvalidArgumentError(f"seed must be < 2**64, got {seed}")
+    if fdda_weights is not None and (not isinstance(fdda_weights, dict) or set(fdda_weights) - set(FDDA_WEIGHTS)):
+        raise InvalidArgumentError(f"fdda_weights must be a dict with keys from {sorted(FDDA_WEIGHTS)}, "
+                                   f"got {fdda_weights!r:.120}")
+    for k, v in (fdda_weights or {}).items():
+        _number(f"fdda_weights[{k!r}]", v, 0.0)
     augment = (method == "dgh") if augment is None else bool(augment)
     margin = (margin_for(min(size)) if augment else 0) if margin is None else _int("margin", margin, 0)
+    if margin and not augment:  # the canvas margin is only cropped away by the augmentation views
+        raise InvalidArgumentError(f"margin={margin} needs augment=True (random crops from a larger canvas); "
+                                   "without augmentation leave margin at None or 0")
     params = list(model.parameters()) + list(model.buffers())
-    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    device = as_device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"amp='fp16' needs a CUDA device, the run is on {device} (use amp='bf16' on CPU)")
+        raise InvalidArgumentError(f"amp='fp16' needs a CUDA device, the run is on {device} (use amp='bf16' on CPU)")
     if amp == "bf16" and device.type not in ("cuda", "cpu"):
-        raise ValueError(f"amp='bf16' runs on CUDA or CPU, the run is on {device}")
+        raise InvalidArgumentError(f"amp='bf16' runs on CUDA or CPU, the run is on {device}")
     if not isinstance(channels_last, bool):
-        raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
+        raise InvalidTypeError(f"channels_last must be True or False, got {channels_last!r}")
     settings = Settings(
         method=method, n_images=n_images, image_size=list(size), iterations=iterations, chunk_size=chunk_size,
         lr=float(lr), seed=int(seed), mean=[float(m) for m in mean], std=[float(s) for s in std],
@@ -232,7 +279,10 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         patience=int(max(5, iterations // 50) if patience is None else patience),
         checkpoint_every=checkpoint_every, images_per_class=images_per_class,
         fdda_weights={**FDDA_WEIGHTS, **(fdda_weights or {})} if method == "fdda" else {})
-    layer_weights(2, layer_weighting)  # validates the name early
+    try:
+        layer_weights(2, layer_weighting)  # validates the name early
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(str(e)) from None
     _int("images_per_class", images_per_class, 1)
     return settings, device
 
@@ -266,14 +316,23 @@ def build_run(model, s: Settings, device, store: str | None = None, folder=None)
     saved = None
     if kind == "disk":
         if folder is None:
-            raise ValueError("store='disk' needs a run folder (generate's checkpoint=FOLDER)")
+            raise InvalidArgumentError("store='disk' needs a run folder (generate's checkpoint=FOLDER)")
         image_store, saved = open_run_folder(folder, compared_settings(s), shape,
                                              lambda: initial_canvases(generator, shape, lo, hi))
     elif kind in ("host", "device"):
-        x0 = torch.cat([x for _, x in initial_canvases(generator, shape, lo, hi)])
-        image_store = make_store(x0, torch.device("cpu") if kind == "host" else device)
+        need = 3 * 4 * math.prod(shape)  # images + two RAdam moments, float32
+        too_big = f"n_images={s.n_images} at image_size={size[0]}x{size[1]} needs about {need / 2**30:.3g} GiB " \
+                  "for the images and optimizer state"
+        if kind == "host" and need > _available_host_memory():
+            raise InvalidArgumentError(f"{too_big}, more than this machine has free; generate fewer images per "
+                                       "call or use store='disk'")
+        try:
+            x0 = torch.cat([x for _, x in initial_canvases(generator, shape, lo, hi)])
+            image_store = make_store(x0, torch.device("cpu") if kind == "host" else device)
+        except (RuntimeError, MemoryError):  # the allocator's "not enough memory"
+            raise InvalidArgumentError(f"{too_big}, more than this machine can allocate") from None
     else:
-        raise ValueError(f"build_run needs a resolved store kind, got {kind!r}")
+        raise InvalidArgumentError(f"build_run needs a resolved store kind, got {kind!r}")
     capture = BNCapture(layers)
     run = Run(model=model, layers=layers, capture=capture, targets=targets,
               weights=layer_weights(len(targets), s.layer_weighting), lambda_sigma=s.lambda_sigma,
@@ -311,6 +370,18 @@ def _store_note(placed: dict) -> dict:
     if placed["folder"] is not None and not placed["temporary"]:
         note["folder"] = placed["folder"]
     return note
+
+
+def _available_host_memory() -> float:
+    """Bytes of host memory available now (Linux MemAvailable), or inf where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return math.inf
 
 
 def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, progress):
@@ -393,10 +464,14 @@ def _views(run: Run, s: Settings):
 
 
 def _setup_fdda(run: Run, s: Settings, real_images, real_labels, num_classes: int) -> None:
-    x, y = fdda.select_per_class(real_images, real_labels, s.images_per_class, num_classes)
+    try:
+        x, y = fdda.select_per_class(real_images, real_labels, s.images_per_class, num_classes)
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:  # fdda's checks, torch's conversions
+        raise InvalidArgumentError(f"real_images/real_labels: {e}") from None
+    check_finite_images(x, "real_images")
     if tuple(x.shape[1:]) != (3, *run.size):
-        raise ValueError(f"fdda: real images have shape {tuple(x.shape[1:])}, expected (3, {run.size[0]}, "
-                         f"{run.size[1]}) in the model's normalized input space")
+        raise InvalidArgumentError(f"fdda: real images have shape {tuple(x.shape[1:])}, expected (3, {run.size[0]}, "
+                                   f"{run.size[1]}) in the model's normalized input space")
     centers = fdda.class_centers(run, x, y)
     labels = fdda.synthetic_labels(run.n, centers.classes)
     run.state.update(centers=centers, labels=labels,

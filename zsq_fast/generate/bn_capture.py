@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import NonFiniteError, UnsupportedModelError
+
 BN_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm
 
 
@@ -44,13 +46,13 @@ def find_bn_layers(model: nn.Module) -> list[BNLayer]:
             continue
         rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
         if rm is None or rv is None:
-            raise ValueError(f"BatchNorm layer {name!r} tracks no running statistics "
-                             "(track_running_stats=False); there is nothing to match")
+            raise UnsupportedModelError(f"BatchNorm layer {name!r} tracks no running statistics "
+                                        "(track_running_stats=False); there is nothing to match")
         if not (torch.isfinite(rm).all() and torch.isfinite(rv).all()):
-            raise ValueError(f"BatchNorm layer {name!r} has non-finite running statistics")
+            raise NonFiniteError(f"BatchNorm layer {name!r} has non-finite running statistics")
         layers.append(BNLayer(name, m, rm.detach().float().clone(), rv.detach().float().clamp_min(0).sqrt()))
     if not layers:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} has no BatchNorm layers (BatchNorm1d/2d, SyncBatchNorm, "
             "FrozenBatchNorm2d); BN-statistics data generation needs them")
     return layers
@@ -67,8 +69,8 @@ class BNCapture:
     def _hook(self, i: int):
         def hook(module, inputs, output):
             if self.acts[i] is not None:
-                raise ValueError(f"BatchNorm layer {self.layers[i].name!r} runs more than once per forward; "
-                                 "shared BN modules are not supported")
+                raise UnsupportedModelError(f"BatchNorm layer {self.layers[i].name!r} runs more than once per forward; "
+                                            "shared BN modules are not supported")
             self.acts[i] = inputs[0]
         return hook
 
@@ -101,5 +103,5 @@ def used_layers(model: nn.Module, layers: list[BNLayer], probe: torch.Tensor) ->
         model(probe)
         used = [l for l, a in zip(layers, cap.acts) if a is not None]
     if not used:
-        raise ValueError(f"none of the BatchNorm layers of {type(model).__name__} runs in its forward pass")
+        raise UnsupportedModelError(f"none of the BatchNorm layers of {type(model).__name__} runs in its forward pass")
     return used

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import torch
 
+from ..errors import FileFormatError, InvalidArgumentError
+from ..fileio import load_torch_file, write_atomic
+
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp), "checkpoint")
+
+
+_KEYS = ("settings", "step", "x", "exp_avg", "exp_avg_sq", "plateau", "generator", "history", "initial_bn_loss",
+         "stale_cache")
 
 
 def load_checkpoint(path: str | os.PathLike, settings: dict) -> dict | None:
@@ -25,11 +28,25 @@ def load_checkpoint(path: str | os.PathLike, settings: dict) -> dict | None:
     path = Path(path)
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = json.loads(state["settings"])
+    what = "zsq_fast generation checkpoint"
+    state = load_torch_file(path, what)
+    try:
+        missing = [k for k in _KEYS if k not in state]
+        saved = json.loads(state["settings"]) if not missing else None
+    except (TypeError, ValueError):
+        missing = ["settings"]
+    if missing or not isinstance(saved, dict):
+        raise FileFormatError(f"{str(path)!r} is not a {what} (missing or unreadable: "
+                              f"{', '.join(missing) or 'settings'}); remove it or use another checkpoint path")
     current = json.loads(json.dumps(settings))
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff:
-        raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(diff)}); "
-                         "remove it or use another checkpoint path")
+        raise InvalidArgumentError(f"checkpoint {path} was written with other settings ({', '.join(diff)}); "
+                                   "remove it or use another checkpoint path")
+    shape = (current["n_images"], 3, current["image_size"][0] + current["margin"],
+             current["image_size"][1] + current["margin"])
+    for k in ("x", "exp_avg", "exp_avg_sq"):
+        t = state[k]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
+            raise FileFormatError(f"checkpoint {str(path)!r} is corrupted: {k!r} is not a finite {shape} tensor")
     return state

@@ -8,15 +8,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops import ChannelStats, channel_stats
+from ..errors import NonFiniteError
+from ..ops import ChannelStats, channel_stats, inject_stats_grad
 from .bn_capture import BNCapture, BNLayer
-from .losses import bn_loss, std_from_var
+from .losses import bn_loss, bn_terms, std_from_var
 from .optim import Plateau, radam_update_
 from .store import ImageStore
 from .views import ViewParams, apply_view, final_view
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(NonFiniteError):
     """The loss (or a gradient) became NaN/inf; the message names the step."""
 
 
@@ -97,8 +98,9 @@ def output_images(run: Run, canvas: torch.Tensor) -> torch.Tensor:
 
 def check_finite(run: Run, value: float | torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(torch.as_tensor(value)).all()):
-        raise NonFiniteLossError(f"{what} is NaN or inf at step {run.step}; lower the learning rate, "
-                                 "disable fp16, or check the model for overflow")
+        raise NonFiniteLossError(f"{what} is NaN or inf at step {run.step}; lower the learning rate (lr) or "
+                                 "the loss weights (lambda_sigma, odsl_weight, fdda_weights), disable fp16, or "
+                                 "check the model for overflow")
 
 
 def update(run: Run, sl: slice, x: torch.Tensor, grad: torch.Tensor, exp_avg, exp_avg_sq) -> None:
@@ -140,6 +142,35 @@ def whole_set_stats(run: Run, images_of_chunk) -> list[ChannelStats]:
         totals = [channel_stats(a) for a in acts] if totals is None else [
             channel_stats(a, t) for a, t in zip(acts, totals)]
     return totals
+
+
+@dataclass
+class WholeSetBN:
+    """Pass 1 of an exact step: the whole-set statistics, the per-layer BN loss terms on them, and the
+    gradient of (weight * L_BN) w.r.t. every layer's whole-set mean and variance."""
+    totals: list[ChannelStats]
+    terms: list[torch.Tensor]
+    loss: torch.Tensor
+    grad_mean: list[torch.Tensor]
+    grad_var: list[torch.Tensor]
+
+    def injected(self, acts: list[torch.Tensor]) -> torch.Tensor:
+        """Pass 2 for one chunk: a zero whose backward adds the chunk's share of that gradient."""
+        return sum(inject_stats_grad(a, t.mean, gm, gv, t.count)
+                   for a, t, gm, gv in zip(acts, self.totals, self.grad_mean, self.grad_var))
+
+
+def whole_set_bn(run: Run, images_of_chunk, what: str, weight: float = 1.0) -> WholeSetBN:
+    """L_BN over all N images (streamed, merged exactly) and its gradient w.r.t. the global statistics."""
+    totals = whole_set_stats(run, images_of_chunk)
+    means = [t.mean.detach().clone().requires_grad_(True) for t in totals]
+    variances = [t.var.detach().clone().requires_grad_(True) for t in totals]
+    terms = bn_terms([(mu, std_from_var(var)) for mu, var in zip(means, variances)],
+                     run.targets, run.weights, run.lambda_sigma)
+    loss = sum(terms)
+    check_finite(run, loss, what)
+    grads = torch.autograd.grad(weight * loss if weight != 1.0 else loss, means + variances)
+    return WholeSetBN(totals, terms, loss, list(grads[:len(means)]), list(grads[len(means):]))
 
 
 def global_bn_loss(run: Run, totals: list[ChannelStats]) -> float:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import ChannelStats, channel_mean_var, channel_stats, inject_stats_grad
-from .context import Run, check_finite, forward, grad_of, output_images, see, update, whole_set_stats
+from ..ops import ChannelStats, channel_mean_var, channel_stats
+from .context import Run, check_finite, forward, grad_of, output_images, see, update, whole_set_bn
 from .losses import bn_group_losses, bn_terms, merge_mean_var, odsl, std_from_var
 from .stale_cache import StaleCache
 
@@ -48,23 +48,14 @@ def exact_gradients(run: Run, views, on_grad) -> dict:
     gradient of L = L_BN(global stats) + w_odsl * sum_chunks mean_{i in chunk} L_out,i."""
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     # pass 1: global statistics, no autograd
-    totals = whole_set_stats(run, lambda sl: see(run, run.store.load(sl, run.device), vsl(sl)))
-    means = [t.mean.detach().clone().requires_grad_(True) for t in totals]
-    variances = [t.var.detach().clone().requires_grad_(True) for t in totals]
-    terms = bn_terms([(mu, std_from_var(var)) for mu, var in zip(means, variances)],
-                     run.targets, run.weights, run.lambda_sigma)
-    l_bn = sum(terms)
-    check_finite(run, l_bn, "the dgh BN loss")
-    grads = torch.autograd.grad(l_bn, means + variances)
-    g_mean, g_var = grads[:len(means)], grads[len(means):]
+    bn = whole_set_bn(run, lambda sl: see(run, run.store.load(sl, run.device), vsl(sl)), "the dgh BN loss")
     # pass 2: each chunk with autograd; the exact dL/dx flows in at every BN input
     out_sum, out_term = 0.0, 0.0
     for sl in run.store.chunks(run.chunk_size):
         x, m, v = run.store.load(sl, run.device, moments=True)
         x.requires_grad_(True)
         acts, logits = forward(run, see(run, x, vsl(sl)))
-        loss = sum(inject_stats_grad(a, t.mean, gm, gv, t.count)
-                   for a, t, gm, gv in zip(acts, totals, g_mean, g_var))
+        loss = bn.injected(acts)
         if run.odsl_weight:
             per = _odsl(run, acts, logits)
             check_finite(run, per.sum(), "the ODSL loss")
@@ -72,7 +63,7 @@ def exact_gradients(run: Run, views, on_grad) -> dict:
             out_sum += float(per.detach().sum())
             out_term += float(per.detach().mean())
         on_grad(sl, x.detach(), grad_of(run, loss, x), m, v)
-    return _step_losses(run, float(l_bn.detach()), out_sum, out_term, bn_group_losses(terms))
+    return _step_losses(run, float(bn.loss.detach()), out_sum, out_term, bn_group_losses(bn.terms))
 
 
 def exact_step(run: Run, views) -> dict:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import channel_mean_var, channel_stats, inject_stats_grad
-from .context import Run, check_finite, forward, grad_of, see, update, whole_set_stats
-from .losses import bn_group_losses, bn_terms, center_loss, std_from_var
+from ..ops import channel_mean_var, channel_stats
+from .context import Run, check_finite, forward, grad_of, see, update, whole_set_bn
+from .losses import bn_group_losses, center_loss
 
 
 @dataclass
@@ -128,22 +128,15 @@ def fdda_gradients(run: Run, views, on_grad) -> dict:
     deep = deep_layers(len(run.layers))
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     # pass 1: L_BN on the statistics of the whole (mixed-label) set, and its gradient w.r.t. them
-    totals = whole_set_stats(run, lambda sl: see(run, run.store.load(sl, run.device), vsl(sl)))
-    means = [t.mean.detach().clone().requires_grad_(True) for t in totals]
-    variances = [t.var.detach().clone().requires_grad_(True) for t in totals]
-    terms = bn_terms([(mu, std_from_var(var)) for mu, var in zip(means, variances)],
-                     run.targets, run.weights, run.lambda_sigma)
-    l_bn = sum(terms)
-    check_finite(run, l_bn, "the fdda BN loss")
-    grads = torch.autograd.grad(w["bn"] * l_bn, means + variances)
-    g_mean, g_var = grads[:len(means)], grads[len(means):]
+    bn = whole_set_bn(run, lambda sl: see(run, run.store.load(sl, run.device), vsl(sl)), "the fdda BN loss",
+                      weight=w["bn"])
     # BNS-distorted targets, redrawn every step from the run's generator
     def noise(t: torch.Tensor, std: float) -> torch.Tensor:
         return std * torch.randn(t.shape, generator=run.generator).to(t.device)
     noisy = [(centers.mean[l] + noise(centers.mean[l], st["noise_mean_std"]),
               centers.var[l] + noise(centers.var[l], st["noise_var_std"])) for l in deep]
     # pass 2: per single-class batch, its class terms plus its share of the whole-set L_BN gradient
-    out = {"bn": float(l_bn.detach()), "ce": 0.0, "center": 0.0, "distort": 0.0}
+    out = {"bn": float(bn.loss.detach()), "ce": 0.0, "center": 0.0, "distort": 0.0}
     for k, sl in st["batches"]:
         x, m, v = run.store.load(sl, run.device, moments=True)
         x.requires_grad_(True)
@@ -156,10 +149,9 @@ def fdda_gradients(run: Run, views, on_grad) -> dict:
         frac = (sl.stop - sl.start) / run.n
         class_terms = w["ce"] * ce + w["distort"] * l_d + w["center"] * l_c
         check_finite(run, class_terms, "the fdda loss")
-        loss = frac * class_terms + sum(inject_stats_grad(a, t.mean, gm, gv, t.count)
-                                        for a, t, gm, gv in zip(acts, totals, g_mean, g_var))
+        loss = frac * class_terms + bn.injected(acts)
         on_grad(sl, x.detach(), grad_of(run, loss, x), m, v)
         for name, val in (("ce", ce), ("center", l_c), ("distort", l_d)):
             out[name] += float(val.detach()) * frac
     out["total"] = w["bn"] * out["bn"] + sum(w[name] * out[name] for name in ("ce", "center", "distort"))
-    return {**out, **bn_group_losses(terms)}
+    return {**out, **bn_group_losses(bn.terms)}

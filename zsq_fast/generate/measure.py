@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from ..ops import channel_stats
 from .bn_capture import BNCapture, find_bn_layers
 from .losses import bn_loss, layer_weights, std_from_var
@@ -14,9 +15,9 @@ def bn_loss_of(model: nn.Module, images: torch.Tensor, *, chunk_size: int = 128,
                layer_weighting: str = "average", device=None) -> float:
     """L_BN (ALGORITHMS.md §1) with mu_hat, sigma_hat over all of `images` (normalized, N C H W)."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError("images must be a non-empty (N, C, H, W) tensor")
+        raise InvalidArgumentError("images must be a non-empty (N, C, H, W) tensor")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        raise InvalidArgumentError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     layers = find_bn_layers(model)
     params = list(model.parameters())
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))

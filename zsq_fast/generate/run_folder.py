@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InvalidArgumentError
+
 FORMAT = 1
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 ARRAYS = ("x", "exp_avg", "exp_avg_sq")
@@ -42,7 +44,7 @@ _OURS = {"run.json", "state.pt", "state.pt.tmp", "run.json.tmp", "step.lock", "s
 _ENTRY = np.dtype([("start", "<i8"), ("stop", "<i8")])  # an undo entry's header; x, m, v follow
 
 
-class RunFolderError(ValueError):
+class RunFolderError(InvalidArgumentError):
     """A run folder that cannot be used; the message is one line naming the folder (generate's
     `checkpoint`) and the problem."""
 
@@ -56,6 +58,7 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise RunFolderError(f"checkpoint folder {path.parent}: cannot write {path.name} ({exc.strerror or exc}); "
                              "is the disk full or the folder read-only?") from None
 
@@ -342,6 +345,7 @@ def write_output(store: DiskStore, chunk_size: int, shape: tuple[int, ...], imag
                 f.write(memoryview(images_of_chunk(sl).to("cpu", torch.float32).contiguous().numpy()).cast("B"))
         os.replace(tmp, path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise RunFolderError(f"checkpoint folder {store.folder}: cannot write images.f32 ({exc.strerror})") from None
     return mapped(path, shape)
 

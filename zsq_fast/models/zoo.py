@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import FileFormatError, InvalidArgumentError, InvalidTypeError, MissingFileError
 from .cifar_resnet import resnet20, resnet32, resnet44, resnet56
 from .digits_cnn import digits_cnn
 
@@ -71,10 +72,10 @@ def load_model(spec: str, weights: str | None = None, *, mean=None, std=None, in
                map_location: str | torch.device = "cpu") -> LoadedModel:
     """Build/load a float model from `spec` (see module docstring); mean/std/input_size override the defaults."""
     if not spec:
-        raise ValueError("no model given")
+        raise InvalidArgumentError("no model given")
     if os.path.exists(spec):
         if weights is not None:
-            raise ValueError(f"--weights is for an architecture name; {spec!r} is a file (pass it alone)")
+            raise InvalidArgumentError(f"--weights is for an architecture name; {spec!r} is a file (pass it alone)")
         loaded = _load_file(spec, map_location)
     elif spec in ZOO:
         e = ZOO[spec]
@@ -88,10 +89,10 @@ def load_model(spec: str, weights: str | None = None, *, mean=None, std=None, in
     elif ":" in spec:
         loaded = _load_factory(spec, weights)
     elif spec.endswith((".pt", ".pth", ".ts", ".jit")):
-        raise FileNotFoundError(f"model file not found: {spec}")
+        raise MissingFileError(f"model file not found: {spec}")
     else:
-        raise ValueError(f"unknown model {spec!r}: use a zoo name ({', '.join(ZOO)}), torchvision:<name>, "
-                         "a TorchScript file or package.module:factory")
+        raise InvalidArgumentError(f"unknown model {spec!r}: use a zoo name ({', '.join(ZOO)}), torchvision:<name>, "
+                                   "a TorchScript file or package.module:factory")
     loaded.model.eval()
     return override(loaded, mean=mean, std=std, input_size=input_size)
 
@@ -102,10 +103,10 @@ def override(loaded: LoadedModel, *, mean=None, std=None, input_size=None) -> Lo
     if std is not None:
         loaded.std = _triple(std, "std")
         if any(s <= 0 for s in loaded.std):
-            raise ValueError(f"std must be positive, got {loaded.std}")
+            raise InvalidArgumentError(f"std must be positive, got {loaded.std}")
     if input_size is not None:
         if int(input_size) < 1:
-            raise ValueError(f"input size must be positive, got {input_size}")
+            raise InvalidArgumentError(f"input size must be positive, got {input_size}")
         loaded.input_size = int(input_size)
     return loaded
 
@@ -115,7 +116,7 @@ def _triple(v, name: str) -> tuple[float, ...]:
     if len(v) == 1:
         v = v * 3
     if len(v) != 3:
-        raise ValueError(f"{name} needs 1 or 3 values, got {len(v)}")
+        raise InvalidArgumentError(f"{name} needs 1 or 3 values, got {len(v)}")
     return v
 
 
@@ -123,15 +124,15 @@ def _triple(v, name: str) -> tuple[float, ...]:
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A plain tensor dict from `path`; unwraps {"state_dict": ...} and a DataParallel `module.` prefix."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise MissingFileError(f"weights file not found: {path}")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle of arbitrary objects, truncated file, not a torch file at all
-        raise ValueError(f"cannot read {path} as a state dict ({type(e).__name__}: {_first_line(e)})") from None
+        raise FileFormatError(f"cannot read {path} as a state dict ({type(e).__name__}: {_first_line(e)})") from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} is not a state dict (a mapping of names to tensors)")
+        raise FileFormatError(f"{path} is not a state dict (a mapping of names to tensors)")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return dict(sd)
@@ -151,7 +152,7 @@ def load_state_dict_file(model: nn.Module, path: str, arch: str) -> None:
             if keys:
                 more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
                 parts.append(f"{name}: {', '.join(keys[:3])}{more}")
-        raise ValueError(f"weights {path} do not fit architecture {arch}: " + "; ".join(parts))
+        raise InvalidArgumentError(f"weights {path} do not fit architecture {arch}: " + "; ".join(parts))
     for k, v in own.items():  # old checkpoints lack num_batches_tracked
         sd.setdefault(k, v)
     model.load_state_dict(sd, strict=True)
@@ -169,7 +170,7 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
     from torchvision.models import get_model, get_model_weights
 
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"torchvision has no classification model {name!r}")
+        raise InvalidArgumentError(f"torchvision has no classification model {name!r}")
     mean, std, size, info = IMAGENET_MEAN, IMAGENET_STD, 224, {"weights": weights or "random init"}
     if weights is None or weights.lower() == "none" or os.path.exists(weights):
         model = get_model(name, weights=None)
@@ -180,12 +181,12 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
         try:
             w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
         except KeyError:
-            raise ValueError(f"{name} has no weights {weights!r}; choose from "
-                             f"{', '.join(m.name for m in enum)} or a state-dict file") from None
+            raise InvalidArgumentError(f"{name} has no weights {weights!r}; choose from "
+                                       f"{', '.join(m.name for m in enum)} or a state-dict file") from None
         try:  # downloads into the torch hub cache the first time; needs network then
             model = get_model(name, weights=w)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"could not get torchvision weights {w} (offline? {_first_line(e)})") from None
+            raise InvalidArgumentError(f"could not get torchvision weights {w} (offline? {_first_line(e)})") from None
         t = w.transforms()
         mean, std, size = tuple(t.mean), tuple(t.std), int(t.crop_size[0])
         info["weights"] = str(w)
@@ -197,10 +198,10 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
     try:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import factory {spec!r} ({_first_line(e)})") from None
+        raise InvalidArgumentError(f"cannot import factory {spec!r} ({_first_line(e)})") from None
     model = factory()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise InvalidTypeError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         load_state_dict_file(model, weights, spec)
     # A factory may declare its input convention as attributes of the module.
@@ -220,16 +221,17 @@ def is_torchscript(path: str) -> bool:
 
 def _load_file(path: str, map_location) -> LoadedModel:
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory, not a model file")
+        raise InvalidArgumentError(f"{path} is a directory, not a model file")
     if is_torchscript(path):
         try:
             model = torch.jit.load(path, map_location=map_location)
         except Exception as e:
-            raise ValueError(f"cannot load TorchScript {path} ({_first_line(e)})") from None
+            raise FileFormatError(f"cannot load TorchScript {path} ({_first_line(e)})") from None
         return LoadedModel(model, IMAGENET_MEAN, IMAGENET_STD, 224, f"torchscript:{path}", None,
                            {"note": "normalization/input size are defaults; override if the model differs"})
-    raise ValueError(f"{path} is not a TorchScript archive; for a state dict give the architecture: "
-                     f"--model ARCH --weights {path} (ARCH: {', '.join(ZOO)}, torchvision:<name> or pkg.mod:factory)")
+    raise FileFormatError(f"{path} is not a TorchScript archive; for a state dict give the architecture: "
+                          f"--model ARCH --weights {path} (ARCH: {', '.join(ZOO)}, torchvision:<name> or "
+                          f"pkg.mod:factory)")
 
 
 def _out_features(model: nn.Module) -> int | None:

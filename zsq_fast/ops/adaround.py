@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgumentError, InvalidTypeError
 from . import reference as ref
 from ._backend import _C  # noqa: F401  (loads and registers the operators)
 from ._fakes import dense_like
@@ -56,9 +57,9 @@ def _prepare(w, v, scale, zero_point, bits, signed, axis):
     check_float(w, "w")
     check_float(v, "v")
     if v.shape != w.shape:
-        raise ValueError(f"v must have w's shape {tuple(w.shape)}, got {tuple(v.shape)}")
+        raise InvalidArgumentError(f"v must have w's shape {tuple(w.shape)}, got {tuple(v.shape)}")
     if v.dtype != w.dtype:
-        raise TypeError(f"v must have w's dtype {w.dtype}, got {v.dtype}")
+        raise InvalidTypeError(f"v must have w's dtype {w.dtype}, got {v.dtype}")
     check_bits(bits)
     qmin, qmax = quant_range(bits, signed)
     axis = normalize_axis(axis, w.dim())
@@ -77,7 +78,7 @@ def adaround_quantize(w: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
     """
     scale, zp, qmin, qmax, axis = _prepare(w, v, scale, zero_point, bits, signed, axis)
     if beta < 1:
-        raise ValueError(f"beta must be >= 1 (the regularizer's gradient diverges below), got {beta}")
+        raise InvalidArgumentError(f"beta must be >= 1 (the regularizer's gradient diverges below), got {beta}")
     return _op(w.detach(), v, scale.detach(), zp, qmin, qmax, -1 if axis is None else axis, bool(hard),
                float(beta), bool(compute_reg))
 

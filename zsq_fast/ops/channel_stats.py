@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgumentError
 from . import reference as ref
 from ._backend import _C  # noqa: F401  (loads and registers the operators)
 from ._fakes import dense_like
@@ -107,14 +108,14 @@ class ChannelStats:
 def _check_activation(x: torch.Tensor) -> None:
     check_float(x, "x")
     if x.dim() < 2:
-        raise ValueError(f"x must have shape (N, C, *spatial), got {tuple(x.shape)}")
+        raise InvalidArgumentError(f"x must have shape (N, C, *spatial), got {tuple(x.shape)}")
 
 
 def channel_stats(x: torch.Tensor, running: ChannelStats | None = None) -> ChannelStats:
     """Statistics of one chunk x (N, C, *spatial), merged into `running` when given; no autograd."""
     _check_activation(x)
     if running is not None and running.data.shape[1] != x.shape[1]:
-        raise ValueError(f"running statistics have {running.data.shape[1]} channels, x has {x.shape[1]}")
+        raise InvalidArgumentError(f"running statistics have {running.data.shape[1]} channels, x has {x.shape[1]}")
     count = _count(x)
     if running is None or running.count == 0:
         return ChannelStats(count, data=_op(x.detach()))
@@ -125,7 +126,7 @@ def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable per-channel mean and biased variance of one batch (fp32, fp64 for fp64 x)."""
     _check_activation(x)
     if x.numel() == 0:
-        raise ValueError("channel_mean_var needs a non-empty batch")
+        raise InvalidArgumentError("channel_mean_var needs a non-empty batch")
     out = _op(x)
     cd = ref.compute_dtype(x.dtype)
     return out[0].to(cd), (out[1] / _count(x)).to(cd)
@@ -168,9 +169,9 @@ def inject_stats_grad(x: torch.Tensor, mean: torch.Tensor, grad_mean: torch.Tens
     c = x.shape[1]
     for name, t in (("mean", mean), ("grad_mean", grad_mean), ("grad_var", grad_var)):
         if t.numel() != c:
-            raise ValueError(f"{name} has {t.numel()} elements, x has {c} channels")
+            raise InvalidArgumentError(f"{name} has {t.numel()} elements, x has {c} channels")
     if total_count <= 0:
-        raise ValueError(f"total_count must be > 0, got {total_count}")
+        raise InvalidArgumentError(f"total_count must be > 0, got {total_count}")
     return _inject(x, mean.detach(), grad_mean.detach(), grad_var.detach(), float(total_count))
 
 

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..errors import InvalidArgumentError, InvalidTypeError
 MIN_BITS, MAX_BITS = 2, 16
 _VALUE_CHECKS = os.environ.get("ZSQ_FAST_CHECK_VALUES", "0") not in ("", "0", "false", "False")
 
@@ -38,16 +39,16 @@ def value_checks(enabled: bool = True):
 
 def check_float(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InvalidTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        raise InvalidTypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
 def check_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be an int, got {bits!r}")
+        raise InvalidTypeError(f"bits must be an int, got {bits!r}")
     if not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+        raise InvalidArgumentError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
     return bits
 
 
@@ -63,23 +64,23 @@ def normalize_axis(axis, ndim: int) -> int | None:
     if axis is None:
         return None
     if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"axis must be an int or None, got {axis!r}")
+        raise InvalidTypeError(f"axis must be an int or None, got {axis!r}")
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for a tensor with {ndim} dims")
+        raise InvalidArgumentError(f"axis {axis} is out of range for a tensor with {ndim} dims")
     return axis % ndim
 
 
 def validate_scale(scale: torch.Tensor, name: str = "scale") -> None:
     """Every element finite and > 0 (reads the values: call at setup, not per step)."""
     if scale.numel() and not bool(torch.all(torch.isfinite(scale) & (scale > 0))):
-        raise ValueError(f"{name} must be finite and > 0 everywhere (got min {float(scale.min())}, "
+        raise InvalidArgumentError(f"{name} must be finite and > 0 everywhere (got min {float(scale.min())}, "
                          f"max {float(scale.max())})")
 
 
 def validate_zero_point(zp: torch.Tensor, qmin: int, qmax: int, name: str = "zero_point") -> None:
     """Integers within [qmin, qmax] (reads the values: call at setup, not per step)."""
     if zp.numel() and not bool(torch.all((zp == zp.round()) & (zp >= qmin) & (zp <= qmax))):
-        raise ValueError(f"{name} must hold integers within [{qmin}, {qmax}]")
+        raise InvalidArgumentError(f"{name} must hold integers within [{qmin}, {qmax}]")
 
 
 def check_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None, name: str = "scale") -> torch.Tensor:
@@ -88,7 +89,7 @@ def check_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None, name: st
     expected = 1 if axis is None else x.shape[axis]
     if scale.numel() != expected:
         where = "per-tensor" if axis is None else f"per-channel along axis {axis}"
-        raise ValueError(f"{name} has {scale.numel()} elements; {where} needs {expected}")
+        raise InvalidArgumentError(f"{name} has {scale.numel()} elements; {where} needs {expected}")
     if _VALUE_CHECKS:
         validate_scale(scale, name)
     return scale.reshape(-1)
@@ -103,7 +104,7 @@ def check_zero_point(zero_point, scale: torch.Tensor, qmin: int, qmax: int) -> t
     if zp.numel() == 1 and scale.numel() != 1:
         zp = zp.expand(scale.numel()).contiguous()
     if zp.numel() != scale.numel():
-        raise ValueError(f"zero_point has {zp.numel()} elements, scale has {scale.numel()}")
+        raise InvalidArgumentError(f"zero_point has {zp.numel()} elements, scale has {scale.numel()}")
     if _VALUE_CHECKS:
         validate_zero_point(zp, qmin, qmax)
     return zp

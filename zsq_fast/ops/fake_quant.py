@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ._backend import _C  # noqa: F401  (loads and registers the operators)
 from ._fakes import dense_like
 from .checks import check_bits, check_float, check_scale, check_zero_point, normalize_axis, quant_range
@@ -49,7 +50,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     check_float(x, "x")
     axis = normalize_axis(axis, x.dim())
     if not isinstance(qmin, int) or not isinstance(qmax, int) or qmin >= qmax:
-        raise ValueError(f"need integers qmin < qmax, got [{qmin}, {qmax}]")
+        raise InvalidArgumentError(f"need integers qmin < qmax, got [{qmin}, {qmax}]")
     scale = check_scale(scale, x, axis)
     zp = check_zero_point(zero_point, scale, qmin, qmax)
     return _op(x, scale, zp, qmin, qmax, -1 if axis is None else axis)

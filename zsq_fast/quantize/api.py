@@ -12,12 +12,16 @@ ConvTranspose2d, ...) would stay float, so they are refused unless named in `ski
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedModelError
+from ..validate import (as_device, check_finite_activation, check_finite_images, check_finite_model,
+                        check_finite_result, probe_forward)
 from .adaround import ReconConfig
 from .blocks import find_units
 from .brecq import reconstruct_model
@@ -40,37 +44,69 @@ def _as_images(calib_images) -> torch.Tensor:
         calib_images = torch.from_numpy(calib_images)
     if isinstance(calib_images, (list, tuple)):
         if len(calib_images) == 0:
-            raise ValueError("calib_images is empty: quantize needs at least one calibration image")
-        calib_images = torch.cat([torch.as_tensor(t) for t in calib_images])
+            raise InvalidArgumentError("calib_images is empty: quantize needs at least one calibration image")
+        try:
+            calib_images = torch.cat([torch.as_tensor(t) for t in calib_images])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InvalidTypeError(f"calib_images as a list must hold (B, C, H, W) tensors of one shape "
+                                   f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if not isinstance(calib_images, torch.Tensor):
-        raise TypeError(f"calib_images must be a tensor (N, C, H, W), a list of such batches or a numpy array, "
+        raise InvalidTypeError(f"calib_images must be a tensor (N, C, H, W), a list of such batches or a numpy array, "
                         f"got {type(calib_images).__name__}")
     if not calib_images.is_floating_point():
-        raise TypeError(f"calib_images must be float, already preprocessed as the model expects "
+        raise InvalidTypeError(f"calib_images must be float, already preprocessed as the model expects "
                         f"(got dtype {calib_images.dtype})")
     if calib_images.dim() < 2 or calib_images.shape[0] == 0:
-        raise ValueError(f"calib_images is empty (shape {tuple(calib_images.shape)}): "
+        raise InvalidArgumentError(f"calib_images is empty (shape {tuple(calib_images.shape)}): "
                          "quantize needs at least one calibration image")
+    check_finite_images(calib_images, "calib_images")
     return calib_images
 
 
 def _check_args(preset, method, calibration, cache, iterations, batch_size, qdrop):
     get_preset(preset)
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise InvalidArgumentError(f"unknown method {method!r}; choose one of {METHODS}")
     if calibration not in CALIBRATIONS:
-        raise ValueError(f"unknown calibration {calibration!r}; choose one of {CALIBRATIONS}")
+        raise InvalidArgumentError(f"unknown calibration {calibration!r}; choose one of {CALIBRATIONS}")
     if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        raise InvalidArgumentError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
                                    or iterations < 1):
-        raise ValueError(f"iterations must be a positive int or None (BRECQ default 20000), got {iterations!r}")
+        raise InvalidArgumentError(f"iterations must be a positive int or None (BRECQ default 20000), "
+                                   f"got {iterations!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(qdrop, (bool, int, float)):
+        raise InvalidTypeError(f"qdrop must be a bool or a probability in [0, 1), got {qdrop!r:.80}")
     p = 0.5 if qdrop is True else float(qdrop or 0.0)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"qdrop must be a bool or a probability in [0, 1), got {qdrop!r}")
+        raise InvalidArgumentError(f"qdrop must be a bool or a probability in [0, 1), got {qdrop!r}")
     return p
+
+
+def _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale, progress):
+    # upper bounds: larger steps and weights overflow float32 in the reconstruction updates
+    for name, v, zero_ok, hi in (("lr", lr, False, 1e6), ("act_lr", act_lr, False, 1e6),
+                                 ("reg_weight", reg_weight, True, 1e6), ("percentile", percentile, False, 100)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidTypeError(f"{name} must be a number, got {v!r:.80}")
+        if not (0 <= v <= hi) or (v == 0 and not zero_ok):
+            raise InvalidArgumentError(f"{name} must be a number in {'[' if zero_ok else '('}0, {hi:g}], got {v!r}")
+    for name, v, lo, hi in (("act_samples", act_samples, 1, math.inf), ("seed", seed, 0, 2**64 - 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise InvalidArgumentError(f"{name} must be an int in [{lo}, {hi}], got {v!r:.80}")
+    if learn_act_scale is not None and not isinstance(learn_act_scale, bool):
+        raise InvalidTypeError(f"learn_act_scale must be a bool or None, got {learn_act_scale!r:.80}")
+    if progress is not None and not callable(progress):
+        raise InvalidTypeError(f"progress must be a callable progress(step, total, info), got {progress!r:.80}")
+
+
+def _device(device, model: nn.Module) -> torch.device:
+    if device is None:
+        p0 = next(iter(model.parameters()), None)
+        return p0.device if p0 is not None else torch.device("cpu")
+    return as_device(device)
 
 
 def _unsupported(model: nn.Module, ran: set[str], skip: set[str]) -> list[str]:
@@ -98,17 +134,24 @@ def _observe_activations(model, names, images, batch_size, device, max_samples, 
     obs = {n: ActObserver(max_samples, n_batches, generator) for n in names}
     out_obs = ActObserver(max_samples, n_batches, generator)
     handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: obs[n].observe(args[0])) for n in names]
+        lambda m, args, n=n: _observe(obs[n], args[0], f"the input of layer {n!r}", batch)) for n in names]
+    batch = slice(0, 0)
     try:
         for i in range(0, images.shape[0], batch_size):
-            y = model(images[i:i + batch_size].to(device))
+            batch = slice(i, min(i + batch_size, images.shape[0]))
+            y = model(images[batch].to(device))
             if not isinstance(y, torch.Tensor):
-                raise TypeError(f"the model must return one tensor, got {type(y).__name__}")
-            out_obs.observe(y)
+                raise InvalidTypeError(f"the model must return one tensor, got {type(y).__name__}")
+            _observe(out_obs, y, "the model output", batch)
     finally:
         for h in handles:
             h.remove()
     return obs, out_obs
+
+
+def _observe(observer: ActObserver, x: torch.Tensor, where: str, batch: slice) -> None:
+    check_finite_activation(x, where, batch)
+    observer.observe(x)
 
 
 def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "hw", method: str = "nearest", *,
@@ -134,19 +177,22 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
     Returns a QuantizedModel in eval mode; .quant_config says exactly what is quantized.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InvalidTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     w_bits, a_bits = parse_bits(bits)
     p_drop = _check_args(preset, method, calibration, cache, iterations, batch_size, qdrop)
     pre = get_preset(preset)
+    _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale, progress)
     images = _as_images(calib_images)
+    if not isinstance(skip, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in skip):
+        raise InvalidTypeError(f"skip must be a sequence of module names, got {skip!r:.80}")
     skip = set(skip)
     names = {n for n, _ in model.named_modules()}
     if skip - names:
-        raise ValueError(f"skip names modules the model does not have: {sorted(skip - names)}")
-    if device is None:
-        p0 = next(iter(model.parameters()), None)
-        device = p0.device if p0 is not None else torch.device("cpu")
-    device = torch.device(device)
+        raise InvalidArgumentError(f"skip names modules the model does not have: {sorted(skip - names)}")
+    device = _device(device, model)
+    check_finite_model(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), images.dtype)
+    images = images.to(dtype)  # e.g. float64 images for a float32 model
     if learn_act_scale is None:
         learn_act_scale = method == "brecq"
 
@@ -158,21 +204,26 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         for prm in fp.parameters():
             prm.requires_grad_(False)
         _no_inplace(fp)
-        tr = trace_model(fp, images[: min(2, images.shape[0])].to(device))
+        probe = images[: min(2, images.shape[0])].to(device)
+        if not isinstance(probe_forward(fp, probe, f"calib_images of shape {tuple(images.shape)}"), torch.Tensor):
+            raise InvalidTypeError("the model must return one tensor")
+        tr = trace_model(fp, probe)
         orphans = [n for n in tr.orphan_bns if n not in skip]
         if orphans:
-            raise ValueError(f"BatchNorm layers not fed directly by a Conv2d/Linear cannot be folded: {orphans}")
+            raise UnsupportedModelError(f"BatchNorm layers not fed directly by a Conv2d/Linear cannot be folded: "
+                                        f"{orphans}")
         pairs = [p for p in tr.bn_pairs if p[0] not in skip]
         fold_bn(fp, pairs)
         ran = set(tr.order)
         bad = [b for b in _unsupported(fp, ran, skip) if not isinstance(fp.get_submodule(b.split(" ")[0]), _FOLDED)]
         if bad:
-            raise ValueError(f"these modules have parameters but cannot be quantized, so they would stay float: "
-                             f"{bad}. Supported layers: Conv2d, Linear (BatchNorm is folded). Pass their names "
-                             f"in skip=[...] to keep them float deliberately.")
+            raise UnsupportedModelError(f"these modules have parameters but cannot be quantized, so they would "
+                                        f"stay float: {bad}. Supported layers: Conv2d, Linear (BatchNorm is "
+                                        f"folded). Pass their names in skip=[...] to keep them float deliberately.")
         layer_names = [n for n in tr.order if isinstance(fp.get_submodule(n), _QUANTIZABLE) and n not in skip]
         if not layer_names:
-            raise ValueError("the model has no Conv2d/Linear layer that runs; nothing to quantize")
+            hint = " (a bare layer: wrap it in nn.Sequential)" if isinstance(fp, _QUANTIZABLE) else ""
+            raise UnsupportedModelError(f"the model has no Conv2d/Linear layer that runs{hint}; nothing to quantize")
 
         obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples, gen)
         if progress is not None:
@@ -238,4 +289,5 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"]} for u in units_done],
     }
     qmodel = QuantizedModel(q_inner, out_q, config).eval()
+    check_finite_result(qmodel)  # never hand back a model with NaN/inf scales, weights or biases
     return qmodel

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError, UnsupportedModelError
+
 MODES = ("host", "device", "recompute")
 
 
@@ -29,14 +31,14 @@ def capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, want_output
 
     def pre(mod, args, kwargs):
         if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
-            raise TypeError("unit must be called with exactly one tensor argument")
+            raise UnsupportedModelError("unit must be called with exactly one tensor argument")
         got["x"] = args[0].detach().clone()  # clone: a later in-place op must not change what we keep
         if not want_output:
             raise _Stop
 
     def post(mod, args, out):
         if not isinstance(out, torch.Tensor):
-            raise TypeError("unit must return one tensor")
+            raise UnsupportedModelError("unit must return one tensor")
         got["y"] = out.detach().clone()
         raise _Stop
 
@@ -62,7 +64,7 @@ class UnitData:
                  images: torch.Tensor, *, batch_size: int, device: torch.device, mode: str = "host",
                  need_fp_input: bool = False):
         if mode not in MODES:
-            raise ValueError(f"cache must be one of {MODES}, got {mode!r}")
+            raise InvalidArgumentError(f"cache must be one of {MODES}, got {mode!r}")
         self.qmodel, self.q_unit, self.fpmodel, self.fp_unit = qmodel, q_unit, fpmodel, fp_unit
         self.images, self.device, self.mode, self.need_fp_input = images, device, mode, need_fp_input
         self.n = images.shape[0]

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ..ops import fake_quant
 from .quantizer import QuantSpec
 
@@ -102,7 +103,7 @@ def weight_scale(w: torch.Tensor, spec: QuantSpec, method: str = "mse", *, perce
         return scale_from_range(lo, hi, spec)
     if method == "mse":
         return mse_search(x, spec, candidates=candidates, p=p)
-    raise ValueError(f"unknown calibration {method!r}; choose one of {METHODS}")
+    raise InvalidArgumentError(f"unknown calibration {method!r}; choose one of {METHODS}")
 
 
 class ActObserver:
@@ -133,7 +134,7 @@ class ActObserver:
     def scale(self, spec: QuantSpec, method: str, *, percentile: float = 99.99, candidates: int = 100,
               p: float = 2.4):
         if not self.samples:
-            raise ValueError("activation quantizer saw no data during calibration")
+            raise InvalidArgumentError("activation quantizer saw no data during calibration")
         x = torch.cat(self.samples).view(1, -1)
         dev = x.device
         lo, hi = torch.tensor([self.lo], device=dev), torch.tensor([self.hi], device=dev)
@@ -148,4 +149,4 @@ class ActObserver:
             return scale_from_range(lo, hi, spec)
         if method == "mse":
             return mse_search(x, spec, candidates=candidates, p=p, lo=lo, hi=hi)
-        raise ValueError(f"unknown calibration {method!r}; choose one of {METHODS}")
+        raise InvalidArgumentError(f"unknown calibration {method!r}; choose one of {METHODS}")

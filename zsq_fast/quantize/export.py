@@ -2,7 +2,9 @@
 
 save_quantized writes {"format", "config" (JSON string), "state_dict"}: integer weights (int8/uint8 up
 to 8 bits), per-channel weight scales and zero points, biases, activation/output scales and zero
-points, and any other float tensors of the model. torch.load(path, weights_only=True) reads it.
+points, and any other float tensors of the model, plus "sha256" over config and tensors (load_quantized
+refuses a file whose content does not match it). torch.load(path, weights_only=True) reads it; the file
+is written to a temporary name and renamed, so it is never left half written.
 
 load_quantized(path, model) needs the float architecture (like load_state_dict): `model` is an
 instance of the same class as the one that was quantized (its weights do not matter). The recorded
@@ -18,6 +20,7 @@ zsq_fast.onnx_eval.evaluate_onnx to measure it on yours).
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import os
@@ -26,6 +29,9 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import FileFormatError, InvalidArgumentError, InvalidTypeError
+from ..fileio import load_torch_file, write_atomic
+from ..validate import as_device, check_finite_images, check_finite_result, probe_forward
 from .fold import set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
 from .onnx_qdq import DOMAIN, INT4_MIN_OPSET, MAX_OPSET, lower_qdq
@@ -37,21 +43,33 @@ FORMAT = "zsq_fast.quantized"
 def save_quantized(qmodel: QuantizedModel, path: str | os.PathLike | io.IOBase) -> None:
     """Write the quantized model (integers, scales, config) to `path`."""
     if not isinstance(qmodel, QuantizedModel):
-        raise TypeError(f"save_quantized needs a QuantizedModel from zsq_fast.quantize(), got {type(qmodel).__name__}")
+        raise InvalidTypeError(f"save_quantized needs a QuantizedModel from zsq_fast.quantize(), got "
+                               f"{type(qmodel).__name__}")
     _check_frozen(qmodel)
+    check_finite_result(qmodel)
     state = {k: v.detach().cpu().clone() for k, v in qmodel.state_dict().items()}
-    torch.save({"format": FORMAT, "config": json.dumps(qmodel.quant_config), "state_dict": state}, path)
+    config = json.dumps(qmodel.quant_config)
+    payload = {"format": FORMAT, "config": config, "state_dict": state, "sha256": _digest(config, state)}
+    if isinstance(path, io.IOBase):
+        torch.save(payload, path)
+    else:  # a temp file renamed into place: never a partial checkpoint
+        write_atomic(path, lambda tmp: torch.save(payload, tmp), "quantized checkpoint")
 
 
 def load_quantized(path, model: nn.Module, device: str | torch.device | None = None) -> QuantizedModel:
     """Rebuild a saved QuantizedModel on top of `model`, the float architecture (left unchanged)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a file written by zsq_fast.save_quantized")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"load_quantized needs the float architecture as an nn.Module, got {type(model).__name__}")
-    config = json.loads(payload["config"])
-    state = payload["state_dict"]
+        raise InvalidTypeError(f"load_quantized: model must be the float architecture (an nn.Module), got "
+                               f"{type(model).__name__}")
+    what = "zsq_fast quantized model checkpoint (written by save_quantized)"
+    if isinstance(path, io.IOBase):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling/zip error: not a (complete) torch file
+            raise FileFormatError(f"the stream is not a {what} (torch.load: {type(e).__name__})") from None
+    else:
+        payload = load_torch_file(path, what)
+    config, state = _checked_payload(payload, path, what)
     m = copy.deepcopy(model).eval()
     for mod in m.modules():
         if isinstance(getattr(mod, "inplace", None), bool):
@@ -66,26 +84,75 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
                 layer.bias = nn.Parameter(torch.zeros_like(state[f"model.{name}.bias"]), requires_grad=False)
             layer.freeze()
             set_module(m, name, layer)
-    except (AttributeError, TypeError) as exc:
-        raise ValueError(f"`model` does not match the saved quantized model's architecture: {exc}") from exc
-    out_cfg = config["output"]
-    out_q = None
-    if out_cfg.get("quantized"):
-        out_q = Quantizer(QuantSpec(**{k: v for k, v in out_cfg.items() if k != "quantized"}), 1)
+        out_cfg = config["output"]
+        out_q = None
+        if out_cfg.get("quantized"):
+            out_q = Quantizer(QuantSpec(**{k: v for k, v in out_cfg.items() if k != "quantized"}), 1)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        raise InvalidArgumentError(f"`model` does not match the architecture saved in {path!r}: "
+                                   f"{_one_line(exc)}") from None
     qmodel = QuantizedModel(m, out_q, config)
     try:
         qmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"`model` does not match the saved quantized model's architecture: {exc}") from exc
+        raise InvalidArgumentError(f"`model` does not match the saved quantized model's architecture in "
+                                   f"{path!r}: {_one_line(exc)}") from None
+    check_finite_result(qmodel, f"the checkpoint {path!r}")
     if device is not None:
-        qmodel.to(device)
+        qmodel.to(as_device(device))
     return qmodel.eval()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]
+
+
+def _digest(config: str, state: dict) -> str:
+    """SHA-256 of the config and every tensor (name, dtype, shape, bytes): torch's zip reader does not
+    check the pickled part, so a flipped bit there would otherwise load as a different model."""
+    h = hashlib.sha256(config.encode())
+    for k in sorted(state):
+        t = state[k].detach().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes())  # C order, any strides
+    return h.hexdigest()
+
+
+def _checked_payload(payload, path, what: str) -> tuple[dict, dict]:
+    """(config, state_dict) of a loaded checkpoint; FileFormatError when it is not one of ours or its
+    content does not match its checksum (files saved before checksums existed have none and load as before)."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FileFormatError(f"{path!r} is not a {what}")
+    digest = payload.get("sha256")
+    if digest is not None:
+        ok = (isinstance(digest, str) and isinstance(payload.get("config"), str)
+              and isinstance(payload.get("state_dict"), dict)
+              and all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values()))
+        try:
+            ok = ok and _digest(payload["config"], payload["state_dict"]) == digest
+        except (RuntimeError, TypeError, ValueError):  # tensors numpy cannot read: corrupted too
+            ok = False
+        if not ok:
+            raise FileFormatError(f"{path!r} is a corrupted {what}: its content does not match its SHA-256 "
+                                  "checksum")
+    try:
+        config = json.loads(payload["config"])
+        state = payload["state_dict"]
+        ok = (isinstance(config, dict) and isinstance(state, dict)
+              and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+              and isinstance(config["layers"], dict) and isinstance(config["folded_bn"], list)
+              and isinstance(config["output"], dict))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise FileFormatError(f"{path!r} is a corrupted {what}: its config or state_dict is malformed")
+    return config, state
 
 
 def _check_frozen(qmodel: nn.Module) -> None:
     for name, m in qmodel.named_modules():
         if isinstance(m, QUANT_LAYERS) and m.rounding != "frozen":
-            raise ValueError(f"layer {name} is not frozen to integers (rounding={m.rounding!r})")
+            raise InvalidArgumentError(f"layer {name} is not frozen to integers (rounding={m.rounding!r})")
 
 
 # ---------------------------------------------------------------- ONNX
@@ -96,27 +163,35 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, example_input: 
     opset 21 (default): grids of <= 4 bits are INT4/UINT4 tensors; opset 13-20: int8/uint8 with a Clip.
     """
     if not isinstance(qmodel, QuantizedModel):
-        raise TypeError(f"export_onnx needs a QuantizedModel from zsq_fast.quantize(), got {type(qmodel).__name__}")
+        raise InvalidTypeError(f"export_onnx needs a QuantizedModel from zsq_fast.quantize(), got "
+                               f"{type(qmodel).__name__}")
     _check_frozen(qmodel)
-    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= MAX_OPSET:
-        raise ValueError(f"opset must be an int in [13, {MAX_OPSET}] (per-channel DequantizeLinear needs 13, "
-                         f"INT4 needs {INT4_MIN_OPSET}), got {opset!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise InvalidTypeError(f"opset must be an int, got {opset!r:.80}")
+    if not 13 <= opset <= MAX_OPSET:
+        raise InvalidArgumentError(f"opset must be in [13, {MAX_OPSET}] (per-channel DequantizeLinear needs 13, "
+                                   f"INT4 needs {INT4_MIN_OPSET}), got {opset}")
     for name, m in qmodel.named_modules():
         if isinstance(m, Quantizer) and m.spec.bits > 8:
-            raise ValueError(f"ONNX QDQ export supports at most 8 bits; {name} has {m.spec.bits}")
+            raise InvalidArgumentError(f"ONNX QDQ export supports at most 8 bits; {name} has {m.spec.bits}")
+    if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
+        raise InvalidTypeError(f"example_input must be a float tensor the model takes, got "
+                               f"{getattr(example_input, 'dtype', type(example_input).__name__)}")
+    check_finite_images(example_input, "example_input")
     try:
         import onnx
     except ImportError:
         raise ImportError("ONNX export needs the onnx package: pip install 'zsq_fast[onnx]'") from None
-
     qmodel = qmodel.eval()
+    probe_forward(qmodel, example_input, f"example_input of shape {tuple(example_input.shape)}")
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # the TorchScript exporter stops at opset 20; lower_qdq rewrites the graph to the requested opset
         torch.onnx.export(qmodel, (example_input,), buf, dynamo=False, opset_version=min(opset, 20),
                           input_names=["input"], output_names=["output"], dynamic_axes=axes,
                           do_constant_folding=False, custom_opsets={DOMAIN: 1})
     model = lower_qdq(onnx.load_from_string(buf.getvalue()), opset)
     onnx.checker.check_model(model)
-    onnx.save(model, path)
+    write_atomic(path, lambda tmp: onnx.save(model, str(tmp)), "ONNX file")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
+
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
@@ -24,10 +26,11 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
     """Fold `bn` into `layer` (Conv2d or Linear) in place."""
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+        raise UnsupportedModelError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
     w = layer.weight
     if w.shape[0] != bn.num_features:
-        raise ValueError(f"BatchNorm has {bn.num_features} channels but the layer before it has {w.shape[0]}")
+        raise UnsupportedModelError(f"BatchNorm has {bn.num_features} channels but the layer before it has "
+                                    f"{w.shape[0]}")
     k = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
         k = k * bn.weight.double()
@@ -46,7 +49,7 @@ def fold_bn(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
     seen = set()
     for layer_name, bn_name in pairs:
         if layer_name in seen:
-            raise ValueError(f"{layer_name} feeds more than one BatchNorm; it cannot be folded exactly")
+            raise UnsupportedModelError(f"{layer_name} feeds more than one BatchNorm; it cannot be folded exactly")
         seen.add(layer_name)
         fold_bn_into(get_module(model, layer_name), get_module(model, bn_name))
         set_module(model, bn_name, nn.Identity())

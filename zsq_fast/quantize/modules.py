@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..ops import adaround_init_v, adaround_quantize, fake_quantize
 from .quantizer import Quantizer, QuantSpec
 
@@ -131,7 +132,8 @@ class QuantConv2d(_QuantLayer):
     def __init__(self, conv: nn.Conv2d, w_spec: QuantSpec, a_spec: QuantSpec, int32_bias: bool = False):
         super().__init__()
         if conv.padding_mode != "zeros":
-            raise ValueError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+            raise UnsupportedModelError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported (only "
+                                        f"'zeros')")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self._init_quant(conv.weight, conv.bias, w_spec, a_spec, int32_bias)
@@ -173,7 +175,7 @@ def quant_layer_for(module: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec, int
         return QuantConv2d(module, w_spec, a_spec, int32_bias)
     if isinstance(module, nn.Linear):
         return QuantLinear(module, w_spec, a_spec, int32_bias)
-    raise TypeError(f"cannot quantize {type(module).__name__}")
+    raise UnsupportedModelError(f"cannot quantize {type(module).__name__}")
 
 
 class QuantizedModel(nn.Module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import InvalidArgumentError, InvalidTypeError
 from ..ops.checks import MAX_BITS, MIN_BITS
 from .quantizer import QuantSpec
 
@@ -23,13 +24,13 @@ def parse_bits(bits: str) -> tuple[int, int]:
     """'W4A4' -> (4, 4). Each width must be within [2, 16]."""
     form = f"expected the form 'W{{w}}A{{a}}' with {MIN_BITS} <= w, a <= {MAX_BITS}, e.g. 'W4A4', 'W3A8'"
     if not isinstance(bits, str):
-        raise TypeError(f"bits must be a string ({form}), got {type(bits).__name__}")
+        raise InvalidTypeError(f"bits must be a string ({form}), got {type(bits).__name__}")
     m = _BITS.match(bits.strip())
     if m is None:
-        raise ValueError(f"bad bits {bits!r}: {form}")
+        raise InvalidArgumentError(f"bad bits {bits!r}: {form}")
     w, a = int(m.group(1)), int(m.group(2))
     if not (MIN_BITS <= w <= MAX_BITS and MIN_BITS <= a <= MAX_BITS):
-        raise ValueError(f"bad bits {bits!r}: {form}")
+        raise InvalidArgumentError(f"bad bits {bits!r}: {form}")
     return w, a
 
 
@@ -62,6 +63,6 @@ PRESETS = {
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise InvalidArgumentError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
