@@ -57,7 +57,7 @@ def cmd_generate(args) -> int:
         src, args.num_images or 1024, args.method, device=device, seed=args.seed, precision=args.precision,
         iterations=args.iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
         per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress, report=report,
-        stale_refresh=args.stale_refresh)
+        stale_refresh=args.stale_refresh, store=args.store, channels_last=args.channels_last)
     from .generate import save_images
 
     with report.timed("save"):
@@ -102,7 +102,8 @@ def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> to
     images, _, _ = run_generate(
         src, args.num_images or 1024, args.generator, device=device, seed=args.seed, precision=args.precision,
         iterations=args.gen_iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
-        per_class=args.per_class, progress=not args.no_progress, report=report, stale_refresh=args.stale_refresh)
+        per_class=args.per_class, progress=not args.no_progress, report=report, stale_refresh=args.stale_refresh,
+        store=args.store, channels_last=args.channels_last)
     report.settings["calibration"] = {"source": f"generator {args.generator}", "n": images.shape[0]}
     return images
 
@@ -341,6 +342,11 @@ def _generator_args(p: argparse.ArgumentParser, iterations_flag: str) -> None:
     g.add_argument("--stale-refresh", choices=("after_update", "before_update"),
                    help="--mode stale: refresh a chunk's cached statistics after its update (default, as DGH/MCT) "
                         "or from the step's own forward (cheaper)")
+    g.add_argument("--store", choices=("host", "device", "disk", "auto"),
+                   help="where the images and optimizer state live: host (default), device, disk (a run folder: "
+                        "generate's --checkpoint, else a temporary one) or auto (device, host or disk by free memory)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC forward passes (faster on CPU, with "
+                   "--precision bf16 too)")
     g.add_argument("--real", help="fdda: labelled real images for the class centers")
     g.add_argument("--per-class", type=_positive, default=1, help="fdda: real images per class (default 1)")
 
@@ -355,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(g)
     g.add_argument("--method", default="dgh", choices=GENERATORS, help="generator (default dgh)")
     _generator_args(g, "--iterations")
-    g.add_argument("--checkpoint", help="checkpoint file: resume from it, save to it")
+    g.add_argument("--checkpoint", help="checkpoint file (--store disk: the run folder): resume from it, save to it")
     g.add_argument("--out", required=True, help="images.pt (tensor) or a folder (PNGs)")
     g.set_defaults(func=cmd_generate)
 

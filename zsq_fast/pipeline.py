@@ -95,21 +95,23 @@ def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, 
                  iterations: int | None = None, chunk_size: int | None = None, mode: str | None = None,
                  real: ImageSet | None = None, per_class: int = 1, checkpoint: str | None = None,
                  progress: bool = True, report: RunReport | None = None, extra: dict | None = None,
-                 stale_refresh: str | None = None):
+                 stale_refresh: str | None = None, store: str | None = None, channels_last: bool = False):
     """zsq_fast.generate with a progress bar; returns (images (N,3,S,S) on CPU, record dict, labels or None)."""
     from .generate import generate as gen
 
     check_generator_model(model_src, method)
     kwargs = dict(method=method, image_size=model_src.input_size, mean=model_src.mean, std=model_src.std,
                   seed=seed, device=device)
-    if precision != "fp32":  # autocast inside the generator's forward passes (CUDA only)
+    if precision != "fp32":  # autocast inside the generator's forward passes (fp16: CUDA only)
         kwargs["amp"] = precision
+    if channels_last:
+        kwargs["channels_last"] = True
     if mode is not None and method != "dgh":
         raise UsageError(f"--mode exact|stale is for generator dgh only (got {method})")
     if stale_refresh is not None and mode != "stale":
         raise UsageError("--stale-refresh is for --mode stale only")
     for k, v in (("iterations", iterations), ("chunk_size", chunk_size), ("aggregation", mode),
-                 ("checkpoint", checkpoint), ("stale_refresh", stale_refresh)):
+                 ("checkpoint", checkpoint), ("stale_refresh", stale_refresh), ("store", store)):
         if v is not None:
             kwargs[k] = v
     if method == "fdda":

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,7 +25,8 @@ from .io import IMAGENET_MEAN, IMAGENET_STD
 from .losses import layer_weights
 from .optim import Plateau
 from .record import GenerationRecord
-from .store import make_store
+from .run_folder import begin_step, end_step, open_run_folder, write_output
+from .store import ImageStore, choose_store, initial_canvases, make_store
 from .views import draw_views, margin_for
 
 METHODS = ("dgh", "bns", "fdda")
@@ -44,8 +48,9 @@ DEFAULT_ODSL_WEIGHT = 1e-5
 ODSL_UNITS = "batch_mean"
 MAX_LR = 1e6  # far above any useful step; larger ones overflow float32 in the RAdam update
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# settings that may differ between a run and its resume
-_NOT_COMPARED = ("device", "store", "checkpoint_every")
+STORES = ("host", "device", "disk", "auto")
+# settings that may differ between a run and its resume (memory layout changes rounding only, like device)
+_NOT_COMPARED = ("device", "store", "checkpoint_every", "channels_last")
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Settings:
     odsl_units: str
     odsl_form: str
     amp: str | None
+    channels_last: bool
     store: str
     device: str
     min_lr: float
@@ -131,7 +137,7 @@ def _probe(model, size, device):
 def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=224, *,
              iterations: int = 1000, chunk_size: int = 128, lr: float | None = None, seed: int = 0,
              mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store: str = "host", amp: str | None = None,
-             lambda_sigma: float | None = None, layer_weighting: str = "average",
+             channels_last: bool = False, lambda_sigma: float | None = None, layer_weighting: str = "average",
              aggregation: str = "exact", stale_refresh: str = "after_update", augment: bool | None = None,
              margin: int | None = None, odsl_weight: float | None = None, odsl_form: str = "hinged",
              min_lr: float = 1e-4, patience: int | None = None,
@@ -146,8 +152,15 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
 
     image_size: int or (H, W). lr: None = per-method default (DEFAULT_LR). mean/std: the model's input
     normalization (pixels are clipped to [(0-mean)/std, (1-mean)/std]). device: default the model's.
-    store: "host" (images + RAdam moments in pinned host memory, streamed per chunk) or "device".
-    amp: None, "bf16" or "fp16" (CUDA only). lambda_sigma: None = 10 for dgh, 1 otherwise.
+    store: "host" (images + RAdam moments in pinned host memory, streamed per chunk), "device", "disk"
+    (a run folder of files read and written per chunk: N is bounded by disk, not memory; the folder is
+    `checkpoint`, or a temporary folder removed after the run; see run_folder.py) or "auto" (device when
+    the set fits in half the free device memory, else host when it fits in half the free host memory,
+    else disk; record.store says what was chosen and why).
+    amp: None, "bf16" (CUDA, or CPU autocast: pays on CPUs with native bf16, see benchmarks/RESULTS.md) or
+    "fp16" (CUDA only); the statistics, losses and the optimizer stay fp32/fp64. channels_last: run the
+    model's forward on channels-last (NHWC) images (the store stays NCHW). lambda_sigma: None = 10 for dgh,
+    1 otherwise.
     layer_weighting: "average" or "first_x10". aggregation (dgh): "exact" or "stale".
     stale_refresh (stale): "after_update" (default: a chunk's cached statistics are recomputed from its
     finalised images (output view) after their update, as the DGH code and MCT do, so results compare) or
@@ -161,12 +174,15 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     forgotten after each cut as in DGH/MCT).
     fdda: real_images, real_labels, images_per_class (1), fdda_weights (ce 0.5, bn 0.2, distort 0.9,
     center 0.01). checkpoint: a path; written atomically every checkpoint_every steps and resumed from
-    when it exists. progress: called as progress(step, iterations, losses_dict) after every step.
+    when it exists (store="disk": the run folder, whose state follows every step and whose images are
+    synced to disk every checkpoint_every steps). progress: called as progress(step, iterations,
+    losses_dict) after every step.
     """
     settings, device = make_settings(
         model, n_images, method, image_size, iterations=iterations, chunk_size=chunk_size, lr=lr, seed=seed,
-        mean=mean, std=std, device=device, store=store, amp=amp, lambda_sigma=lambda_sigma,
-        layer_weighting=layer_weighting, aggregation=aggregation, stale_refresh=stale_refresh, augment=augment,
+        mean=mean, std=std, device=device, store=store, amp=amp, channels_last=channels_last,
+        lambda_sigma=lambda_sigma, layer_weighting=layer_weighting, aggregation=aggregation,
+        stale_refresh=stale_refresh, augment=augment,
         margin=margin, odsl_weight=odsl_weight, odsl_form=odsl_form, min_lr=min_lr, patience=patience,
         images_per_class=images_per_class, fdda_weights=fdda_weights, checkpoint_every=checkpoint_every)
     if method == "fdda" and real_images is None:
@@ -194,7 +210,8 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
 
 def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1000, chunk_size=128,
                   lr=None, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None, store="host",
-                  amp=None, lambda_sigma=None, layer_weighting="average", aggregation="exact",
+                  amp=None, channels_last=False, lambda_sigma=None, layer_weighting="average",
+                  aggregation="exact",
                   stale_refresh="after_update", augment=None,
                   margin=None, odsl_weight=None, odsl_form="hinged", min_lr=1e-4, patience=None,
                   images_per_class=1, fdda_weights=None, checkpoint_every=50) -> tuple[Settings, torch.device]:
@@ -216,8 +233,8 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         raise InvalidArgumentError(f"odsl_form must be 'plain' or 'hinged', got {odsl_form!r}")
     if not (amp is None or isinstance(amp, str)) or amp not in AMP:
         raise InvalidArgumentError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    if store not in ("host", "device"):
-        raise InvalidArgumentError(f"store must be 'host' or 'device', got {store!r}")
+    if not isinstance(store, str) or store not in STORES:
+        raise InvalidArgumentError(f"store must be one of {STORES}, got {store!r}")
     lr = DEFAULT_LR[method] if lr is None else lr
     if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= MAX_LR):
         raise InvalidArgumentError(f"lr must be a number in (0, {MAX_LR:g}] (pixels span a few units), got {lr!r}")
@@ -244,8 +261,12 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
                                    "without augmentation leave margin at None or 0")
     params = list(model.parameters()) + list(model.buffers())
     device = as_device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
-    if amp is not None and device.type != "cuda":
-        raise InvalidArgumentError(f"amp={amp!r} needs a CUDA device, the run is on {device}")
+    if amp == "fp16" and device.type != "cuda":
+        raise InvalidArgumentError(f"amp='fp16' needs a CUDA device, the run is on {device} (use amp='bf16' on CPU)")
+    if amp == "bf16" and device.type not in ("cuda", "cpu"):
+        raise InvalidArgumentError(f"amp='bf16' runs on CUDA or CPU, the run is on {device}")
+    if not isinstance(channels_last, bool):
+        raise InvalidTypeError(f"channels_last must be True or False, got {channels_last!r}")
     settings = Settings(
         method=method, n_images=n_images, image_size=list(size), iterations=iterations, chunk_size=chunk_size,
         lr=float(lr), seed=int(seed), mean=[float(m) for m in mean], std=[float(s) for s in std],
@@ -253,7 +274,8 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         layer_weighting=layer_weighting, aggregation=aggregation, stale_refresh=stale_refresh, augment=augment,
         margin=margin,
         odsl_weight=float((DEFAULT_ODSL_WEIGHT if method == "dgh" else 0.0) if odsl_weight is None else odsl_weight),
-        odsl_units=ODSL_UNITS, odsl_form=odsl_form, amp=amp, store=store, device=str(device), min_lr=float(min_lr),
+        odsl_units=ODSL_UNITS, odsl_form=odsl_form, amp=amp, channels_last=channels_last, store=store,
+        device=str(device), min_lr=float(min_lr),
         patience=int(max(5, iterations // 50) if patience is None else patience),
         checkpoint_every=checkpoint_every, images_per_class=images_per_class,
         fdda_weights={**FDDA_WEIGHTS, **(fdda_weights or {})} if method == "fdda" else {})
@@ -265,9 +287,20 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
     return settings, device
 
 
-def build_run(model, s: Settings, device) -> tuple[Run, torch.Tensor]:
+def compared_settings(s: Settings) -> dict:
+    """The settings a resumed run must share with the run that wrote the checkpoint."""
+    return {k: v for k, v in asdict(s).items() if k not in _NOT_COMPARED}
+
+
+def canvas_shape(s: Settings) -> tuple[int, int, int, int]:
+    return (s.n_images, 3, s.image_size[0] + s.margin, s.image_size[1] + s.margin)
+
+
+def build_run(model, s: Settings, device, store: str | None = None, folder=None) -> tuple[Run, torch.Tensor]:
     """The run state before step 1 (and the model's output on a probe batch). The model must
-    already be in eval mode; enter run.capture before any forward."""
+    already be in eval mode; enter run.capture before any forward. store: the resolved store kind
+    (default s.store; "auto" is resolved by generate()); folder: the run folder of store "disk", whose
+    saved state (None on a fresh start) goes to run.state["saved"]."""
     size = tuple(s.image_size)
     layers = find_bn_layers(model)
     out = _probe(model, size, device)
@@ -278,27 +311,65 @@ def build_run(model, s: Settings, device) -> tuple[Run, torch.Tensor]:
     targets = [(torch.zeros(3, device=device), torch.ones(3, device=device))]
     targets += [(l.mean.to(device), l.std.to(device)) for l in layers]
     generator = torch.Generator().manual_seed(s.seed)
-    canvas = (size[0] + s.margin, size[1] + s.margin)
-    need = 3 * s.n_images * 3 * canvas[0] * canvas[1] * 4  # images + two RAdam moments, float32
-    too_big = f"n_images={s.n_images} at image_size={size[0]}x{size[1]} needs about {need / 2**30:.3g} GiB for " \
-              "the images and optimizer state"
-    if s.store == "host" and need > _available_host_memory():
-        raise InvalidArgumentError(f"{too_big}, more than this machine has free; generate fewer images per call")
-    try:
-        x0 = torch.randn(s.n_images, 3, *canvas, generator=generator)
-    except (RuntimeError, MemoryError):  # the allocator's "not enough memory"
-        raise InvalidArgumentError(f"{too_big}, more than this machine can allocate") from None
-    x0 = torch.maximum(torch.minimum(x0, hi.cpu().view(1, -1, 1, 1)), lo.cpu().view(1, -1, 1, 1))
-    location = torch.device("cpu") if s.store == "host" else device
+    shape = canvas_shape(s)
+    kind = s.store if store is None else store
+    saved = None
+    if kind == "disk":
+        if folder is None:
+            raise InvalidArgumentError("store='disk' needs a run folder (generate's checkpoint=FOLDER)")
+        image_store, saved = open_run_folder(folder, compared_settings(s), shape,
+                                             lambda: initial_canvases(generator, shape, lo, hi))
+    elif kind in ("host", "device"):
+        need = 3 * 4 * math.prod(shape)  # images + two RAdam moments, float32
+        too_big = f"n_images={s.n_images} at image_size={size[0]}x{size[1]} needs about {need / 2**30:.3g} GiB " \
+                  "for the images and optimizer state"
+        if kind == "host" and need > _available_host_memory():
+            raise InvalidArgumentError(f"{too_big}, more than this machine has free; generate fewer images per "
+                                       "call or use store='disk'")
+        try:
+            x0 = torch.cat([x for _, x in initial_canvases(generator, shape, lo, hi)])
+            image_store = make_store(x0, torch.device("cpu") if kind == "host" else device)
+        except (RuntimeError, MemoryError):  # the allocator's "not enough memory"
+            raise InvalidArgumentError(f"{too_big}, more than this machine can allocate") from None
+    else:
+        raise InvalidArgumentError(f"build_run needs a resolved store kind, got {kind!r}")
     capture = BNCapture(layers)
     run = Run(model=model, layers=layers, capture=capture, targets=targets,
               weights=layer_weights(len(targets), s.layer_weighting), lambda_sigma=s.lambda_sigma,
-              store=make_store(x0, location), device=device, chunk_size=s.chunk_size, size=size, lo=lo, hi=hi,
+              store=image_store, device=device, chunk_size=s.chunk_size, size=size, lo=lo, hi=hi,
               generator=generator, plateau=Plateau(lr=s.lr, patience=s.patience, min_lr=s.min_lr),
               augment=s.augment, odsl_weight=s.odsl_weight, odsl_hinged=s.odsl_form == "hinged",
-              amp_dtype=AMP[s.amp], loss_scale=LossScale() if s.amp == "fp16" else None)
+              amp_dtype=AMP[s.amp], channels_last=s.channels_last, loss_scale=LossScale() if s.amp == "fp16" else None)
     run.state["stale_refresh"] = s.stale_refresh
+    run.state["saved"] = saved
     return run, out
+
+
+def _resolve_store(s: Settings, device, checkpoint) -> dict:
+    """{"kind", "reason", "folder"}: where this run keeps its images and moments."""
+    kind, reason = s.store, "requested"
+    if kind == "auto":  # a run resumes where it was stored, whatever memory is free now
+        existing = None if checkpoint is None else Path(checkpoint)
+        if existing is not None and (existing / "run.json").exists():
+            kind, reason = "disk", f"resuming the run folder {existing}"
+        elif existing is not None and existing.is_file():
+            kind, reason = ("device" if device.type == "cuda" else "host"), f"resuming the checkpoint file {existing}"
+        else:
+            kind, reason = choose_store(3 * 4 * math.prod(canvas_shape(s)), device)
+    if kind == "device" and device.type == "cpu":
+        kind = "host"
+    folder, temporary = None, False
+    if kind == "disk":
+        temporary = checkpoint is None
+        folder = tempfile.mkdtemp(prefix="zsq_fast_run_") if temporary else str(checkpoint)
+    return {"kind": kind, "reason": reason, "folder": folder, "temporary": temporary}
+
+
+def _store_note(placed: dict) -> dict:
+    note = {"kind": placed["kind"], "reason": placed["reason"]}
+    if placed["folder"] is not None and not placed["temporary"]:
+        note["folder"] = placed["folder"]
+    return note
 
 
 def _available_host_memory() -> float:
@@ -314,19 +385,32 @@ def _available_host_memory() -> float:
 
 
 def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, progress):
+    placed = _resolve_store(s, device, checkpoint)
+    try:
+        return _generate_in(model, s, device, real_images, real_labels, checkpoint, progress, placed)
+    finally:
+        if placed["temporary"]:  # the returned images stay readable: a mapped file outlives its name
+            shutil.rmtree(placed["folder"], ignore_errors=True)
+
+
+def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoint, progress, placed):
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run, out = build_run(model, s, device)
+    disk = placed["kind"] == "disk"
+    run, out = build_run(model, s, device, placed["kind"], placed["folder"])
     layers, capture = run.layers, run.capture
-    compared = {k: v for k, v in asdict(s).items() if k not in _NOT_COMPARED}
+    compared = compared_settings(s)
     with capture:
         if s.method == "fdda":
             _setup_fdda(run, s, real_images, real_labels, out.shape[-1])
         step_fn = {"bns": bns.bns_step, "fdda": fdda.fdda_step,
                    "dgh": dgh.exact_step if s.aggregation == "exact" else dgh.stale_step}[s.method]
         history, resumed = [], None
-        saved = load_checkpoint(checkpoint, compared) if checkpoint is not None else None
+        if disk:  # the run folder is the checkpoint
+            saved = run.state.pop("saved")
+        else:
+            saved = load_checkpoint(checkpoint, compared) if checkpoint is not None else None
         if saved is not None:
             resumed = _restore(run, saved)
             history, initial_bn = saved["history"], saved["initial_bn_loss"]
@@ -338,12 +422,17 @@ def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, 
         t_loop = time.perf_counter()
         for step in range(run.step + 1, s.iterations + 1):
             run.step = step
+            if disk:
+                begin_step(run.store, step)
             views = _views(run, s)
             lr_used = run.plateau.lr
             losses = step_fn(run, views)
             run.plateau.step(losses["total"])
             history.append({"step": step, "lr": lr_used, **losses})
-            if checkpoint is not None and (step % s.checkpoint_every == 0 or step == s.iterations):
+            if disk:  # every step: images are updated in place, the state must follow them
+                end_step(run.store, _state(run, compared, history, initial_bn, images=False),
+                         sync=step % s.checkpoint_every == 0 or step == s.iterations)
+            elif checkpoint is not None and (step % s.checkpoint_every == 0 or step == s.iterations):
                 save_checkpoint(checkpoint, _state(run, compared, history, initial_bn))
             if progress is not None:
                 progress(step, s.iterations, losses)
@@ -352,6 +441,8 @@ def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, 
         t_final = time.perf_counter()
         final_bn = measure_bn_loss(run)
         images = _output(run)
+    if disk:
+        run.store.close()
     timings = {"setup_s": t_setup, "steps_s": t_steps,
                "per_step_s": t_steps / max(1, s.iterations - (resumed or 0)),
                "final_s": time.perf_counter() - t_final, "total_s": time.perf_counter() - t_start}
@@ -363,7 +454,8 @@ def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, 
         settings=json.loads(json.dumps(asdict(s))), losses=history, initial_bn_loss=initial_bn,
         final_bn_loss=final_bn, timings=timings, peak_memory=peak, bn_layers=[l.name for l in layers],
         steps_done=steps_done, resumed_from_step=resumed,
-        labels=run.state["labels"].clone() if s.method == "fdda" else None)
+        labels=run.state["labels"].clone() if s.method == "fdda" else None,
+        store=_store_note(placed))
     return images, record
 
 
@@ -389,6 +481,9 @@ def _setup_fdda(run: Run, s: Settings, real_images, real_labels, num_classes: in
 
 @torch.no_grad()
 def _output(run: Run) -> torch.Tensor:
+    if not isinstance(run.store, ImageStore):  # disk: written to the run folder, returned memory-mapped
+        return write_output(run.store, run.chunk_size, (run.n, 3, *run.size),
+                            lambda sl: output_images(run, run.store.load(sl, run.device)))
     if not run.augment:
         return run.store.x.clone()
     out = torch.empty(run.n, 3, *run.size, dtype=torch.float32, device=run.store.x.device)
@@ -397,16 +492,19 @@ def _output(run: Run) -> torch.Tensor:
     return out
 
 
-def _state(run: Run, compared: dict, history: list, initial_bn: float) -> dict:
-    return {"settings": json.dumps(compared), "step": run.step, "x": run.store.x.cpu(),
-            "exp_avg": run.store.exp_avg.cpu(), "exp_avg_sq": run.store.exp_avg_sq.cpu(),
+def _state(run: Run, compared: dict, history: list, initial_bn: float, images: bool = True) -> dict:
+    """The checkpoint: everything the next step depends on (images and moments unless they live on disk)."""
+    arrays = {"x": run.store.x.cpu(), "exp_avg": run.store.exp_avg.cpu(),
+              "exp_avg_sq": run.store.exp_avg_sq.cpu()} if images else {}
+    return {"settings": json.dumps(compared), "step": run.step, **arrays,
             "plateau": run.plateau.state(), "generator": run.generator.get_state(),
             "history": history, "initial_bn_loss": initial_bn, "stale_cache": dgh.cache_state(run),
             "loss_scale": run.loss_scale.state() if run.loss_scale is not None else {}}
 
 
 def _restore(run: Run, saved: dict) -> int:
-    run.store.put(slice(None), saved["x"], saved["exp_avg"], saved["exp_avg_sq"])
+    if "x" in saved:  # a checkpoint file; a run folder holds its images already
+        run.store.put(slice(None), saved["x"], saved["exp_avg"], saved["exp_avg_sq"])
     for k, v in saved["plateau"].items():
         setattr(run.plateau, k, v)
     run.generator.set_state(saved["generator"])

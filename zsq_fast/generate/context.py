@@ -59,6 +59,7 @@ class Run:
     odsl_weight: float = 0.0
     odsl_hinged: bool = False
     amp_dtype: torch.dtype | None = None
+    channels_last: bool = False      # the model sees NHWC images (the store and gradients stay NCHW)
     loss_scale: LossScale | None = None  # fp16 autocast only (gradients would underflow)
     step: int = 0                    # RAdam step count (1-based once running)
     state: dict = field(default_factory=dict)  # method-specific (stale cache, FDDA centers, labels)
@@ -77,6 +78,8 @@ def autocast(run: Run):
 def forward(run: Run, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Model forward on x; returns ([x, BN inputs...], output)."""
     run.capture.clear()
+    if run.channels_last:  # convolutions then keep NHWC, which oneDNN runs faster on CPU
+        x = x.contiguous(memory_format=torch.channels_last)
     with autocast(run):
         out = run.model(x)
     return [x] + run.capture.take(), out

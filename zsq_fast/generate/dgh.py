@@ -6,7 +6,8 @@ Whole-set aggregation of the BN statistics, in two modes:
   with autograd and injects that gradient at every BN input (inject_stats_grad), together with the
   per-image losses (ODSL). The result equals the gradient of the same loss on the full set.
 - stale: one pass per step; a chunk's statistics are merged with the cached statistics of the
-  other chunks from their last visit (what the public implementations do). The chunk's cache entry
+  other chunks from their last visit (what the public implementations do), taken from running totals
+  (stale_cache.py: one un-merge per chunk and layer, O(chunks) per step). The chunk's cache entry
   is refreshed either from its finalised images after the update (the output view: smoothing, center
   crop, clip; stale_refresh="after_update", the DGH code's and MCT's behaviour, one extra forward
   without autograd per chunk) or from the forward the step already ran on this step's random view
@@ -24,6 +25,7 @@ import torch
 from ..ops import ChannelStats, channel_mean_var, channel_stats
 from .context import Run, check_finite, forward, grad_of, output_images, see, update, whole_set_bn
 from .losses import bn_group_losses, bn_terms, merge_mean_var, odsl, std_from_var
+from .stale_cache import StaleCache
 
 STALE_REFRESH = ("after_update", "before_update")
 
@@ -71,15 +73,8 @@ def exact_step(run: Run, views) -> dict:
 def init_stale_cache(run: Run, views) -> None:
     """Statistics of every chunk before the first stale step."""
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
-    run.state["cache"] = [_chunk_stats(run, sl, vsl(sl)) for sl in run.store.chunks(run.chunk_size)]
-
-
-def _others(cache, j: int, layer: int) -> ChannelStats:
-    total = ChannelStats(0.0, cache[j][layer].mean * 0, cache[j][layer].m2 * 0)
-    for k, chunk in enumerate(cache):
-        if k != j:
-            total = total.merge(chunk[layer])
-    return total
+    run.state["cache"] = StaleCache.from_chunks(
+        [_chunk_stats(run, sl, vsl(sl)) for sl in run.store.chunks(run.chunk_size)])
 
 
 def stale_gradients(run: Run, views, on_grad) -> dict:
@@ -87,7 +82,8 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
     statistics of the other chunks) + w_odsl * mean_{i in j} L_out,i. on_grad(sl, ...) must leave the
     updated chunk in the store: with stale_refresh "after_update" its cache entry is then refreshed
     from the stored images' output view; with "before_update" from this step's forward."""
-    cache = run.state["cache"]
+    cache: StaleCache = run.state["cache"]
+    cache.resync()  # totals from scratch each step: rounding drift spans one step at most
     after = run.state.get("stale_refresh", "after_update") == "after_update"
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     bn_sum, out_sum, out_term = 0.0, 0.0, 0.0
@@ -98,11 +94,11 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
         x.requires_grad_(True)
         acts, logits = forward(run, see(run, x, vsl(sl)))
         stats, fresh = [], []
-        for layer, a in enumerate(acts):
+        others = cache.others(j)
+        for a, o in zip(acts, others):
             mu_j, var_j = channel_mean_var(a)
             mu_j, var_j = mu_j.double(), var_j.double()
             n_j = float(a.numel() // a.shape[1])
-            o = _others(cache, j, layer)
             mu, var = (mu_j, var_j) if o.count == 0 else merge_mean_var(o.count, o.mean, o.var, n_j, mu_j, var_j)
             stats.append((mu, std_from_var(var)))
             fresh.append(ChannelStats(n_j, mu_j.detach(), var_j.detach() * n_j))
@@ -119,7 +115,7 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
         for k, val in bn_group_losses(terms).items():
             group_sums[k] = group_sums.get(k, 0.0) + val
         on_grad(sl, x.detach(), g, m, v)
-        cache[j] = _finalised_stats(run, sl) if after else fresh
+        cache.replace(j, _finalised_stats(run, sl) if after else fresh, others)
     groups = {k: val / len(chunks) for k, val in group_sums.items()}
     return _step_losses(run, bn_sum / len(chunks), out_sum, out_term, groups)
 
@@ -144,15 +140,9 @@ def stale_step(run: Run, views) -> dict:
 
 def cache_state(run: Run) -> dict:
     cache = run.state.get("cache")
-    if cache is None:
-        return {}
-    return {"counts": [[c.count for c in chunk] for chunk in cache],
-            "means": [[c.mean.cpu() for c in chunk] for chunk in cache],
-            "m2s": [[c.m2.cpu() for c in chunk] for chunk in cache]}
+    return {} if cache is None else cache.state()
 
 
 def restore_cache(run: Run, saved: dict) -> None:
-    if not saved:
-        return
-    run.state["cache"] = [[ChannelStats(c, mu.to(run.device), m2.to(run.device)) for c, mu, m2 in zip(cs, ms, m2s)]
-                          for cs, ms, m2s in zip(saved["counts"], saved["means"], saved["m2s"])]
+    if saved:
+        run.state["cache"] = StaleCache.from_state(saved, run.device)

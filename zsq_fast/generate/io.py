@@ -108,10 +108,16 @@ def _read_png(f: Path) -> np.ndarray:
 
 def load_images(path: str | os.PathLike, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, with_labels: bool = False):
     """Read what save_images wrote: images (N, C, H, W) normalized with mean/std (a .pt file keeps
-    its own); with_labels=True returns (images, labels or None)."""
+    its own); with_labels=True returns (images, labels or None). A generate run folder (store="disk")
+    gives its output images memory-mapped (read lazily; the run's own normalization)."""
     path = as_path(path, "load_images path")
     if not path.exists():
         raise InvalidArgumentError(f"no images at {path}")
+    if path.is_dir() and (path / "run.json").exists():
+        from .run_folder import open_output
+
+        images = open_output(path)
+        return (images, None) if with_labels else images
     if path.is_file():
         data = load_torch_file(path, "zsq_fast images file (written by save_images)")
         if isinstance(data, torch.Tensor):

@@ -19,6 +19,7 @@ class GenerationRecord:
     steps_done: int
     resumed_from_step: int | None = None
     labels: torch.Tensor | None = None  # fdda: the class of every image
+    store: dict | None = None      # {"kind": host|device|disk, "reason": why (store="auto"), "folder": run folder}
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}

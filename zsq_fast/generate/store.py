@@ -1,10 +1,13 @@
-"""The image store: all N canvases and their RAdam moments, on the host (pinned) or the device.
+"""The image store: all N canvases and their RAdam moments, on the host (pinned) or the device
+(run_folder.DiskStore keeps them in files); choose_store picks one for store="auto".
 
 Each step streams chunks to the compute device, so device memory depends on the chunk size,
 not on N.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +39,9 @@ class ImageStore:
             self.exp_avg[sl].copy_(exp_avg)
             self.exp_avg_sq[sl].copy_(exp_avg_sq)
 
+    def flush(self) -> None:
+        """Nothing to make durable in memory (the disk store's counterpart syncs its files)."""
+
 
 def make_store(x0: torch.Tensor, location: torch.device) -> ImageStore:
     """Store x0 at `location`; host memory is pinned when a GPU will read it."""
@@ -47,3 +53,51 @@ def make_store(x0: torch.Tensor, location: torch.device) -> ImageStore:
     if x.is_pinned():
         m, v = m.pin_memory(), v.pin_memory()
     return ImageStore(x, m, v)
+
+
+# "auto" keeps the set (images + 2 moments) where it takes at most this share of the free memory
+AUTO_SHARE = 0.5
+
+
+def free_host_bytes() -> int:
+    """MemAvailable (Linux), else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_store(nbytes: int, device: torch.device, free_device: int | None = None,
+                 free_host: int | None = None) -> tuple[str, str]:
+    """(store, reason) for store="auto": the device when the set fits in AUTO_SHARE of its free memory
+    (CUDA), else the host when it fits there, else disk. nbytes: images + both moments."""
+    gib = 2.0 ** 30
+    if device.type == "cuda":
+        free_device = torch.cuda.mem_get_info(device)[0] if free_device is None else free_device
+        if nbytes <= AUTO_SHARE * free_device:
+            return "device", (f"images + moments {nbytes / gib:.2f} GiB <= {AUTO_SHARE:g} x "
+                              f"{free_device / gib:.2f} GiB free on {device}")
+    free_host = free_host_bytes() if free_host is None else free_host
+    if nbytes <= AUTO_SHARE * free_host:
+        where = "" if device.type == "cuda" else " (the compute device)"
+        return "host", (f"images + moments {nbytes / gib:.2f} GiB <= {AUTO_SHARE:g} x {free_host / gib:.2f} GiB "
+                        f"free host memory{where}")
+    return "disk", (f"images + moments {nbytes / gib:.2f} GiB > {AUTO_SHARE:g} x {free_host / gib:.2f} GiB free "
+                    "host memory")
+
+
+def initial_canvases(generator: torch.Generator, shape, lo: torch.Tensor, hi: torch.Tensor, block: int = 256):
+    """(slice, canvases) blocks of N(0, 1) noise clipped to the pixel range, drawn in order from
+    `generator`. Blocks hold a multiple of 16 values (CPU normal_ fills 16 at a time), so any
+    blocking draws the same numbers as one torch.randn(shape) (a test checks it)."""
+    n, per_image = shape[0], math.prod(shape[1:])
+    step = 16 // math.gcd(16, per_image)
+    block = max(step, block // step * step)
+    lo, hi = lo.cpu().view(1, -1, 1, 1), hi.cpu().view(1, -1, 1, 1)
+    for i in range(0, n, block):
+        x = torch.randn(min(block, n - i), *shape[1:], generator=generator)
+        yield slice(i, i + x.shape[0]), torch.maximum(torch.minimum(x, hi), lo)
