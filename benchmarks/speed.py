@@ -57,7 +57,8 @@ def one_generation(cfg: dict) -> dict:
                       device=device, seed=1)
     images, rec = generate(model, cfg["n"], method="dgh", image_size=cfg["size"], iterations=cfg["iterations"],
                            chunk_size=cfg["chunk"], aggregation=cfg["mode"], mean=src.mean, std=src.std,
-                           device=device, seed=0, amp=cfg.get("amp"), store=cfg.get("store", "host"))
+                           device=device, seed=0, amp=cfg.get("amp"), store=cfg.get("store", "host"),
+                           channels_last=cfg.get("channels_last", False))
     t = rec.timings
     mem = peak_memory(device)
     return {**cfg, "steps_s": t["steps_s"], "setup_s": t["setup_s"], "total_s": t["total_s"],
@@ -127,7 +128,7 @@ def markdown(gen: list[dict], recon: list[dict], recon_cfg: dict, e2e: dict | No
         ms = "" if r["ms_per_iteration"] is None else f"{r['ms_per_iteration']:.2f}"
         out.append(f"| {r['unit']} | {r['kind']} | {r['seconds']:.2f} | {ms} |")
     if e2e is not None:
-        out += ["", f"### ResNet-18, 224 px, 1024 images, DGH exact, bf16 autocast, {e2e.get('store', 'host')} store, "
+        out += ["", f"### ResNet-18, 224 px, 1024 images, DGH exact, bf16 autocast, channels_last, {e2e.get('store', 'host')} store, "
                 f"{e2e['iterations']} iterations timed", ""]
         if "error" in e2e:
             out.append(f"failed: {e2e['error']}")
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     if cuda and not args.skip_e2e and not args.tiny:
         e2e = _child({"model": "torchvision:resnet18", "size": 224, "n": 1024, "mode": "exact",
                       "iterations": args.e2e_iterations, "chunk": 256, "device": str(device), "threads": args.threads,
-                      "amp": "bf16", "store": "device"}, timeout=7200)
+                      "amp": "bf16", "store": "device", "channels_last": True}, timeout=7200)
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "threads": args.threads,
            "backend": json.dumps(zsq_fast.ops.backend())}
     md = markdown(gen, recon, recon_cfg, e2e, env)
