@@ -135,6 +135,8 @@ def test_bad_arguments():
         ops.adaround_quantize(w, v, s, bits=4, beta=0.5)
 
 
+@pytest.mark.skipif(not ops.has_cpu_kernels(), reason="the compiled operators' own argument checks "
+                    "(csrc/register_ops.cpp); without the build the Python faces check the same arguments")
 def test_direct_bad_arguments():
     w, v, s, z = torch.randn(4, 3), torch.randn(4, 3), torch.full((4,), 0.1), torch.zeros(4)
     with pytest.raises(ValueError, match="axis 5 is out of range"):

@@ -213,6 +213,8 @@ def test_bad_arguments():
         ops.inject_stats_grad(x, torch.zeros(3), torch.zeros(3), torch.zeros(3), 0)
 
 
+@pytest.mark.skipif(not ops.has_cpu_kernels(), reason="the compiled operators' own argument checks "
+                    "(csrc/register_ops.cpp); without the build the Python faces check the same arguments")
 def test_direct_bad_arguments():
     with pytest.raises(TypeError, match="floating-point"):
         torch.ops.zsq_fast.channel_stats(torch.ones(2, 3, dtype=torch.int64))

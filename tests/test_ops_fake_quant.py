@@ -179,6 +179,8 @@ def test_bad_arguments():
         ops.fake_quant(x, s, None, 3, 3)
 
 
+@pytest.mark.skipif(not ops.has_cpu_kernels(), reason="the compiled operators' own argument checks "
+                    "(csrc/register_ops.cpp); without the build the Python faces check the same arguments")
 def test_direct_bad_arguments():
     x, s, z = torch.randn(2, 3), torch.tensor([0.1]), torch.zeros(1)
     with pytest.raises(ValueError, match="axis 2 is out of range"):
