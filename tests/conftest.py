@@ -21,9 +21,10 @@ def shared_data() -> Path:
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP barrier stalls on a busy 2-core machine."""
+    """Tiny models gain nothing from 2 threads, and on a loaded 2-core machine OpenMP barrier stalls made
+    such tests ~40x slower with 2 threads than with 1. Use: pytestmark = pytest.mark.usefixtures("one_thread")."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -48,3 +49,28 @@ def write_tiny_digits(d: Path, n_images: int) -> Path:
     np.savez(d / "data.npz", x=rng.integers(0, 256, (n_images, 16, 16, 1), dtype=np.uint8),
              y=np.arange(n_images) % 10)
     return d
+
+
+def randomize_bn(model, weight: bool = True):
+    """BN statistics (and affine parameters) away from 0/1, so folding and quantization have work to do;
+    returns the model in eval mode. The draws come from torch's global generator, in module order."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            if weight:
+                m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,17 +1,13 @@
 """benchmarks/accuracy.py: the full setting is the issue's, and its smallest setting runs end to end."""
-import importlib.util
 import json
 
 import torch
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 def _accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_bench", REPO / "benchmarks" / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("accuracy")
 
 
 def test_full_setting_and_plan_are_the_issues():

@@ -18,12 +18,7 @@ from zsq_fast.generate.store import choose_store, initial_canvases
 from test_generate import Killed, tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 COMMON = dict(iterations=6, chunk_size=3, lr=0.2, seed=7)

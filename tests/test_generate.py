@@ -14,14 +14,7 @@ from zsq_fast.generate.optim import radam_update_
 from zsq_fast.generate.views import draw_views
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on a loaded 2-core machine OpenMP contention made
-    these tests ~40x slower with 2 threads than with 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class TinyNet(nn.Module):

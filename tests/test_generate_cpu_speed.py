@@ -8,12 +8,7 @@ from zsq_fast.generate.context import forward
 from test_generate import tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_bf16_and_channels_last_reach_the_model_on_cpu():

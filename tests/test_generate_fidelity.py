@@ -15,12 +15,7 @@ from zsq_fast.generate.optim import Plateau
 from zsq_fast.generate.views import draw_views
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _fdda_run(n_images, classes, chunk_size, real_classes=5):

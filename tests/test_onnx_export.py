@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_bn
 from torch import nn
 
 import zsq_fast
@@ -23,14 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def net():
     """ResNet-8 (CIFAR layout: option-A shortcuts, residual adds, last linear) with non-trivial BN statistics."""
     torch.manual_seed(0)
-    m = CifarResNet(8)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.3, 0.3)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.3, 0.3)
-    return m.eval()
+    return randomize_bn(CifarResNet(8))
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_bn
 from torch import nn
 
 import zsq_fast
@@ -21,16 +22,6 @@ from zsq_fast.quantize.trace import trace_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def _randomize_bn(model):
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-    return model.eval()
 
 
 class Residual(nn.Module):
@@ -67,7 +58,7 @@ class TinyResNet(nn.Module):
 @pytest.fixture
 def net():
     torch.manual_seed(0)
-    return _randomize_bn(TinyResNet())
+    return randomize_bn(TinyResNet())
 
 
 @pytest.fixture
@@ -296,7 +287,7 @@ def test_torchvision_block_with_inplace_relu(images):
     tv = pytest.importorskip("torchvision.models.resnet")
     torch.manual_seed(0)
     ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
-    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), tv.BasicBlock(8, 16, stride=2, downsample=ds),
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), tv.BasicBlock(8, 16, stride=2, downsample=ds),
                                         nn.Flatten(), nn.Linear(16 * 16, 3)))
     q = quantize(model, images, "W16A16", method="brecq", iterations=2, batch_size=16, input_bits=16)
     assert [u["kind"] for u in q.quant_config["units"]] == ["layer", "block", "layer"]

@@ -1,16 +1,12 @@
 """benchmarks/scale.py: the smoke grid runs end to end, and host and disk stores give the same run."""
-import importlib.util
 
 import torch
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 def _scale():
-    spec = importlib.util.spec_from_file_location("scale_bench", REPO / "benchmarks" / "scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("scale")
 
 
 def test_cpu_grid_is_the_issues():

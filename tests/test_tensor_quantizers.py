@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 
 import zsq_fast
@@ -14,12 +15,7 @@ from zsq_fast.quantize.modules import QUANT_LAYERS
 tv_resnet = pytest.importorskip("torchvision.models.resnet")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class DownsampleNet(nn.Module):
@@ -40,13 +36,7 @@ class DownsampleNet(nn.Module):
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    m = DownsampleNet()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.3, 0.3)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.bias.data.uniform_(-0.3, 0.3)
-    return m.eval()
+    return randomize_bn(DownsampleNet(), weight=False)
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +136,7 @@ def _cifar_resnet8():
     from zsq_fast.models.cifar_resnet import CifarResNet
 
     torch.manual_seed(0)
-    m = CifarResNet(8)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.3, 0.3)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.bias.data.uniform_(-0.3, 0.3)
-    return m.eval()
+    return randomize_bn(CifarResNet(8), weight=False)
 
 
 def _flatten_net():
