@@ -99,25 +99,28 @@ __device__ __forceinline__ Chan<index_t> channel_of(index_t i, index_t C, index_
   return {(i / inner) % C, 0};
 }
 
+// body(g) for g = start, start + stride, ... < count: the grid-stride loop of every kernel here, with
+// kUnroll iterations unrolled so each thread has several independent groups in flight.
+template <typename index_t, typename Body>
+__device__ __forceinline__ void grid_stride(index_t start, index_t stride, index_t count, const Body& body) {
+  index_t g = start;
+  for (; g + (kUnroll - 1) * stride < count; g += kUnroll * stride) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) body(g + u * stride);
+  }
+  for (; g < count; g += stride) body(g);
+}
+
 // ---------------------------------------------------------------- elementwise: f.template apply<V>(i, c0, dc)
 template <int V, typename index_t, typename F>
 __global__ void __launch_bounds__(kThreads) channel_map_kernel(index_t numel, index_t C, index_t inner, F f) {
   const index_t groups = numel / V;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  index_t g = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (; g + (kUnroll - 1) * stride < groups; g += kUnroll * stride) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const index_t i = (g + u * stride) * V;
-      const Chan<index_t> ch = channel_of<V>(i, C, inner);
-      f.template apply<V>(i, ch.c0, ch.dc);
-    }
-  }
-  for (; g < groups; g += stride) {
+  grid_stride(static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x, stride, groups, [&](index_t g) {
     const index_t i = g * V;
     const Chan<index_t> ch = channel_of<V>(i, C, inner);
     f.template apply<V>(i, ch.c0, ch.dc);
-  }
+  });
   if constexpr (V > 1) {  // tail of a per-tensor map: fewer than V elements
     const index_t i = groups * V + static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < numel) f.template apply<1>(i, channel_of<1>(i, C, inner).c0, index_t(0));
@@ -192,23 +195,11 @@ __global__ void __launch_bounds__(kThreads) channel_map_sum_kernel(index_t numel
   acc_t a[1] = {acc_t(0)};
   const index_t groups = numel / V;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  index_t g = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (; g + (kUnroll - 1) * stride < groups; g += kUnroll * stride) {
-    acc_t part[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const index_t i = (g + u * stride) * V;
-      const Chan<index_t> ch = channel_of<V>(i, C, inner);
-      part[u] = f.template apply<V>(i, ch.c0, ch.dc);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) a[0] += part[u];
-  }
-  for (; g < groups; g += stride) {
+  grid_stride(static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x, stride, groups, [&](index_t g) {
     const index_t i = g * V;
     const Chan<index_t> ch = channel_of<V>(i, C, inner);
     a[0] += f.template apply<V>(i, ch.c0, ch.dc);
-  }
+  });
   if constexpr (V > 1) {
     const index_t i = groups * V + static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < numel) a[0] += f.template apply<1>(i, channel_of<1>(i, C, inner).c0, index_t(0));
@@ -277,20 +268,11 @@ __global__ void __launch_bounds__(kThreads) channel_reduce_runs_kernel(index_t c
   acc_t a[N];
 #pragma unroll
   for (int k = 0; k < N; ++k) a[k] = acc_t(0);
-  const index_t groups = count / V;
   const index_t stride = static_cast<index_t>(gridDim.y) * blockDim.x;
-  index_t g = static_cast<index_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  for (; g + (kUnroll - 1) * stride < groups; g += kUnroll * stride) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const index_t j = (g + u * stride) * V;
-      f.template accumulate<V>((j / inner) * C * inner + c * inner + j % inner, c, a);
-    }
-  }
-  for (; g < groups; g += stride) {
+  grid_stride(static_cast<index_t>(blockIdx.y) * blockDim.x + threadIdx.x, stride, count / V, [&](index_t g) {
     const index_t j = g * V;
     f.template accumulate<V>((j / inner) * C * inner + c * inner + j % inner, c, a);
-  }
+  });
   block_sum(a);
   if (threadIdx.x == 0) sink(static_cast<int64_t>(c), static_cast<int64_t>(blockIdx.y), a);
 }
@@ -305,12 +287,8 @@ __global__ void channel_reduce_rows_kernel(index_t rows, index_t C, F f, Sink si
   for (int k = 0; k < N; ++k) a[k] = acc_t(0);
   if (c < C) {
     const index_t stride = static_cast<index_t>(gridDim.y) * kRowLanes;
-    index_t r = static_cast<index_t>(blockIdx.y) * kRowLanes + threadIdx.y;
-    for (; r + (kUnroll - 1) * stride < rows; r += kUnroll * stride) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) f.template accumulate<1>((r + u * stride) * C + c, c, a);
-    }
-    for (; r < rows; r += stride) f.template accumulate<1>(r * C + c, c, a);
+    grid_stride(static_cast<index_t>(blockIdx.y) * kRowLanes + threadIdx.y, stride, rows,
+                [&](index_t r) { f.template accumulate<1>(r * C + c, c, a); });
   }
 #pragma unroll
   for (int k = 0; k < N; ++k) shared[k][threadIdx.y][threadIdx.x] = a[k];

@@ -90,36 +90,21 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_backward_cuda(const at::Tensor& gr
   const at::Tensor x = dense(x_in);
   const at::Tensor grad = like_layout(grad_in, x);
   at::Tensor grad_x = at::empty_like(x);
-  if (!need_scale_grad) {
-    if (x.numel() > 0) {
-      // the scale's share is computed and dropped: one functor for both cases
-      const at::ScalarType cd = compute_dtype(x.scalar_type());
-      const at::Tensor s = param(scale, cd), z = param(zero_point, cd);
-      const Layout L = channel_layout(x, axis);
-      const bool aligned = aligned_to({&x, &grad, &grad_x}, 16);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quant_backward_cuda", [&] {
-        using T = compute_t<scalar_t>;
-        const Backward<scalar_t, T> f{x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                                      grad_x.mutable_data_ptr<scalar_t>(), s.const_data_ptr<T>(),
-                                      z.const_data_ptr<T>(), static_cast<T>(qmin), static_cast<T>(qmax)};
-        cuda::channel_map<scalar_t>(L, aligned, cuda::DropTotal<Backward<scalar_t, T>>{f});
-      });
-    }
-    return {grad_x, at::empty({0}, scale.options())};
-  }
-  if (x.numel() == 0) return {grad_x, at::zeros_like(scale)};
+  if (x.numel() == 0) return {grad_x, need_scale_grad ? at::zeros_like(scale) : at::empty({0}, scale.options())};
   const at::ScalarType cd = compute_dtype(x.scalar_type());
   const at::Tensor s = param(scale, cd), z = param(zero_point, cd);
   const Layout L = channel_layout(x, axis);
   const bool aligned = aligned_to({&x, &grad, &grad_x}, 16);
   // dL/ds in the compute dtype: block partials, then a fixed-order sum (deterministic, no atomics)
-  at::Tensor acc = at::empty({axis < 0 ? 1 : L.channels}, x.options().dtype(cd));
+  at::Tensor acc = need_scale_grad ? at::empty({axis < 0 ? 1 : L.channels}, x.options().dtype(cd)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quant_backward_cuda", [&] {
     using T = compute_t<scalar_t>;
     const Backward<scalar_t, T> f{x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
                                   grad_x.mutable_data_ptr<scalar_t>(), s.const_data_ptr<T>(),
                                   z.const_data_ptr<T>(), static_cast<T>(qmin), static_cast<T>(qmax)};
-    if (axis < 0 || L.channels == 1) {
+    if (!need_scale_grad) {
+      cuda::channel_map<scalar_t>(L, aligned, cuda::DropTotal<Backward<scalar_t, T>>{f});
+    } else if (axis < 0 || L.channels == 1) {
       cuda::channel_map_sum<scalar_t, T, T>(L, aligned, f, x, acc.mutable_data_ptr<T>());
     } else {
       const int64_t splits = cuda::reduce_splits(L);
@@ -129,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_backward_cuda(const at::Tensor& gr
       cuda::sum_partials<T, T>(partial.const_data_ptr<T>(), splits, L.channels, acc.mutable_data_ptr<T>());
     }
   });
+  if (!need_scale_grad) return {grad_x, at::empty({0}, scale.options())};
   return {grad_x, acc.to(scale.scalar_type()).reshape(scale.sizes())};
 }
 
