@@ -36,13 +36,8 @@ def _channel_stats(x, running=None, running_count=0.0):
     out = ref.channel_stats_forward(x)
     if running is None or running_count <= 0 or x.numel() == 0:
         return running.double().clone() if running is not None and running_count > 0 else out
-    n = float(x.numel() // x.shape[1])
     r = running.double()
-    total = running_count + n
-    delta = out[0] - r[0]
-    mean = r[0] + delta * (n / total)
-    m2 = r[1] + out[1] + delta.square() * (running_count * n / total)
-    return torch.stack([mean, m2])
+    return torch.stack(ref.chan_merge(running_count, r[0], r[1], float(x.numel() // x.shape[1]), out[0], out[1]))
 
 
 def _channel_stats_backward(x, mean, grad_mean, grad_var, total_count, grad_scale=None):

@@ -84,11 +84,8 @@ class ChannelStats:
             return self
         if self.count == 0:
             return other
-        n = self.count + other.count
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / n)
-        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / n)
-        return ChannelStats(n, mean, m2)
+        mean, m2 = ref.chan_merge(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
+        return ChannelStats(self.count + other.count, mean, m2)
 
     @property
     def var(self) -> torch.Tensor:

@@ -41,6 +41,15 @@ def channel_stats_forward(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([mean, m2])
 
 
+def chan_merge(count_a: float, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b: float, mean_b: torch.Tensor,
+               m2_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan et al.'s pairwise update of (count, mean, M2); exact up to float64 rounding for any split.
+    The kernels' device merge (csrc/common.h chan_merge) uses the same operation order. Both counts > 0."""
+    n = count_a + count_b
+    delta = mean_b - mean_a
+    return mean_a + delta * (count_b / n), m2_a + m2_b + delta.square() * (count_a * count_b / n)
+
+
 def channel_stats_backward(x: torch.Tensor, mean: torch.Tensor, grad_mean: torch.Tensor,
                            grad_var: torch.Tensor, total_count: float) -> torch.Tensor:
     """dL/dx for one chunk given dL/dmean and dL/dvar of the statistics over all chunks.
