@@ -1,0 +1,106 @@
+"""The process group as zsq_fast sees it: who am I, how many are we, and the few collectives the
+generators and the quantizer use. Without an initialised group (a plain `python` run) every call is
+the single-process identity, so algorithm code calls these unconditionally.
+
+torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; `init_from_env` turns that into a process group
+(NCCL on CUDA, gloo on CPU) with a timeout, so a dead rank ends the others with an error, not a hang.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import ZsqFastError
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class DistributedError(ZsqFastError, RuntimeError):
+    """A collective failed or timed out: another rank died or stopped answering."""
+
+
+def active() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 writes the files every rank agrees on (manifest, quantized model, report)."""
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_from_env(device: torch.device | str | None = None, timeout_s: float | None = None) -> bool:
+    """Initialise the default group from torchrun's environment when it asks for more than one rank
+    and none exists yet. Returns True if this call created the group. ZSQ_FAST_DIST_TIMEOUT (seconds)
+    overrides the collective timeout."""
+    if not launched_by_torchrun() or not dist.is_available() or dist.is_initialized():
+        return False
+    timeout_s = float(os.environ.get("ZSQ_FAST_DIST_TIMEOUT", timeout_s or DEFAULT_TIMEOUT_S))
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def shard(n: int, rank_: int | None = None, world: int | None = None) -> slice:
+    """This rank's contiguous share of n items: sizes differ by at most one, lower ranks take the extra."""
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    base, extra = divmod(n, world)
+    start = rank_ * base + min(rank_, extra)
+    return slice(start, start + base + (1 if rank_ < extra else 0))
+
+
+def _collective(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, dist.DistBackendError) as e:  # gloo/NCCL raise these on a peer's death or timeout
+        raise DistributedError(f"{what} failed on rank {rank()} of {world_size()}: another rank died or stopped "
+                               f"answering ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+
+
+def all_reduce_sum_(t: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
+    """Sum t over the ranks, in place; identity in a single process."""
+    if active():
+        _collective(what, dist.all_reduce, t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max_(t: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
+    if active():
+        _collective(what, dist.all_reduce, t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj, src: int = 0, what: str = "broadcast"):
+    """rank src's picklable obj on every rank."""
+    if not active():
+        return obj
+    box = [obj if rank() == src else None]
+    _collective(what, dist.broadcast_object_list, box, src=src)
+    return box[0]
+
+
+def barrier(what: str = "barrier") -> None:
+    if active():
+        _collective(what, dist.barrier)
+
+
+__all__ = ["DistributedError", "active", "rank", "world_size", "is_main", "launched_by_torchrun",
+           "init_from_env", "shard", "all_reduce_sum_", "all_reduce_max_", "broadcast_object", "barrier"]
