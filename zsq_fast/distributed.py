@@ -104,3 +104,30 @@ def barrier(what: str = "barrier") -> None:
 
 __all__ = ["DistributedError", "active", "rank", "world_size", "is_main", "launched_by_torchrun",
            "init_from_env", "shard", "all_reduce_sum_", "all_reduce_max_", "broadcast_object", "barrier"]
+
+
+# ---------------------------------------------------------------- added for distributed quantization
+def all_gather_cat(t: torch.Tensor, what: str = "all-gather") -> torch.Tensor:
+    """Every rank's t (any length along dim 0, same trailing shape) concatenated in rank order, on every
+    rank; t itself in a single process."""
+    if not active():
+        return t
+    sizes = torch.zeros(world_size(), dtype=torch.int64, device=t.device)
+    sizes[rank()] = t.shape[0]
+    all_reduce_sum_(sizes, what + " (sizes)")
+    longest = int(sizes.max())
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    _collective(what, dist.all_gather, parts, padded)
+    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
+
+
+def broadcast_(t: torch.Tensor, src: int = 0, what: str = "broadcast") -> torch.Tensor:
+    """rank src's values of t written into t on every rank (in place); identity in a single process."""
+    if active():
+        _collective(what, dist.broadcast, t, src=src)
+    return t
+
+
+__all__ += ["all_gather_cat", "broadcast_"]

@@ -8,6 +8,11 @@ zsq_fast.ops.adaround_quantize. The regularizer is off for the first 20 % of the
 then beta decays linearly from 20 to 2. At the end every weight is rounded by h = 1[V >= 0].
 Optionally (BRECQ) the units' activation scales are learned with LSQ, and QDrop keeps activations
 float element-wise with probability p.
+
+Under a process group every rank draws the same global batch of indices (same seed) and computes the
+loss on the part it holds, weighted by 1/B of the global batch; the gradients of V and of the activation
+scales are summed over the ranks before each Adam step (one all-reduce), so every rank takes the step a
+single process takes on the union of the shards, and the ranks' parameters stay identical.
 """
 from __future__ import annotations
 
@@ -16,7 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import distributed
 from .cache import UnitData
+from .calib_data import Layout
+from .quantizer import qdrop_mask
 
 
 # BRECQ's Adam rates for its 20000 iterations per unit: 1e-3 on V; activation scales (LSQ) as a relative step.
@@ -59,20 +67,42 @@ def beta_schedule(t: int, total: int, cfg: ReconConfig) -> float | None:
     return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - rel)
 
 
+def per_sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,): squared error summed over channels (dim 1), averaged over the positions of each sample."""
+    return (out - target).pow(2).sum(1).reshape(out.shape[0], -1).mean(1)
+
+
 def reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over channels (dim 1), averaged over batch and positions (as in BRECQ),
     which sets its balance against lambda * regularizer."""
-    return (out - target).pow(2).sum(1).mean()
+    return per_sample_loss(out, target).mean()
+
+
+def _sum_over_ranks(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """Sum the params' gradients and the loss over the ranks (one flat all-reduce); returns the summed loss
+    (a tensor: read only when reported, so a GPU is not synchronised every step)."""
+    if not distributed.active():
+        return loss.detach()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0])])
+    distributed.all_reduce_sum_(flat, "the reconstruction gradients")
+    at = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[at:at + g.numel()].view_as(g).clone()
+        at += g.numel()
+    return flat[-1]
 
 
 def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,
-                generator: torch.Generator, on_step=None, site_quantizers=()) -> float:
+                generator: torch.Generator, on_step=None, site_quantizers=(), layout: Layout | None = None) -> float:
     """Learn the rounding of `layers` (inside `unit`) so that unit(x_q) matches the float target.
 
     Leaves every layer with hard rounding (h = 1[V >= 0]); returns the last reconstruction loss.
     on_step(t, loss_fn) is called each iteration (loss_fn() gives the loss as a float). site_quantizers: the
     output quantizers inside the unit (hw), learned with LSQ like the layers' input quantizers.
+    layout: where data's images sit in the whole set across the ranks (None: a single process).
     """
+    layout = layout or Layout(data.n, 0, (data.n,))
     vs = [layer.init_adaround() for layer in layers]
     opt_v = torch.optim.Adam(vs, lr=cfg.lr)
     # a quantizer shared by layers reading one tensor is learned once
@@ -80,31 +110,42 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
     own = [layer.input_quantizer for layer in layers if not getattr(layer, "input_prequantized", False)]
     act = list({id(q): q for q in [*own, *site_quantizers] if q.enabled}.values())
     opt_s = None
+    params = list(vs)
     if cfg.learn_act_scale and act:
         # act_lr is a relative step (see Quantizer.learning_rate): the same schedule at 4 and at 16 bits
-        opt_s = torch.optim.Adam([{"params": [q.start_learning()], "lr": q.learning_rate(cfg.act_lr)}
-                                  for q in act])
+        groups = [{"params": [q.start_learning()], "lr": q.learning_rate(cfg.act_lr)} for q in act]
+        params += [g["params"][0] for g in groups]
+        opt_s = torch.optim.Adam(groups)
     for q in act:
         q.drop_prob = cfg.qdrop
     last = float("nan")
     try:
         for t in range(cfg.iterations):
-            idx = torch.randint(0, data.n, (min(cfg.batch_size, data.n),), generator=generator)
-            b = data.get(idx)
+            # the global batch (same on every rank); this rank computes the part it holds
+            idx = torch.randint(0, layout.total, (min(cfg.batch_size, layout.total),), generator=generator)
+            pos, local = layout.local(idx)
+            weight = 1.0 / idx.numel()
+            if pos.numel() == 0:  # none here: run one image at weight 0 so the QDrop draws stay in step
+                pos, local, weight = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 0.0
+            rows = (idx.numel(), pos)
+            b = data.get(local)
             x = b["x_q"]
             if cfg.qdrop > 0:  # QDrop on the unit's input: mix the quantized-prefix and float inputs
-                x = torch.where(torch.rand_like(x) < cfg.qdrop, b["x_fp"], x)
+                x = torch.where(qdrop_mask(x, cfg.qdrop, rows), b["x_fp"], x)
+            for q in act:
+                q.drop_rows = rows
             beta = beta_schedule(t, cfg.iterations, cfg)
             for layer in layers:
                 layer.beta = cfg.beta_start if beta is None else beta
-            rec = reconstruction_loss(unit(x), b["y_fp"])
+            rec = per_sample_loss(unit(x), b["y_fp"]).sum() * weight  # this rank's share of the batch mean
             loss = rec
-            if beta is not None:
+            if beta is not None and distributed.is_main():  # the same on every rank: added once
                 loss = loss + cfg.reg_weight * sum(layer.reg for layer in layers)
             opt_v.zero_grad(set_to_none=True)
             if opt_s is not None:
                 opt_s.zero_grad(set_to_none=True)
             loss.backward()
+            rec_value = _sum_over_ranks(params, rec)
             opt_v.step()
             if opt_s is not None:
                 opt_s.step()
@@ -112,9 +153,9 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
                     if q.log2_scale is None:
                         q.scale.data.clamp_(min=1e-8)
             if on_step is not None:
-                on_step(t, lambda: rec.item())
+                on_step(t, lambda v=rec_value: float(v))
             if t == cfg.iterations - 1:
-                last = rec.item()
+                last = float(rec_value)
     finally:
         for layer in layers:
             layer.rounding = "hard"
@@ -122,6 +163,7 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
             layer.v.requires_grad_(False)
         for q in act:
             q.drop_prob = 0.0
+            q.drop_rows = None
             if opt_s is not None:
                 q.stop_learning()
     return last

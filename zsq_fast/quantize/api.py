@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedModelError
-from ..validate import (as_device, check_finite_activation, check_finite_images, check_finite_model,
-                        check_finite_result, probe_forward)
+from ..validate import as_device, check_finite_activation, check_finite_model, check_finite_result, probe_forward
 from .adaround import ReconConfig, default_rates
 from .blocks import find_blocks, find_units
 from .brecq import reconstruct_model
 from .cache import MODES as CACHE_MODES
+from .calib_data import CalibData, layout_of
 from .calibrate import METHODS as CALIBRATIONS
 from .calibrate import ActObserver, weight_scale
 from .fold import fold_bn, set_module
@@ -41,28 +42,14 @@ _QUANTIZABLE = (nn.Conv2d, nn.Linear)
 _FOLDED = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def _as_images(calib_images) -> torch.Tensor:
-    if isinstance(calib_images, np.ndarray):
-        calib_images = torch.from_numpy(calib_images)
-    if isinstance(calib_images, (list, tuple)):
-        if len(calib_images) == 0:
-            raise InvalidArgumentError("calib_images is empty: quantize needs at least one calibration image")
-        try:
-            calib_images = torch.cat([torch.as_tensor(t) for t in calib_images])
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise InvalidTypeError(f"calib_images as a list must hold (B, C, H, W) tensors of one shape "
-                                   f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    if not isinstance(calib_images, torch.Tensor):
-        raise InvalidTypeError(f"calib_images must be a tensor (N, C, H, W), a list of such batches or a numpy array, "
-                        f"got {type(calib_images).__name__}")
-    if not calib_images.is_floating_point():
-        raise InvalidTypeError(f"calib_images must be float, already preprocessed as the model expects "
-                        f"(got dtype {calib_images.dtype})")
-    if calib_images.dim() < 2 or calib_images.shape[0] == 0:
-        raise InvalidArgumentError(f"calib_images is empty (shape {tuple(calib_images.shape)}): "
-                         "quantize needs at least one calibration image")
-    check_finite_images(calib_images, "calib_images")
-    return calib_images
+def _cache_mode(cache: str, data: CalibData) -> tuple[str, str]:
+    """(mode, why) for the reconstruction's unit inputs/targets (cache.py); "auto" keeps a lazy source lazy."""
+    if cache != "auto":
+        return cache, "as requested"
+    if data.lazy:
+        return "recompute", (f"calibration data is a {data.describe()} (read lazily): a host cache of every "
+                             "unit's inputs and targets would hold more than the images")
+    return "host", "calibration images are in memory: unit inputs/targets cached in host memory, copied per batch"
 
 
 def _check_args(preset, method, calibration, cache, iterations, batch_size, qdrop):
@@ -71,8 +58,8 @@ def _check_args(preset, method, calibration, cache, iterations, batch_size, qdro
         raise InvalidArgumentError(f"unknown method {method!r}; choose one of {METHODS}")
     if calibration not in CALIBRATIONS:
         raise InvalidArgumentError(f"unknown calibration {calibration!r}; choose one of {CALIBRATIONS}")
-    if cache not in CACHE_MODES:
-        raise InvalidArgumentError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if cache != "auto" and cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"cache must be 'auto' or one of {CACHE_MODES}, got {cache!r}")
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
                                    or iterations < 1):
         raise InvalidArgumentError(f"iterations must be a positive int or None (BRECQ default 20000), "
@@ -176,42 +163,45 @@ def _no_inplace(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _observe_activations(model, names, images, batch_size, device, max_samples, generator, sites=()):
-    """One pass of the float model: an ActObserver per layer input (by name), per site output (by name, in
-    the second dict) and one for the network output."""
-    n_batches = (images.shape[0] + batch_size - 1) // batch_size
-    obs = {n: ActObserver(max_samples, n_batches, generator) for n in names}
-    site_obs = {n: ActObserver(max_samples, n_batches, generator) for n in sites}
-    out_obs = ActObserver(max_samples, n_batches, generator)
+def _observe_activations(model, names, data: CalibData, layout, batch_size, device, max_samples, generator,
+                         sites=()):
+    """One pass of the float model over this rank's images: an ActObserver per layer input (by name), per
+    site output (by name, in the second dict) and one for the network output; then each observer is
+    reduced over the ranks (ranges max-reduced, samples gathered), so all ranks get the same scales."""
+    obs = {n: ActObserver(max_samples, layout.total, generator) for n in names}
+    site_obs = {n: ActObserver(max_samples, layout.total, generator) for n in sites}
+    out_obs = ActObserver(max_samples, layout.total, generator)
     handles = [model.get_submodule(n).register_forward_pre_hook(
         lambda m, args, n=n: _observe(obs[n], args[0], f"the input of layer {n!r}", batch)) for n in names]
     # not checked here: a non-finite site output reaches a layer's input (or the output), checked and named there
     handles += [model.get_submodule(n).register_forward_hook(
-        lambda m, args, out, n=n: site_obs[n].observe(out)) for n in sites]
-    batch = slice(0, 0)
+        lambda m, args, out, n=n: site_obs[n].observe(out, batch.start)) for n in sites]
+    batch = slice(0, 0)  # global indices of the batch running
     try:
-        for i in range(0, images.shape[0], batch_size):
-            batch = slice(i, min(i + batch_size, images.shape[0]))
-            y = model(images[batch].to(device))
+        for i, images in data.batches(batch_size):
+            batch = slice(layout.start + i, layout.start + i + images.shape[0])
+            y = model(images.to(device))
             if not isinstance(y, torch.Tensor):
                 raise InvalidTypeError(f"the model must return one tensor, got {type(y).__name__}")
             _observe(out_obs, y, "the model output", batch)
     finally:
         for h in handles:
             h.remove()
+    for o in [*obs.values(), *site_obs.values(), out_obs]:
+        o.reduce()
     return obs, site_obs, out_obs
 
 
 def _observe(observer: ActObserver, x: torch.Tensor, where: str, batch: slice) -> None:
     check_finite_activation(x, where, batch)
-    observer.observe(x)
+    observer.observe(x, batch.start)
 
 
 def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "hw", method: str = "nearest", *,
              calibration: str = "mse", iterations: int | None = None, batch_size: int = 32,
              device: str | torch.device | None = None,
              progress: Callable[[int, int, dict], None] | None = None, seed: int = 0,
-             qdrop: bool | float = False, cache: str = "host", learn_act_scale: bool | None = None,
+             qdrop: bool | float = False, cache: str = "auto", learn_act_scale: bool | None = None,
              reg_weight: float = 0.01, lr: float | None = None, act_lr: float | None = None, percentile: float = 99.99,
              act_samples: int = 1 << 16, skip: Sequence[str] = (), input_bits: int | None = None) -> QuantizedModel:
     """Post-training quantization of `model` (left unchanged) with calibration images.
@@ -221,8 +211,15 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
     method       'nearest' (round to nearest), 'adaround' (layer by layer) or 'brecq' (block by block,
                  with LSQ on activation scales unless learn_act_scale=False).
     calibration  initial scales: 'mse' (clipping search), 'minmax' or 'percentile' (`percentile`).
+    calib_images a tensor (N, C, H, W), numpy array, list of batches, map-style Dataset (items: image or
+                 (image, label)) or DataLoader over one; a Dataset or memory-mapped tensor is read per batch,
+                 never whole (zsq_fast.quantize.calib_data). Inside an initialised process group: this
+                 rank's shard; statistics and gradients are reduced over the ranks, and every rank returns
+                 the model one process would make from the union of the shards (in rank order).
     iterations   per reconstruction unit (None = 20000, BRECQ's default); batch_size also bounds
-                 device memory; cache 'host' | 'device' | 'recompute' (see zsq_fast.quantize.cache).
+                 device memory; cache 'auto' | 'host' | 'device' | 'recompute' (see zsq_fast.quantize.cache;
+                 'auto': 'recompute' for a lazy source, else 'host'; the choice and why are recorded in
+                 quant_config['reconstruction']).
     qdrop        True (p = 0.5) or a probability: QDrop during reconstruction.
     lr, act_lr   Adam rates on the rounding variables V and (as a relative step) on the activation scales;
                  None: BRECQ's 1e-3 / 4e-4 scaled by 20000 / iterations (adaround.default_rates), so that
@@ -243,7 +240,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             raise InvalidArgumentError(f"input_bits must be None or an int in [{MIN_BITS}, {MAX_BITS}], got {input_bits!r}")
     pre = get_preset(preset)
     _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale, progress)
-    images = _as_images(calib_images)
+    data = CalibData(calib_images, allow_empty=distributed.active())
+    layout = layout_of(data.n)  # every rank learns the shards' sizes (and fails alike if one is empty)
     if not isinstance(skip, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in skip):
         raise InvalidTypeError(f"skip must be a sequence of module names, got {skip!r:.80}")
     skip = set(skip)
@@ -252,8 +250,9 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         raise InvalidArgumentError(f"skip names modules the model does not have: {sorted(skip - names)}")
     device = _device(device, model)
     check_finite_model(model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), images.dtype)
-    images = images.to(dtype)  # e.g. float64 images for a float32 model
+    # e.g. float64 images for a float32 model: cast per batch
+    data.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    cache, cache_reason = _cache_mode(cache, data)
     if learn_act_scale is None:
         learn_act_scale = method == "brecq"
 
@@ -265,8 +264,9 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         for prm in fp.parameters():
             prm.requires_grad_(False)
         _no_inplace(fp)
-        probe = images[: min(2, images.shape[0])].to(device)
-        if not isinstance(probe_forward(fp, probe, f"calib_images of shape {tuple(images.shape)}"), torch.Tensor):
+        probe = data.rows(0, 2).to(device)
+        if not isinstance(probe_forward(fp, probe, f"calib_images of shape {(data.n, *data.image_shape)}"),
+                          torch.Tensor):
             raise InvalidTypeError("the model must return one tensor")
         tr = trace_model(fp, probe)
         orphans = [n for n in tr.orphan_bns if n not in skip]
@@ -290,13 +290,13 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         in_bits = pre.input_bits if input_bits is None else input_bits
         if pre.sites != "none" or pre.float_input or in_bits is not None:
             blocks = find_blocks(fp, tr.order)
-            found = find_sites(fp, images[: min(2, images.shape[0])].to(device), blocks, layer_names)
+            found = find_sites(fp, probe, blocks, layer_names)
             if pre.sites == "blocks":  # dgh_paper: BRECQ's block-output quantizers only
                 found = only(found, found.block_outputs.values())
             elif pre.sites == "none":
                 found = only(found, [])
-        obs, site_obs, out_obs = _observe_activations(fp, layer_names, images, batch_size, device, act_samples,
-                                                      gen, found.sites)
+        obs, site_obs, out_obs = _observe_activations(fp, layer_names, data, layout, batch_size, device,
+                                                      act_samples, gen, found.sites)
         if progress is not None:
             progress(1, 1, {"stage": "calibrate"})
         q_inner = copy.deepcopy(fp)
@@ -358,8 +358,9 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
                                 learn_act_scale=learn_act_scale,
                                 act_lr=act_lr_default if act_lr is None else act_lr, qdrop=p_drop)
             units = find_units(q_inner, tr.order, blocks=method == "brecq")
-            units_done = reconstruct_model(q_inner, fp, units, tr.order, images, recon, device=device,
-                                           cache=cache, generator=gen, progress=progress, site_quantizers=site_q)
+            units_done = reconstruct_model(q_inner, fp, units, tr.order, data, recon, device=device,
+                                           cache=cache, generator=gen, progress=progress, site_quantizers=site_q,
+                                           layout=layout)
         for m in [*q_inner.modules(), *site_q.values()]:
             if isinstance(m, QUANT_LAYERS):
                 m.freeze()
@@ -375,8 +376,11 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "preset_rules": {k: v for k, v in vars(PRESETS[preset]).items()},
         "method": method,
         "calibration": calibration,
-        "reconstruction": None if recon is None else {**vars(recon), "cache": cache, "seed": seed},
-        "num_calibration_images": int(images.shape[0]),
+        "reconstruction": None if recon is None else {**vars(recon), "cache": cache, "cache_reason": cache_reason,
+                                                      "seed": seed},
+        "num_calibration_images": layout.total,
+        "calibration_data": data.describe() if layout.total == data.n else
+        f"{len(layout.counts)} ranks' shards {list(layout.counts)}, this rank's a {data.describe()}",
         "folded_bn": [list(p) for p in pairs],
         "layers": layers_cfg,
         "shared_inputs": shared,
@@ -389,6 +393,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"]} for u in units_done],
     }
     qmodel = QuantizedModel(q_inner, out_q, config, list(site_q.values())).eval()
+    for t in qmodel.state_dict().values():  # the ranks agree already; rank 0's values make it exact
+        distributed.broadcast_(t, 0, "the quantized model")
     check_finite_result(qmodel)  # never hand back a model with NaN/inf scales, weights or biases
     config["activations"] = activation_quantizers(qmodel)
     return qmodel

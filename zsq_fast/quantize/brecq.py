@@ -15,12 +15,15 @@ from torch import nn
 from .adaround import ReconConfig, reconstruct
 from .blocks import Unit, split_block
 from .cache import UnitData
+from .calib_data import CalibData, Layout
 
 
 def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], order: list[str],
-                      images: torch.Tensor, cfg: ReconConfig, *, device: torch.device, cache: str,
-                      generator: torch.Generator, progress=None, site_quantizers: dict | None = None) -> list[dict]:
-    """Reconstruct every unit in turn; returns [{name, kind, layers, loss}] for the units done."""
+                      images: CalibData, cfg: ReconConfig, *, device: torch.device, cache: str,
+                      generator: torch.Generator, progress=None, site_quantizers: dict | None = None,
+                      layout: Layout | None = None) -> list[dict]:
+    """Reconstruct every unit in turn; returns [{name, kind, layers, loss}] for the units done.
+    images: this rank's shard, placed in the whole set by layout (None: a single process)."""
     todo = deque(units)
     done: list[dict] = []
     n_total = len(units)
@@ -48,7 +51,7 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
         layers = [qmodel.get_submodule(n) for n in unit.layers]
         # the unit's own output sites (hw: add operands, its output) are learned with it
         inside = [q for n, q in (site_quantizers or {}).items() if n == unit.name or n.startswith(unit.name + ".")]
-        loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=inside)
+        loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=inside, layout=layout)
         done.append({"name": unit.name, "kind": unit.kind, "layers": list(unit.layers), "loss": loss})
         del data
     return done

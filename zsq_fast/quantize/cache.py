@@ -8,7 +8,10 @@ cache="host"      computed once for all images, kept in host memory (pinned when
                   copied to the device per batch: device memory depends on the batch size only.
 cache="device"    computed once, kept on the device (fastest; needs room for the whole set).
 cache="recompute" nothing kept: each batch re-runs both models' prefixes up to U (slowest, least memory).
-The calibration images themselves stay where the caller put them (host) and move per batch.
+The calibration images themselves stay where the caller put them (host, a file, a Dataset: a CalibData)
+and move per batch. quantize() picks "recompute" for a lazy source (a Dataset, a memory-mapped set), whose
+point is not to hold the set in memory: a host cache of unit inputs/targets would be larger than the
+images. Under a process group each rank's UnitData covers its own shard (local indices).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
+from .calib_data import CalibData
 
 MODES = ("host", "device", "recompute")
 
@@ -61,16 +65,18 @@ class UnitData:
     """Batches (x_q, x_fp, y_fp) of one unit; see the module docstring for the three modes."""
 
     def __init__(self, qmodel: nn.Module, q_unit: nn.Module, fpmodel: nn.Module, fp_unit: nn.Module,
-                 images: torch.Tensor, *, batch_size: int, device: torch.device, mode: str = "host",
+                 images: CalibData, *, batch_size: int, device: torch.device, mode: str = "host",
                  need_fp_input: bool = False):
         if mode not in MODES:
             raise InvalidArgumentError(f"cache must be one of {MODES}, got {mode!r}")
         self.qmodel, self.q_unit, self.fpmodel, self.fp_unit = qmodel, q_unit, fpmodel, fp_unit
         self.images, self.device, self.mode, self.need_fp_input = images, device, mode, need_fp_input
-        self.n = images.shape[0]
+        self.n = images.n
         self.store: dict[str, torch.Tensor] = {}
         if mode != "recompute":
             self._fill(batch_size)
+        else:  # one image through both prefixes: a unit that cannot be captured fails here, as with a cache
+            self._compute(images.rows(0, 1))
 
     def _compute(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         imgs = imgs.to(self.device, non_blocking=True)
@@ -85,7 +91,7 @@ class UnitData:
         pin = self.mode == "host" and self.device.type == "cuda"
         where = torch.device("cpu") if self.mode == "host" else self.device
         for i in range(0, self.n, batch_size):
-            part = self._compute(self.images[i:i + batch_size])
+            part = self._compute(self.images.rows(i, i + batch_size))
             for k, t in part.items():
                 if k not in self.store:
                     buf = torch.empty((self.n, *t.shape[1:]), dtype=t.dtype, device=where)
@@ -95,7 +101,7 @@ class UnitData:
     def get(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch of samples `idx` (a CPU LongTensor) on the device."""
         if self.mode == "recompute":
-            return self._compute(self.images[idx])
+            return self._compute(self.images.take(idx))
         if self.mode == "device":
             return {k: t[idx.to(self.device)] for k, t in self.store.items()}
         out = {}

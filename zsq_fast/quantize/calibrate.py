@@ -4,7 +4,7 @@ The MSE search (Sec. 4 of ALGORITHMS) tries R clipping ratios r in [1, 0.01] of 
 and keeps, per channel, the one minimising sum |x - x_hat|^p. It is one batched fake_quant call over
 a (R * C, K) view, so it runs on the tensor's device for all channels and candidates at once.
 Activations are per tensor: their range comes from every calibration element, the percentile and
-MSE search from a uniform random sample of at most `max_samples` elements.
+MSE search from a sample of about `max_samples` elements spread over every image (ActObserver).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .. import distributed
 from ..errors import InvalidArgumentError
 from ..ops import fake_quant
 from .quantizer import QuantSpec
@@ -107,25 +108,48 @@ def weight_scale(w: torch.Tensor, spec: QuantSpec, method: str = "mse", *, perce
 
 
 class ActObserver:
-    """Streams one activation tensor's range and a random sample of its elements over the calibration set."""
+    """Streams one activation tensor's range and a sample of its elements over the calibration set.
 
-    def __init__(self, max_samples: int, n_batches: int, generator: torch.Generator):
+    The sample takes `per_image` = ceil(max_samples / n_images) elements of every image, at positions that
+    depend only on the image's index in the whole set (a fixed random offset pattern shifted by the index):
+    so the sample is the same however the set is batched or split across ranks, and `reduce()` (the
+    ranks' ranges max-reduced, their samples gathered in rank order) gives every rank the sample and range
+    a single process sees on the union of the shards."""
+
+    _STRIDE = 7919  # shift between consecutive images' positions (prime: positions cycle through all offsets)
+
+    def __init__(self, max_samples: int, n_images: int, generator: torch.Generator):
         self.lo, self.hi = math.inf, -math.inf
-        self.per_batch = max(1, math.ceil(max_samples / max(1, n_batches)))
+        self.per_image = max(1, math.ceil(max_samples / max(1, n_images)))
+        self.offsets = torch.rand(self.per_image, generator=generator, dtype=torch.float64)
         self.samples: list[torch.Tensor] = []
-        self.gen = generator
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().float().reshape(-1)
+    def observe(self, x: torch.Tensor, first_index: int = 0) -> None:
+        """x: a batch (B, ...) of the activation for images first_index .. first_index + B - 1."""
+        x = x.detach().float()
         if x.numel() == 0:
             return
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
-        if x.numel() > self.per_batch:
-            idx = torch.randint(0, x.numel(), (self.per_batch,), generator=self.gen).to(x.device)
-            x = x[idx]
-        self.samples.append(x)
+        x = x.reshape(x.shape[0], -1)
+        m = x.shape[1]
+        if m > self.per_image:
+            base = (self.offsets * m).long().to(x.device)
+            image = torch.arange(first_index, first_index + x.shape[0], device=x.device).view(-1, 1)
+            x = x.gather(1, (base + image * self._STRIDE) % m)
+        self.samples.append(x.reshape(-1))
+
+    def reduce(self) -> None:
+        """Make range and sample those of the whole set across the ranks (no-op in a single process)."""
+        if not distributed.active():
+            return
+        dev = self.samples[0].device if self.samples else "cpu"
+        r = torch.tensor([-self.lo, self.hi], dtype=torch.float64, device=dev)
+        distributed.all_reduce_max_(r, "the activation observers' ranges")
+        self.lo, self.hi = -float(r[0]), float(r[1])
+        mine = torch.cat(self.samples) if self.samples else torch.empty(0, device=dev)
+        self.samples = [distributed.all_gather_cat(mine, "the activation observers' samples")]
 
     @property
     def nonnegative(self) -> bool:

@@ -38,6 +38,16 @@ class QuantSpec:
         return asdict(self)
 
 
+def qdrop_mask(x: torch.Tensor, p: float, rows: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """QDrop's keep-float mask for x (B, ...): each element True with probability p. rows = (global batch
+    size, positions of x's rows in it): the mask is drawn for the whole global batch and x's rows taken, so
+    ranks holding parts of one batch draw what a single process draws for all of it (same seed)."""
+    if rows is None:
+        return torch.rand_like(x) < p
+    n, pos = rows
+    return torch.rand((n, *x.shape[1:]), dtype=x.dtype, device=x.device)[pos.to(x.device)] < p
+
+
 class Quantizer(nn.Module):
     """Fake-quantizes its input with (scale, zero_point); QDrop keeps each element float with prob drop_prob."""
 
@@ -49,6 +59,7 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.drop_prob = 0.0
         self.log2_scale: torch.Tensor | None = None  # the learned exponent while LSQ runs (pow2 grids)
+        self.drop_rows: tuple[int, torch.Tensor] | None = None  # QDrop's rows of the global batch (qdrop_mask)
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
         """Set the scale and zero point. Their values are not read per step by the ops (that would sync a GPU):
@@ -107,7 +118,7 @@ class Quantizer(nn.Module):
         x_hat = fake_quantize(x, self._scale_for_forward(), None if sp.symmetric else self.zero_point, bits=sp.bits,
                               signed=sp.signed, axis=sp.axis, power_of_two=sp.pow2)
         if self.drop_prob > 0:  # QDrop (Wei et al. 2022): element-wise, keep the float value with prob p
-            x_hat = torch.where(torch.rand_like(x) < self.drop_prob, x, x_hat)
+            x_hat = torch.where(qdrop_mask(x, self.drop_prob, self.drop_rows), x, x_hat)
         return x_hat
 
     def extra_repr(self) -> str:
