@@ -144,3 +144,41 @@ def test_a_dead_rank_ends_the_other_with_a_clear_error(tmp_path, how):
     elapsed, message = (tmp_path / "error.txt").read_text().split("\n", 1)
     assert float(elapsed) < 8  # the collective timeout (3 s) ended it, well before the stalled rank woke
     assert "reconstruction gradients failed on rank 0 of 2" in message and "\n" not in message.strip()
+
+
+def test_cli_quantize_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m zsq_fast quantize ...` unchanged: rank 0 writes one model and report,
+    the model a plain single-process run of the same command writes."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import write_tiny_digits
+    from zsq_fast.models.zoo import ZOO
+    from zsq_fast.quantize import load_quantized
+
+    d = write_tiny_digits(tmp_path, 18)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               ZSQ_FAST_DIST_TIMEOUT="60")
+    argv = ["-m", "zsq_fast", "quantize", "--model", "digits_cnn", "--weights", str(d / "w.pt"), "--images",
+            str(d / "data.npz"), "--method", "brecq", "--iterations", "4", "--batch-size", "6", "--device", "cpu"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", *argv, "--out", str(tmp_path / "two.pt")]
+    r = subprocess.run(two, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("wrote quantized model") == 1  # rank 0 alone writes and reports
+    r1 = subprocess.run([sys.executable, *argv, "--no-progress", "--out", str(tmp_path / "one.pt")], env=env,
+                        capture_output=True, text=True, timeout=240)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    rep = json.loads((tmp_path / "two.report.json").read_text())
+    assert rep["settings"]["world_size"] == 2
+    assert rep["quant_config"]["brecq"]["num_calibration_images"] == 18
+    model = ZOO["digits_cnn"].factory()
+    a = load_quantized(tmp_path / "one.pt", model).state_dict()
+    b = load_quantized(tmp_path / "two.pt", model).state_dict()
+    flipped = sum(int((a[k].long() - b[k].long()).abs().gt(0).sum()) for k in a if k.endswith("w_int"))
+    assert flipped <= 2  # see test_two_ranks_equal_one_process
+    for k in a:
+        if not k.endswith("w_int"):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)

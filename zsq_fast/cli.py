@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from . import distributed
 from .data import ImageSet, load_images_for, random_subset
 from .errors import MissingFileError, ZsqFastError
 from .evaluate import evaluate, predict_logits
@@ -86,14 +87,30 @@ def _save_images(save, images, path, src: LoadedModel, labels) -> None:
     save(images, path, **{k: v for k, v in kwargs.items() if k in params and v is not None})
 
 
-def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> torch.Tensor:
+def _in_memory_budget() -> int:
+    """Bytes of calibration images a rank holds in memory (beyond: read lazily, batch by batch): an eighth of
+    the machine's memory, at most 4 GiB, leaving room for the reconstruction's host cache of activations."""
+    try:
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        phys = 16 << 30
+    return min(4 << 30, phys // 8)
+
+
+def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> torch.Tensor | ImageSet:
+    """This rank's calibration images (all of them in a single process; under torchrun, its shard)."""
     if args.images:
         with report.timed("load_calibration"):
             data = load_images_for(args.images, src.mean, src.std, src.input_size)
             if args.num_images is not None and args.num_images < data.n:
                 data = data.subset(random_subset(data.n, args.num_images, args.seed))
+            report.settings["calibration"] = data.settings()
+            part = distributed.shard(data.n)
+            if distributed.active():
+                data = data.subset(torch.arange(part.start, part.stop), f"{data.source}[{part.start}:{part.stop}]")
+            if data.n * 3 * src.input_size ** 2 * 4 > _in_memory_budget():
+                return data  # read lazily by quantize (zsq_fast.quantize.calib_data), a batch at a time
             x, _ = data.take(range(data.n))
-        report.settings["calibration"] = data.settings()
         return x
     real = None
     if args.real:
@@ -105,11 +122,27 @@ def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> to
         per_class=args.per_class, progress=not args.no_progress, report=report, stale_refresh=args.stale_refresh,
         store=args.store, channels_last=args.channels_last)
     report.settings["calibration"] = {"source": f"generator {args.generator}", "n": images.shape[0]}
-    return images
+    return images[distributed.shard(images.shape[0])]  # every rank generated the same set (same seed)
 
 
 def cmd_quantize(args) -> int:
+    """Under torchrun every rank runs this: each takes its shard of the calibration set, quantize() reduces
+    statistics and gradients over the ranks, and rank 0 alone draws progress and writes the outputs."""
+    created = distributed.init_from_env(None if args.device in (None, "", "auto") else args.device)
+    try:
+        return _quantize(args)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _quantize(args) -> int:
     report, device = _start(args, "quantize")
+    if distributed.active():
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # init_from_env set LOCAL_RANK's
+        report.settings["world_size"] = distributed.world_size()
+        args.no_progress = args.no_progress or not distributed.is_main()
     parse_bits(args.bits)
     _check_output(args.out)
     recon = {k: v for k, v in (("lr", args.lr), ("act_lr", args.act_lr), ("reg_weight", args.reg_weight),
@@ -132,6 +165,8 @@ def cmd_quantize(args) -> int:
     qmodel = run_quantize(src, calib, bits=args.bits, preset=args.preset, method=args.method, device=device,
                           seed=args.seed, precision=args.precision, iterations=args.iterations,
                           batch_size=args.batch_size, progress=not args.no_progress, report=report, extra=extra)
+    if not distributed.is_main():  # every rank holds the same model; rank 0 writes it
+        return 0
     from .quantize import export_onnx, save_quantized
 
     with report.timed("save"):
@@ -145,7 +180,8 @@ def cmd_quantize(args) -> int:
         print(_metrics_line(report.metrics))
     if args.onnx:  # what ships: the export through onnxruntime, against the fake-quant model
         with report.timed("eval_onnx"):
-            data = evaldata if evaldata is not None else calib[:256]  # no eval data: a bounded check
+            data = evaldata if evaldata is not None else (  # no eval data: a bounded check
+                calib.subset(range(min(256, calib.n))) if isinstance(calib, ImageSet) else calib[:256])
             report.metrics["onnx"] = _eval_onnx(args.onnx, qmodel, data, args)
         print(_onnx_line(report.metrics["onnx"]))
     path = report.write(args.report or report_path_for(args.out), device)

@@ -46,6 +46,13 @@ class ImageSet:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return self.read(idx), (None if self.labels is None else self.labels[idx])
 
+    # map-style Dataset faces: quantize reads a set too large to hold through them, a batch at a time
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.read(torch.tensor([int(i)]))[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        return list(self.read(torch.as_tensor(indices, dtype=torch.int64)))
+
     def subset(self, indices: Sequence[int] | torch.Tensor, source: str | None = None) -> "ImageSet":
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return ImageSet(len(idx), None if self.labels is None else self.labels[idx],

@@ -153,7 +153,11 @@ class CalibData:
             if not self.lazy:
                 return x if self.dtype is None else x.to(self.dtype)
             return self._checked(x, indices)
-        items = [self._item(i) for i in indices]
+        many = getattr(self.dataset, "__getitems__", None)  # PyTorch's batched-fetch protocol, when offered
+        if many is not None and len(indices) > 1:
+            items = [_item_image(it, i, self.name) for it, i in zip(many(list(indices)), indices)]
+        else:
+            items = [self._item(i) for i in indices]
         try:
             x = torch.stack(items)
         except RuntimeError:
