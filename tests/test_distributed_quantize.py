@@ -51,6 +51,10 @@ def _quantize_worker(rank, world, port, folder):
     _env(rank, world, port)
     assert zd.init_from_env("cpu", timeout_s=60)
     try:
+        # the two collectives added for quantization: ragged gather in rank order, in-place broadcast
+        gathered = zd.all_gather_cat(torch.arange(rank + 1, dtype=torch.float32).view(-1, 1) + 10 * rank)
+        b = zd.broadcast_(torch.full((2,), float(rank + 5)))
+        torch.save((gathered, b), os.path.join(folder, f"collectives.{rank}.pt"))
         x = _images()[zd.shard(21)]
         for name, kw in CONFIGS.items():
             q = quantize(_model(), x, **kw)
@@ -79,6 +83,14 @@ def two_rank_results(tmp_path_factory):
     codes = _run(_quantize_worker, 2, folder)
     assert codes == [0, 0], codes
     return folder
+
+
+def test_gather_and_broadcast(two_rank_results):
+    for r in range(2):
+        gathered, b = torch.load(os.path.join(two_rank_results, f"collectives.{r}.pt"))
+        assert gathered.flatten().tolist() == [0.0, 10.0, 11.0] and b.tolist() == [5.0, 5.0]
+    t = torch.ones(3)
+    assert zd.all_gather_cat(t) is t and zd.broadcast_(t) is t  # a single process: the identity
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -118,13 +130,13 @@ def test_two_ranks_equal_one_process(two_rank_results, name):
 def _dying_worker(rank, world, port, folder, how):
     torch.set_num_threads(1)
     _env(rank, world, port)
-    os.environ["ZSQ_FAST_DIST_TIMEOUT"] = "3"
+    os.environ["ZSQ_FAST_DIST_TIMEOUT"] = "2"
     assert zd.init_from_env("cpu")
 
     def progress(step, total, info):
         if rank == 1 and info.get("stage") == "reconstruct" and step >= 3:
             if how == "stalls":  # alive but silent: the peer must time out, not wait forever
-                time.sleep(8)
+                time.sleep(6)
             os._exit(3)  # killed mid-reconstruction
     start = time.monotonic()
     try:
@@ -142,7 +154,7 @@ def test_a_dead_rank_ends_the_other_with_a_clear_error(tmp_path, how):
     codes = _run(_dying_worker, 2, str(tmp_path), how, timeout=90)
     assert codes == [0, 3], codes
     elapsed, message = (tmp_path / "error.txt").read_text().split("\n", 1)
-    assert float(elapsed) < 8  # the collective timeout (3 s) ended it, well before the stalled rank woke
+    assert float(elapsed) < 6  # the collective timeout (2 s) ended it, well before the stalled rank woke
     assert "reconstruction gradients failed on rank 0 of 2" in message and "\n" not in message.strip()
 
 
