@@ -143,3 +143,21 @@ def odd_dataset(items):
         def __getitem__(self, i):
             return items[i]
     return _L()
+
+
+def test_disk_cache_equals_host_cache_and_leaves_nothing(model, images, tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    monkeypatch.setenv("ZSQ_FAST_CACHE_DIR", str(folder))
+    q_disk = quantize(model, Images(images), cache="disk", **BRECQ)
+    assert q_disk.quant_config["reconstruction"]["cache"] == "disk"
+    _same(quantize(model, images, cache="host", **BRECQ), q_disk)
+    assert list(folder.iterdir()) == []  # the files are unlinked as soon as they are mapped
+
+    from collections import namedtuple
+
+    from zsq_fast.quantize import cache as cache_mod
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1000))
+    with pytest.raises(InvalidArgumentError, match=r'cache="disk".*GiB in .*ZSQ_FAST_CACHE_DIR'):
+        quantize(model, images, cache="disk", **BRECQ)

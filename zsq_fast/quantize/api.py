@@ -48,7 +48,8 @@ def _cache_mode(cache: str, data: CalibData) -> tuple[str, str]:
         return cache, "as requested"
     if data.lazy:
         return "recompute", (f"calibration data is a {data.describe()} (read lazily): a host cache of every "
-                             "unit's inputs and targets would hold more than the images")
+                             "unit's inputs and targets would hold more than the images (cache='disk' keeps them "
+                             "in files instead: faster, needs the disk space)")
     return "host", "calibration images are in memory: unit inputs/targets cached in host memory, copied per batch"
 
 

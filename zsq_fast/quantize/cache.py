@@ -8,6 +8,9 @@ cache="host"      computed once for all images, kept in host memory (pinned when
                   copied to the device per batch: device memory depends on the batch size only.
 cache="device"    computed once, kept on the device (fastest; needs room for the whole set).
 cache="recompute" nothing kept: each batch re-runs both models' prefixes up to U (slowest, least memory).
+cache="disk"      computed once, kept in unlinked memory-mapped files in ZSQ_FAST_CACHE_DIR (default: the
+                  system temp folder; point it at a disk when that is tmpfs): host-cache speed while the
+                  page cache holds it, and sets larger than memory still work; nothing is left behind.
 The calibration images themselves stay where the caller put them (host, a file, a Dataset: a CalibData)
 and move per batch. quantize() picks "recompute" for a lazy source (a Dataset, a memory-mapped set), whose
 point is not to hold the set in memory: a host cache of unit inputs/targets would be larger than the
@@ -15,13 +18,18 @@ images. Under a process group each rank's UnitData covers its own shard (local i
 """
 from __future__ import annotations
 
+import math
+import os
+import shutil
+import tempfile
+
 import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from .calib_data import CalibData
 
-MODES = ("host", "device", "recompute")
+MODES = ("host", "device", "recompute", "disk")
 
 
 class _Stop(Exception):
@@ -61,6 +69,26 @@ def capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, want_output
     return got["x"], got.get("y")
 
 
+def disk_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor backed by a file in ZSQ_FAST_CACHE_DIR that is unlinked at once: the mapping
+    keeps it alive and the space is returned when the tensor goes (even if the process is killed)."""
+    folder = os.environ.get("ZSQ_FAST_CACHE_DIR") or tempfile.gettempdir()
+    numel = math.prod(shape)
+    need = numel * dtype.itemsize
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise InvalidArgumentError(f'cache="disk": a unit\'s inputs/targets need {need / 2**30:.2f} GiB in {folder}, '
+                                   f"which has {free / 2**30:.2f} GiB free; set ZSQ_FAST_CACHE_DIR to a larger disk "
+                                   'or use cache="recompute"')
+    fd, path = tempfile.mkstemp(prefix="zsq_fast_unit_", suffix=".cache", dir=folder)
+    os.close(fd)
+    try:
+        t = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.unlink(path)
+    return t.view(shape)
+
+
 class UnitData:
     """Batches (x_q, x_fp, y_fp) of one unit; see the module docstring for the three modes."""
 
@@ -89,13 +117,17 @@ class UnitData:
 
     def _fill(self, batch_size: int) -> None:
         pin = self.mode == "host" and self.device.type == "cuda"
-        where = torch.device("cpu") if self.mode == "host" else self.device
+        where = self.device if self.mode == "device" else torch.device("cpu")
         for i in range(0, self.n, batch_size):
             part = self._compute(self.images.rows(i, i + batch_size))
             for k, t in part.items():
                 if k not in self.store:
-                    buf = torch.empty((self.n, *t.shape[1:]), dtype=t.dtype, device=where)
-                    self.store[k] = buf.pin_memory() if pin else buf
+                    shape = (self.n, *t.shape[1:])
+                    if self.mode == "disk":
+                        self.store[k] = disk_buffer(shape, t.dtype)
+                    else:
+                        buf = torch.empty(shape, dtype=t.dtype, device=where)
+                        self.store[k] = buf.pin_memory() if pin else buf
                 self.store[k][i:i + t.shape[0]].copy_(t)
 
     def get(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
