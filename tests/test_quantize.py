@@ -159,7 +159,7 @@ def test_clear_errors(net, images):
     with pytest.raises(ValueError, match="method"):
         quantize(net, images, method="gptq")
     with pytest.raises(ValueError, match="cache"):
-        quantize(net, images, method="brecq", cache="disk")
+        quantize(net, images, method="brecq", cache="ssd")
 
     class WithNorm(nn.Module):
         def __init__(self):
