@@ -131,3 +131,13 @@ def broadcast_(t: torch.Tensor, src: int = 0, what: str = "broadcast") -> torch.
 
 
 __all__ += ["all_gather_cat", "broadcast_"]
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must live to take part in a collective: this rank's GPU under NCCL, else the CPU."""
+    if active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+__all__ += ["collective_device"]

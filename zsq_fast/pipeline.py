@@ -136,7 +136,7 @@ def run_generate(model_src: LoadedModel, n_images: int, method: str, *, device, 
     return images.detach().cpu(), record_d, labels
 
 
-def run_quantize(model_src: LoadedModel, calib: torch.Tensor, *, bits: str, preset: str, method: str,
+def run_quantize(model_src: LoadedModel, calib: torch.Tensor | ImageSet, *, bits: str, preset: str, method: str,
                  device, seed: int, precision: str, iterations: int | None = None,
                  batch_size: int | None = None, progress: bool = True, report: RunReport | None = None,
                  tag: str = "", extra: dict | None = None):

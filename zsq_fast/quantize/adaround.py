@@ -85,7 +85,8 @@ def _sum_over_ranks(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Ten
         return loss.detach()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0])])
-    distributed.all_reduce_sum_(flat, "the reconstruction gradients")
+    flat = distributed.all_reduce_sum_(flat.to(distributed.collective_device()), "the reconstruction gradients")
+    flat = flat.to(grads[0].device)
     at = 0
     for p, g in zip(params, grads):
         p.grad = flat[at:at + g.numel()].view_as(g).clone()

@@ -15,7 +15,6 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -218,7 +217,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
                  rank's shard; statistics and gradients are reduced over the ranks, and every rank returns
                  the model one process would make from the union of the shards (in rank order).
     iterations   per reconstruction unit (None = 20000, BRECQ's default); batch_size also bounds
-                 device memory; cache 'auto' | 'host' | 'device' | 'recompute' (see zsq_fast.quantize.cache;
+                 device memory; cache 'auto' | 'host' | 'device' | 'recompute' | 'disk' (see zsq_fast.quantize.cache;
                  'auto': 'recompute' for a lazy source, else 'host'; the choice and why are recorded in
                  quant_config['reconstruction']).
     qdrop        True (p = 0.5) or a probability: QDrop during reconstruction.
@@ -394,8 +393,9 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"]} for u in units_done],
     }
     qmodel = QuantizedModel(q_inner, out_q, config, list(site_q.values())).eval()
-    for t in qmodel.state_dict().values():  # the ranks agree already; rank 0's values make it exact
-        distributed.broadcast_(t, 0, "the quantized model")
+    if distributed.active():  # the ranks agree already; rank 0's values make it exact
+        for t in qmodel.state_dict().values():
+            t.copy_(distributed.broadcast_(t.to(distributed.collective_device()), 0, "the quantized model"))
     check_finite_result(qmodel)  # never hand back a model with NaN/inf scales, weights or biases
     config["activations"] = activation_quantizers(qmodel)
     return qmodel

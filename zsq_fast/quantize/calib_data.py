@@ -205,7 +205,7 @@ class Layout:
 def layout_of(n_local: int) -> Layout:
     """Every rank's count (one all-reduce) -> the global layout; InvalidArgumentError on every rank if one
     holds no image (each rank must run the model for the collectives to line up)."""
-    counts = torch.zeros(distributed.world_size(), dtype=torch.int64)
+    counts = torch.zeros(distributed.world_size(), dtype=torch.int64, device=distributed.collective_device())
     counts[distributed.rank()] = n_local
     distributed.all_reduce_sum_(counts, "the calibration shards' sizes")
     counts_t = tuple(int(c) for c in counts)

@@ -144,11 +144,11 @@ class ActObserver:
         """Make range and sample those of the whole set across the ranks (no-op in a single process)."""
         if not distributed.active():
             return
-        dev = self.samples[0].device if self.samples else "cpu"
+        dev = distributed.collective_device()
         r = torch.tensor([-self.lo, self.hi], dtype=torch.float64, device=dev)
         distributed.all_reduce_max_(r, "the activation observers' ranges")
         self.lo, self.hi = -float(r[0]), float(r[1])
-        mine = torch.cat(self.samples) if self.samples else torch.empty(0, device=dev)
+        mine = torch.cat(self.samples).to(dev) if self.samples else torch.empty(0, device=dev)
         self.samples = [distributed.all_gather_cat(mine, "the activation observers' samples")]
 
     @property
