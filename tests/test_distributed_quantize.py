@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from zsq_fast import distributed as zd
+from zsq_fast.errors import InvalidArgumentError
 from zsq_fast.models.digits_cnn import DigitsCNN
 from zsq_fast.quantize import quantize
 
@@ -55,6 +56,11 @@ def _quantize_worker(rank, world, port, folder):
         gathered = zd.all_gather_cat(torch.arange(rank + 1, dtype=torch.float32).view(-1, 1) + 10 * rank)
         b = zd.broadcast_(torch.full((2,), float(rank + 5)))
         torch.save((gathered, b), os.path.join(folder, f"collectives.{rank}.pt"))
+        try:  # ranks given different seeds: every rank refuses, none hangs
+            quantize(_model(), _images()[zd.shard(21)], seed=rank, act_samples=100)
+        except InvalidArgumentError as e:
+            with open(os.path.join(folder, f"mismatch.{rank}.txt"), "w") as f:
+                f.write(str(e))
         x = _images()[zd.shard(21)]
         for name, kw in CONFIGS.items():
             q = quantize(_model(), x, **kw)
@@ -91,6 +97,12 @@ def test_gather_and_broadcast(two_rank_results):
         assert gathered.flatten().tolist() == [0.0, 10.0, 11.0] and b.tolist() == [5.0, 5.0]
     t = torch.ones(3)
     assert zd.all_gather_cat(t) is t and zd.broadcast_(t) is t  # a single process: the identity
+
+
+def test_ranks_with_different_settings_all_refuse(two_rank_results):
+    for r in range(2):
+        msg = open(os.path.join(two_rank_results, f"mismatch.{r}.txt")).read()
+        assert msg == "quantize was called with different seed on the 2 ranks; every rank must pass the same settings"
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import zlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -50,6 +51,21 @@ def _cache_mode(cache: str, data: CalibData) -> tuple[str, str]:
                              "unit's inputs and targets would hold more than the images (cache='disk' keeps them "
                              "in files instead: faster, needs the disk space)")
     return "host", "calibration images are in memory: unit inputs/targets cached in host memory, copied per batch"
+
+
+def _check_same_on_every_rank(settings: dict) -> None:
+    """InvalidArgumentError on every rank when the ranks were given different settings (each rank would draw
+    other batches or grids, and the collectives would no longer line up). Two max-reduces; no-op alone."""
+    if not distributed.active():
+        return
+    codes = torch.tensor([float(zlib.crc32(repr(v).encode())) for v in settings.values()], dtype=torch.float64,
+                         device=distributed.collective_device())
+    hi = distributed.all_reduce_max_(codes.clone(), "the settings check")
+    lo = -distributed.all_reduce_max_(-codes, "the settings check")
+    differ = [k for k, a, b in zip(settings, hi.tolist(), lo.tolist()) if a != b]
+    if differ:
+        raise InvalidArgumentError(f"quantize was called with different {', '.join(differ)} on the "
+                                   f"{distributed.world_size()} ranks; every rank must pass the same settings")
 
 
 def _check_args(preset, method, calibration, cache, iterations, batch_size, qdrop):
@@ -242,6 +258,9 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
     _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale, progress)
     data = CalibData(calib_images, allow_empty=distributed.active())
     layout = layout_of(data.n)  # every rank learns the shards' sizes (and fails alike if one is empty)
+    _check_same_on_every_rank({"bits": bits, "preset": preset, "method": method, "calibration": calibration,
+                               "seed": seed, "batch_size": batch_size, "iterations": iterations, "qdrop": qdrop,
+                               "act_samples": act_samples, "image shape": data.image_shape})
     if not isinstance(skip, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in skip):
         raise InvalidTypeError(f"skip must be a sequence of module names, got {skip!r:.80}")
     skip = set(skip)
