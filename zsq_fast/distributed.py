@@ -104,3 +104,15 @@ def barrier(what: str = "barrier") -> None:
 
 __all__ = ["DistributedError", "active", "rank", "world_size", "is_main", "launched_by_torchrun",
            "init_from_env", "shard", "all_reduce_sum_", "all_reduce_max_", "broadcast_object", "barrier"]
+
+
+def all_gather_object(obj, what: str = "all-gather") -> list:
+    """Every rank's picklable obj, in rank order, on every rank; [obj] in a single process."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    _collective(what, dist.all_gather_object, out, obj)
+    return out
+
+
+__all__ += ["all_gather_object"]
