@@ -1,0 +1,182 @@
+"""Generation on a 2-rank gloo group (CPU, spawned processes) against one process: the same images for
+the same seed and N, sharded checkpoints and outputs, a dead rank named, an exact resume."""
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import zsq_fast
+from test_generate import tiny
+from zsq_fast import distributed as zd
+from zsq_fast.generate import sharded_run
+from zsq_fast.generate.shards import plan
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+N, SIZE = 7, 8
+COMMON = dict(iterations=5, chunk_size=3, lr=0.2, seed=7)
+# fp32 images after a few steps: the ranks merge the whole-set float64 statistics in another order,
+# which moves the injected gradients by ~1e-16 relative; RAdam turns that into a few fp32 ulps
+ATOL = 2e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fdda_kw():
+    return dict(real_images=torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)),
+                real_labels=torch.arange(5))
+
+
+def _worker(rank, world, port, out_dir, jobs, env):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), **env)
+    zd.init_from_env("cpu", timeout_s=60)
+    try:
+        for name, method, kw in jobs:  # one group for several runs: starting processes is the slow part
+            if method == "fdda":
+                kw = {**kw, **_fdda_kw()}
+            try:
+                images, rec = zsq_fast.generate(tiny(), N, method, SIZE, **kw)
+            except zsq_fast.errors.ZsqFastError as e:
+                with open(os.path.join(out_dir, f"{name}.r{rank}.err"), "w") as f:
+                    f.write(f"{type(e).__name__}: {e}")
+                if isinstance(e, zd.DistributedError):
+                    raise SystemExit(3)
+                continue
+            torch.save({"images": images, "record": rec.to_dict()}, os.path.join(out_dir, f"{name}.r{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, jobs, world=2, env=None):
+    """Run the jobs [(name, method, generate kwargs)] one after the other on `world` spawned gloo ranks;
+    (exit codes, {name: [per-rank result, or the error's text, or None]})."""
+    out = tmp_path / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out), jobs, env or {})) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    results = {}
+    for name, _, _ in jobs:
+        results[name] = []
+        for r in range(world):
+            pt, err = out / f"{name}.r{r}.pt", out / f"{name}.r{r}.err"
+            results[name].append(torch.load(pt, weights_only=False) if pt.exists() else
+                                 err.read_text() if err.exists() else None)
+    return [p.exitcode for p in procs], results
+
+
+def _whole(results):
+    return torch.cat([r["images"] for r in results])
+
+
+STALE = dict(COMMON, aggregation="stale")
+JOBS = [("dgh", "dgh", dict(COMMON, aggregation="exact")), ("bns", "bns", COMMON), ("fdda", "fdda", COMMON),
+        ("stale_1", "dgh", dict(STALE, iterations=1)), ("stale_8", "dgh", dict(STALE, iterations=8, lr=1.0)),
+        ("too_few_chunks", "dgh", dict(COMMON, chunk_size=8)), ("disk", "dgh", dict(COMMON, store="disk"))]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every job of JOBS run once on two gloo ranks (the disk job into a sharded checkpoint folder)."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    jobs = [(name, method, dict(kw, checkpoint=str(tmp / "ck")) if name == "disk" else kw)
+            for name, method, kw in JOBS]
+    codes, results = run_ranks(tmp, jobs)
+    assert codes == [0, 0], (codes, results)
+    return tmp, results
+
+
+@pytest.mark.parametrize("method", ["dgh", "bns", "fdda"])
+def test_two_ranks_give_the_images_of_one_process(two_ranks, method):
+    kw = next(kw for name, _, kw in JOBS if name == method)
+    one, rec_one = zsq_fast.generate(tiny(), N, method, SIZE, **kw, **(_fdda_kw() if method == "fdda" else {}))
+    results = two_ranks[1][method]
+    parts = [r["record"]["shard"] for r in results]
+    assert [p["rank"] for p in parts] == [0, 1] and all(p["world_size"] == 2 and p["n_images"] == N for p in parts)
+    assert parts[0]["start"] == 0 and parts[0]["stop"] == parts[1]["start"] and parts[1]["stop"] == N
+    two = _whole(results)
+    assert two.shape == one.shape
+    torch.testing.assert_close(two, one, rtol=0, atol=ATOL)
+    # every rank reports the whole set's losses, as one process does
+    for r in results:
+        rec = r["record"]
+        assert [h["step"] for h in rec["losses"]] == [h["step"] for h in rec_one.losses]
+        for mine, ref in zip(rec["losses"], rec_one.losses):
+            assert set(mine) == set(ref)
+            for k in ref:
+                assert mine[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-9), (k, mine[k], ref[k])
+        assert rec["final_bn_loss"] == pytest.approx(rec_one.final_bn_loss, rel=1e-6)
+        assert rec["initial_bn_loss"] == pytest.approx(rec_one.initial_bn_loss, rel=1e-9)
+    if method == "fdda":
+        assert torch.equal(torch.tensor(results[0]["record"]["labels"] + results[1]["record"]["labels"]),
+                           rec_one.labels)
+
+
+def test_stale_across_ranks_sees_the_other_ranks_chunks_as_of_the_step_start(two_ranks):
+    """Stale aggregation is sequential over chunks; across ranks a chunk sees its own rank's earlier
+    chunks refreshed this step and the other ranks' chunks as they were when the step began. Rank 0's
+    chunks come first, so after one step they equal one process's; rank 1's differ, and still learn."""
+    results = two_ranks[1]
+    one, _ = zsq_fast.generate(tiny(), N, "dgh", SIZE, **dict(STALE, iterations=1))
+    r0, r1 = (r["images"] for r in results["stale_1"])
+    torch.testing.assert_close(r0, one[:r0.shape[0]], rtol=0, atol=ATOL)
+    assert float((r1 - one[r0.shape[0]:]).abs().max()) > 20 * ATOL  # it saw staler statistics
+    one, rec_one = zsq_fast.generate(tiny(), N, "dgh", SIZE, **dict(STALE, iterations=8, lr=1.0))
+    rec = results["stale_8"][0]["record"]
+    assert rec["final_bn_loss"] < 0.97 * rec["initial_bn_loss"]  # one process: 7.31 -> 6.89
+    assert rec["final_bn_loss"] == pytest.approx(rec_one.final_bn_loss, rel=0.01)
+
+
+def test_too_many_ranks_for_the_chunks_is_one_clear_error(two_ranks):
+    errors = two_ranks[1]["too_few_chunks"]
+    assert all(e.startswith("InvalidArgumentError: 2 ranks need at least 2 chunks, the set has 1") for e in errors), \
+        errors
+
+
+def test_sharded_checkpoint_folder_and_load_images(two_ranks):
+    ck = two_ranks[0] / "ck"
+    manifest = json.loads((ck / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["n_images"] == N
+    assert [r["path"] for r in manifest["shards"]] == ["rank-00000", "rank-00001"]
+    whole = zsq_fast.load_images(ck)
+    assert torch.equal(whole, _whole(two_ranks[1]["disk"]))
+    one, _ = zsq_fast.generate(tiny(), N, "dgh", SIZE, **COMMON)
+    torch.testing.assert_close(whole, one, rtol=0, atol=ATOL)
+    # the same folder under another world size is refused with one line
+    with pytest.raises(zsq_fast.errors.InvalidArgumentError, match="on 2 ranks, this run .* on 3 ranks"):
+        sharded_run.prepare_checkpoint(ck, plan([slice(0, 3), slice(3, 6), slice(6, 7)], N, 0, 3), disk=True)
+
+
+@pytest.mark.parametrize("store", ["host", "disk"])
+def test_a_killed_rank_is_named_and_the_rerun_resumes_exactly(tmp_path, store):
+    kw = dict(COMMON, iterations=6, checkpoint_every=2, store=store, checkpoint=str(tmp_path / "ck"))
+    t0 = time.monotonic()
+    codes, results = run_ranks(tmp_path / "killed", [("run", "dgh", kw)],
+                               env={"ZSQ_FAST_TEST_EXIT": "1:4", "ZSQ_FAST_DIST_TIMEOUT": "20"})
+    assert time.monotonic() - t0 < 90
+    assert codes == [3, 17], (codes, results)
+    err = results["run"][0]
+    assert err.startswith("DistributedError: generation step 4: rank 1 (last began step 3) died"), err
+    # the same command again resumes (rank 0 rolls back / both take the last step they all saved), and an
+    # uninterrupted run in another folder gives the same images
+    codes, results = run_ranks(tmp_path / "rerun", [("run", "dgh", kw),
+                                                    ("ref", "dgh", dict(kw, checkpoint=str(tmp_path / "ref")))])
+    assert codes == [0, 0], results
+    assert [r["record"]["resumed_from_step"] for r in results["run"]] == [2 if store == "host" else 3] * 2
+    assert torch.equal(_whole(results["run"]), _whole(results["ref"]))
