@@ -180,3 +180,31 @@ def test_a_killed_rank_is_named_and_the_rerun_resumes_exactly(tmp_path, store):
     assert codes == [0, 0], results
     assert [r["record"]["resumed_from_step"] for r in results["run"]] == [2 if store == "host" else 3] * 2
     assert torch.equal(_whole(results["run"]), _whole(results["ref"]))
+
+
+def test_cli_generate_under_torchrun_writes_shards_that_load_as_one_set(tmp_path):
+    """`torchrun --nproc_per_node=2 -m zsq_fast generate ...`: each rank writes its shard, rank 0 the
+    manifest and the report; load_images reads the shards as the one-process CLI's images."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, write_tiny_digits
+    from zsq_fast.cli import main
+
+    d = write_tiny_digits(tmp_path, 10)
+    args = ["generate", "--model", "digits_cnn", "--weights", str(d / "w.pt"), "--no-progress", "--device", "cpu",
+            "-n", "10", "--iterations", "3", "--chunk-size", "4", "--seed", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "zsq_fast", *args, "--out", str(tmp_path / "two.pt")],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote 10 dgh images (16x16)") == 1 and "in 2 shards" in r.stdout, r.stdout
+    assert sorted(os.listdir(tmp_path / "two.pt")) == ["manifest.json", "rank-00000.pt", "rank-00001.pt"]
+    report = json.loads((tmp_path / "two.report.json").read_text())
+    assert report["settings"]["world_size"] == 2
+    assert report["generation"]["dgh"]["shard"] == {"rank": 0, "world_size": 2, "start": 0, "stop": 8, "n_images": 10}
+    assert main([*args, "--out", str(tmp_path / "one.pt")]) == 0
+    two, one = zsq_fast.load_images(tmp_path / "two.pt"), zsq_fast.load_images(tmp_path / "one.pt")
+    torch.testing.assert_close(two, one, rtol=0, atol=ATOL)

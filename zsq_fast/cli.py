@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from . import distributed as zd
 from .data import ImageSet, load_images_for, random_subset
 from .errors import MissingFileError, ZsqFastError
 from .evaluate import evaluate, predict_logits
@@ -44,6 +45,22 @@ def _start(args, command: str) -> tuple[RunReport, torch.device]:
 
 def cmd_generate(args) -> int:
     report, device = _start(args, "generate")
+    created = zd.init_from_env(device)  # under torchrun: one process group, this process one rank of it
+    try:
+        return _generate_command(args, report, _rank_device(device))
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _rank_device(device: torch.device) -> torch.device:
+    """Under torchrun each rank computes on its own GPU (LOCAL_RANK, which init_from_env selected)."""
+    if zd.active() and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _generate_command(args, report: RunReport, device: torch.device) -> int:
     _check_output(args.out)
     with report.timed("load_model"):
         src = _model_from(args)
@@ -53,18 +70,34 @@ def cmd_generate(args) -> int:
         with report.timed("load_real"):
             real = load_images_for(args.real, src.mean, src.std, src.input_size)
     report.settings["model"] = src.settings()
+    report.settings["world_size"] = zd.world_size()
     images, record, labels = run_generate(
         src, args.num_images or 1024, args.method, device=device, seed=args.seed, precision=args.precision,
         iterations=args.iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
-        per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress, report=report,
-        stale_refresh=args.stale_refresh, store=args.store, channels_last=args.channels_last)
+        per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress and zd.is_main(),
+        report=report, stale_refresh=args.stale_refresh, store=args.store, channels_last=args.channels_last)
     from .generate import save_images
 
+    report_target = args.report or report_path_for(args.out)  # before a sharded output makes out a folder
     with report.timed("save"):
-        _save_images(save_images, images, args.out, src, labels)
-    path = report.write(args.report or report_path_for(args.out), device)
+        if zd.active():  # each rank its shard, rank 0 the manifest: load_images(out) reads them as one set
+            from .generate.sharded_run import save_shard
+            from .generate.shards import Shard
+
+            shard = Shard(**{k: record["shard"][k] for k in ("rank", "start", "stop")}, units=(),
+                          world=record["shard"]["world_size"], n_total=record["shard"]["n_images"])
+            suffix = os.path.splitext(args.out)[1] if os.path.splitext(args.out)[1] in (".pt", ".pth") else ""
+            save_shard(images, args.out, shard, lambda x, p: _save_images(save_images, x, str(p), src, labels),
+                       suffix)
+        else:
+            _save_images(save_images, images, args.out, src, labels)
+    if not zd.is_main():  # the report, plot and message once, by rank 0 (its record holds the whole set's losses)
+        return 0
+    path = report.write(report_target, device)
     png = _write_plot(lambda: generation_figure(record, images, src.mean, src.std), path, ".png")
-    print(f"wrote {images.shape[0]} {args.method} images ({images.shape[-1]}x{images.shape[-2]}) to {args.out}; "
+    n = record["shard"]["n_images"] if zd.active() else images.shape[0]
+    shards = f" in {zd.world_size()} shards" if zd.active() else ""
+    print(f"wrote {n} {args.method} images ({images.shape[-1]}x{images.shape[-2]}) to {args.out}{shards}; "
           f"report {path}" + (f"; plot {png}" if png else ""))
     return 0
 
