@@ -208,3 +208,10 @@ def test_cli_generate_under_torchrun_writes_shards_that_load_as_one_set(tmp_path
     assert main([*args, "--out", str(tmp_path / "one.pt")]) == 0
     two, one = zsq_fast.load_images(tmp_path / "two.pt"), zsq_fast.load_images(tmp_path / "one.pt")
     torch.testing.assert_close(two, one, rtol=0, atol=ATOL)
+    # quantize --images reads the shards as one set too (lazily, any order of indices)
+    from zsq_fast.data import load_images_for
+
+    data = load_images_for(str(tmp_path / "two.pt"), [0.305] * 3, [0.319] * 3, 16)  # digits_cnn's normalization
+    assert data.n == 10 and data.source.startswith("2 shards")
+    idx = torch.tensor([9, 0, 7, 8, 3])
+    assert torch.equal(data.take(idx)[0], two[idx])

@@ -78,7 +78,9 @@ def _generate_command(args, report: RunReport, device: torch.device) -> int:
         report=report, stale_refresh=args.stale_refresh, store=args.store, channels_last=args.channels_last)
     from .generate import save_images
 
-    report_target = args.report or report_path_for(args.out)  # before a sharded output makes out a folder
+    # a sharded output is a folder named like the file it replaces: its report sits beside it, named alike
+    report_target = args.report or (f"{os.path.splitext(os.path.normpath(args.out))[0]}.report.json"
+                                    if zd.active() else report_path_for(args.out))
     with report.timed("save"):
         if zd.active():  # each rank its shard, rank 0 the manifest: load_images(out) reads them as one set
             from .generate.sharded_run import save_shard
