@@ -6,7 +6,8 @@ up), each with --threads CPU threads (CPU) or its own GPU (cuda, up to the GPUs 
 (method, world): the wall time per step (slowest rank), throughput in image-iterations per second
 (N x steps / the slowest rank's step time; setup and the initial/final whole-set passes excluded), and
 per step (steps 2..n) the time rank 0 spends inside collectives (all-reduces of the statistics and
-losses; it includes waiting for the slower rank), their number and the bytes of their tensors.
+losses; it includes waiting for the slower rank), their number and the bytes of their tensors, and the
+median time of one all-reduce of the statistics' size alone (after a barrier: the transfer's own cost).
 
     python benchmarks/distributed.py [--model digits_cnn] [--n 512] [--iterations 5] [--chunk 64]
                                      [--worlds 1,2] [--threads 1] [--device cpu|cuda] [--out FILE]
@@ -82,7 +83,19 @@ def _rank(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
                       progress=lambda step, total, losses: marks.append(dict(comm)), **kwargs)
     zd._collective = timed
     between = len(marks) - 1  # steps 2..n: no setup or final whole-set pass inside
-    torch.save({"steps_s": rec.timings["steps_s"], "comm_s": (marks[-1]["s"] - marks[0]["s"]) / between,
+    latency = 0.0
+    if world > 1:  # the bare cost of one step's statistics all-reduce, without waiting for a slower rank
+        t = torch.zeros(max(1, int(comm["bytes"] / max(1, comm["calls"]) / 8)), dtype=torch.float64, device=device)
+        times = []
+        for _ in range(21):
+            zd.barrier()
+            t0 = time.perf_counter()
+            zd.all_reduce_sum_(t)
+            if t.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        latency = sorted(times)[len(times) // 2]
+    torch.save({"latency_s": latency, "steps_s": rec.timings["steps_s"], "comm_s": (marks[-1]["s"] - marks[0]["s"]) / between,
                 "calls": (marks[-1]["calls"] - marks[0]["calls"]) / between,
                 "bytes": (marks[-1]["bytes"] - marks[0]["bytes"]) / between, "final_bn": rec.final_bn_loss,
                 "steps": rec.steps_done}, os.path.join(out_dir, f"r{rank}.pt"))
@@ -108,7 +121,7 @@ def measure(cfg: dict, world: int) -> dict:
     step_s = max(r["steps_s"] for r in ranks) / steps
     return {"world": world, "step_s": step_s, "throughput": cfg["n"] / step_s,
             "comm_ms": 1e3 * ranks[0]["comm_s"], "comm_calls": ranks[0]["calls"],
-            "comm_bytes": ranks[0]["bytes"], "final_bn": ranks[0]["final_bn"]}
+            "comm_bytes": ranks[0]["bytes"], "final_bn": ranks[0]["final_bn"], "latency_ms": 1e3 * ranks[0]["latency_s"]}
 
 
 def main(argv=None) -> str:
@@ -130,7 +143,7 @@ def main(argv=None) -> str:
              f"device {a.device}" + (f", {a.threads} thread(s) per rank" if a.device == "cpu" else "") +
              f", backend {'nccl' if a.device == 'cuda' else 'gloo'}", "",
              "| method | ranks | s / step | image-it / s | speed-up | collectives ms / step (calls, bytes) | "
-             "final L_BN |", "|---|---|---|---|---|---|---|"]
+             "one all-reduce alone, ms | final L_BN |", "|---|---|---|---|---|---|---|---|"]
     for name in a.methods.split(","):
         cfg = dict(model=a.model, n=a.n, iterations=a.iterations, chunk=a.chunk, threads=a.threads,
                    device=a.device, method=name)
@@ -140,7 +153,7 @@ def main(argv=None) -> str:
             base = base or r["throughput"]
             lines.append(f"| {name} | {w} | {r['step_s']:.3f} | {r['throughput']:.0f} | "
                          f"{r['throughput'] / base:.2f} | {r['comm_ms']:.2f} ({r['comm_calls']:.0f}, {r['comm_bytes']:.0f}) | "
-                         f"{r['final_bn']:.4f} |")
+                         f"{r['latency_ms']:.3f} | {r['final_bn']:.4f} |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if a.out:

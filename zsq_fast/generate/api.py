@@ -179,6 +179,13 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     when it exists (store="disk": the run folder, whose state follows every step and whose images are
     synced to disk every checkpoint_every steps). progress: called as progress(step, iterations,
     losses_dict) after every step.
+
+    Inside an initialised process group of several ranks (torchrun; zsq_fast.distributed.init_from_env),
+    every rank calls generate with the same arguments and gets its shard: whole chunks (fdda: whole
+    single-class batches) of the set, images [record.shard["start"], record.shard["stop"]) in its own
+    store; the losses in the record are the whole set's. The images equal one process's up to float64
+    reduction order (stale aggregation: a chunk sees other ranks' chunks as of the step's start).
+    checkpoint is then a folder: a manifest and one checkpoint (or run folder) per rank (sharded_run.py).
     """
     settings, device = make_settings(
         model, n_images, method, image_size, iterations=iterations, chunk_size=chunk_size, lr=lr, seed=seed,
