@@ -14,7 +14,8 @@ import zsq_fast
 from test_generate import tiny
 from zsq_fast import distributed as zd
 from zsq_fast.generate import sharded_run
-from zsq_fast.generate.shards import plan
+from zsq_fast.generate.shards import global_stats, plan
+from zsq_fast.ops import channel_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -36,6 +37,13 @@ def _fdda_kw():
                 real_labels=torch.arange(5))
 
 
+def _far_from_zero() -> torch.Tensor:
+    """12 x 3 x 4 x 4 float64 activations with mean 1e4 and std 1e-2 per channel: sum / sum-of-squares
+    statistics lose ~8 of float64's 16 digits of the variance here."""
+    g = torch.Generator().manual_seed(5)
+    return 1e4 + 1e-2 * torch.randn(12, 3, 4, 4, generator=g, dtype=torch.float64)
+
+
 def _worker(rank, world, port, out_dir, jobs, env):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -43,6 +51,10 @@ def _worker(rank, world, port, out_dir, jobs, env):
     zd.init_from_env("cpu", timeout_s=60)
     try:
         for name, method, kw in jobs:  # one group for several runs: starting processes is the slow part
+            if method == "stats":  # shards.global_stats on this rank's part of _far_from_zero()
+                x = _far_from_zero()[[slice(0, 5), slice(5, 12)][rank]]
+                torch.save(global_stats([channel_stats(x)])[0].data, os.path.join(out_dir, f"{name}.r{rank}.pt"))
+                continue
             if method == "fdda":
                 kw = {**kw, **_fdda_kw()}
             try:
@@ -88,7 +100,8 @@ def _whole(results):
 STALE = dict(COMMON, aggregation="stale")
 JOBS = [("dgh", "dgh", dict(COMMON, aggregation="exact")), ("bns", "bns", COMMON), ("fdda", "fdda", COMMON),
         ("stale_1", "dgh", dict(STALE, iterations=1)), ("stale_8", "dgh", dict(STALE, iterations=8, lr=1.0)),
-        ("too_few_chunks", "dgh", dict(COMMON, chunk_size=8)), ("disk", "dgh", dict(COMMON, store="disk"))]
+        ("too_few_chunks", "dgh", dict(COMMON, chunk_size=8)), ("disk", "dgh", dict(COMMON, store="disk")),
+        ("stats", "stats", {})]
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +139,21 @@ def test_two_ranks_give_the_images_of_one_process(two_ranks, method):
     if method == "fdda":
         assert torch.equal(torch.tensor(results[0]["record"]["labels"] + results[1]["record"]["labels"]),
                            rec_one.labels)
+
+
+def test_whole_set_statistics_across_ranks_keep_the_variance_of_large_means(two_ranks):
+    x = _far_from_zero()
+    one = channel_stats(x)  # one process: the kernel's merge over the whole set
+    ref_var = x.transpose(0, 1).reshape(3, -1).var(1, unbiased=False)
+    data = two_ranks[1]["stats"]
+    assert torch.equal(data[0], data[1])  # every rank holds the same numbers, bit for bit
+    torch.testing.assert_close(data[0][0], one.mean, rtol=1e-15, atol=0)
+    var = data[0][1] / x[:, 0].numel()
+    assert float(((var - ref_var) / ref_var).abs().max()) < 1e-9
+    # what all-reducing count, sum and sum of squares would give: most digits of the variance lost
+    n = x[:, 0].numel()
+    naive = (x.square().sum((0, 2, 3)) / n) - (x.sum((0, 2, 3)) / n).square()
+    assert float(((naive - ref_var) / ref_var).abs().max()) > 1e-7
 
 
 def test_stale_across_ranks_sees_the_other_ranks_chunks_as_of_the_step_start(two_ranks):
