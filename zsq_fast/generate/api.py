@@ -402,6 +402,7 @@ def _available_host_memory() -> float:
 
 def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, progress):
     shard = _plan_shard(model, s, device, real_images, real_labels) if zd.active() else None
+    shards.new_run()
     if shard is not None and checkpoint is not None:  # a folder: the manifest and one entry per rank
         own = Path(checkpoint) / sharded_run.rank_name(shard.rank)
         guess = own if s.store == "disk" or (own / "run.json").exists() else own.with_suffix(".pt")

@@ -137,6 +137,12 @@ def reduce_sums(values: dict, what: str = "the step's losses") -> dict:
 
 
 _HEARTBEAT = "zsq_fast/generate/step/"
+_runs = [0]  # generate() calls in this process: every rank makes the same calls, so the keys of one run match
+
+
+def new_run() -> None:
+    """A new generate() call: heartbeats of an earlier run in the same group must not count."""
+    _runs[0] += 1
 
 
 def _store():
@@ -154,7 +160,7 @@ def heartbeat(step: int) -> None:
     store = _store() if zd.active() else None
     if store is not None:
         try:
-            store.set(f"{_HEARTBEAT}{zd.rank()}", str(step))
+            store.set(f"{_HEARTBEAT}{_runs[0]}/{zd.rank()}", str(step))
         except Exception:  # noqa: BLE001 - the store's host may be the rank that died
             pass
 
@@ -167,7 +173,7 @@ def who_stopped(step: int) -> str:
     behind = []
     try:
         for r in range(zd.world_size()):
-            key = f"{_HEARTBEAT}{r}"
+            key = f"{_HEARTBEAT}{_runs[0]}/{r}"
             last = int(store.get(key)) if store.check([key]) else 0
             if last < step:
                 behind.append(f"rank {r} (last began step {last})")
