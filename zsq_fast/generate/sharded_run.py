@@ -57,12 +57,12 @@ def read_manifest(folder) -> dict:
 
 
 def write_manifest(folder, shard: Shard, suffix: str, kind: str) -> None:
-    """Rank 0 writes the manifest of every rank's shard (a collective: every rank calls it)."""
-    notes = zd.all_gather_object(shard.note(), "the shard manifest")
+    """Rank 0 writes the manifest of every rank's shard (a collective: every rank calls it with the
+    suffix of its own entry: "" for a run folder, ".pt" for a file)."""
+    notes = zd.all_gather_object({**shard.note(), "path": rank_name(shard.rank) + suffix}, "the shard manifest")
     if not zd.is_main():
         return
-    rows = [{"rank": n["rank"], "start": n["start"], "stop": n["stop"], "path": rank_name(n["rank"]) + suffix}
-            for n in notes]
+    rows = [{k: n[k] for k in ("rank", "start", "stop", "path")} for n in notes]  # store="auto": each rank's own
     text = json.dumps({"format": FORMAT, "kind": kind, "world_size": shard.world, "n_images": shard.n_total,
                        "shards": rows}, indent=1)
     write_atomic(Path(folder) / MANIFEST, lambda tmp: tmp.write_text(text), "shard manifest")
