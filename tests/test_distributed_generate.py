@@ -101,14 +101,17 @@ STALE = dict(COMMON, aggregation="stale")
 JOBS = [("dgh", "dgh", dict(COMMON, aggregation="exact")), ("bns", "bns", COMMON), ("fdda", "fdda", COMMON),
         ("stale_1", "dgh", dict(STALE, iterations=1)), ("stale_8", "dgh", dict(STALE, iterations=8, lr=1.0)),
         ("too_few_chunks", "dgh", dict(COMMON, chunk_size=8)), ("disk", "dgh", dict(COMMON, store="disk")),
-        ("stats", "stats", {})]
+        ("stats", "stats", {}), ("bad_checkpoint", "dgh", COMMON)]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Every job of JOBS run once on two gloo ranks (the disk job into a sharded checkpoint folder)."""
     tmp = tmp_path_factory.mktemp("two_ranks")
-    jobs = [(name, method, dict(kw, checkpoint=str(tmp / "ck")) if name == "disk" else kw)
+    (tmp / "bad").mkdir()
+    (tmp / "bad" / "rank-00001.pt").write_bytes(b"not a checkpoint")  # rank 1 alone finds it unreadable
+    folders = {"disk": tmp / "ck", "bad_checkpoint": tmp / "bad"}
+    jobs = [(name, method, dict(kw, checkpoint=str(folders[name])) if name in folders else kw)
             for name, method, kw in JOBS]
     codes, results = run_ranks(tmp, jobs)
     assert codes == [0, 0], (codes, results)
@@ -175,6 +178,14 @@ def test_too_many_ranks_for_the_chunks_is_one_clear_error(two_ranks):
     errors = two_ranks[1]["too_few_chunks"]
     assert all(e.startswith("InvalidArgumentError: 2 ranks need at least 2 chunks, the set has 1") for e in errors), \
         errors
+
+
+def test_a_bad_checkpoint_of_one_rank_ends_every_rank_at_once(two_ranks):
+    """Rank 1 cannot read its checkpoint file: it raises its own error, rank 0 one line naming rank 1, both
+    before any step (waiting for rank 1 in a collective would have ended in a DistributedError, exit 3)."""
+    r0, r1 = two_ranks[1]["bad_checkpoint"]
+    assert r1.startswith("FileFormatError: ") and "rank-00001.pt" in r1, r1
+    assert r0.startswith("InvalidArgumentError: reading the checkpoints failed on rank 1: "), r0
 
 
 def test_sharded_checkpoint_folder_and_load_images(two_ranks):

@@ -443,7 +443,11 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     disk = placed["kind"] == "disk"
-    run, out = build_run(model, s, device, placed["kind"], placed["folder"], shard)
+    if shard is None:
+        run, out = build_run(model, s, device, placed["kind"], placed["folder"])
+    else:  # a rank whose store or run folder fails ends every rank at once
+        run, out = sharded_run.agreed(lambda: build_run(model, s, device, placed["kind"], placed["folder"], shard),
+                                      "setting up the image store")
     layers, capture = run.layers, run.capture
     compared = compared_settings(s)
     with capture:

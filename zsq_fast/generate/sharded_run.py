@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed as zd
-from ..errors import FileFormatError, InvalidArgumentError
+from ..errors import FileFormatError, InvalidArgumentError, ZsqFastError
 from ..fileio import write_atomic
 from .checkpoint import load_checkpoint, save_checkpoint
 from .shards import Shard
@@ -75,6 +75,22 @@ def _agree(problem: str | None) -> None:
         raise InvalidArgumentError(problems[0])
 
 
+def agreed(fn, what: str):
+    """fn() on every rank; when it fails on some rank (bad input: a ZsqFastError), every rank raises,
+    instead of the others waiting in their next collective until the timeout. The failing rank raises
+    its own error, the others one line naming it."""
+    try:
+        result, problem = fn(), None
+    except ZsqFastError as exc:
+        result, problem = exc, f"rank {zd.rank()}: {exc}"
+    problems = [(r, p) for r, p in enumerate(zd.all_gather_object(problem, what)) if p]
+    if isinstance(result, ZsqFastError):
+        raise result
+    if problems:
+        raise InvalidArgumentError(f"{what} failed on {problems[0][1]}")
+    return result
+
+
 def prepare_checkpoint(folder, shard: Shard, disk: bool) -> Path:
     """This rank's checkpoint path inside the sharded checkpoint folder; checks an existing manifest
     against this run (world size, N and shards) and writes a new one (rank 0)."""
@@ -121,8 +137,9 @@ def save_rank_checkpoint(path: Path, state: dict) -> None:
 
 def load_rank_checkpoint(path: Path, compared: dict, n_images: int) -> dict | None:
     """The newest saved state every rank holds (None: a fresh start everywhere); n_images: this rank's."""
-    saved = [s for s in (load_checkpoint(path, compared, n_images), load_checkpoint(_previous(path), compared, n_images))
-             if s]
+    saved = agreed(lambda: [s for s in (load_checkpoint(path, compared, n_images),
+                                        load_checkpoint(_previous(path), compared, n_images)) if s],
+                   "reading the checkpoints")
     steps = zd.all_gather_object(sorted(int(s["step"]) for s in saved), "the checkpoint steps")
     common = set(steps[0]).intersection(*steps[1:])
     if not common:
