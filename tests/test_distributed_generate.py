@@ -254,3 +254,41 @@ def test_cli_generate_under_torchrun_writes_shards_that_load_as_one_set(tmp_path
     assert data.n == 10 and data.source.startswith("2 shards")
     idx = torch.tensor([9, 0, 7, 8, 3])
     assert torch.equal(data.take(idx)[0], two[idx])
+
+
+def _manifest(folder, rows, n):
+    (folder / "manifest.json").write_text(json.dumps({"format": 1, "kind": "images", "world_size": len(rows),
+                                                      "n_images": n, "shards": rows}))
+
+
+def test_png_shards_load_as_one_set_and_bad_manifests_are_one_line(tmp_path):
+    """A PNG output of two ranks (one folder each) reads back in global order, with labels, through
+    load_images and the calibration-data reader alike; a manifest that does not cover the set once is refused."""
+    from zsq_fast.data import load_images_for
+    from zsq_fast.generate import save_images
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 4, 4, generator=g) * 2 - 1
+    y = torch.tensor([3, 1, 4, 1, 5])
+    kw = dict(mean=[0.5] * 3, std=[0.5] * 3)
+    save_images(x[3:], tmp_path / "rank-00001", labels=y[3:], **kw)  # written in any order
+    save_images(x[:3], tmp_path / "rank-00000", labels=y[:3], **kw)
+    rows = [{"rank": 1, "start": 3, "stop": 5, "path": "rank-00001"}, {"rank": 0, "start": 0, "stop": 3,
+                                                                       "path": "rank-00000"}]
+    _manifest(tmp_path, rows, 5)
+    images, labels = zsq_fast.load_images(tmp_path, with_labels=True, **kw)
+    torch.testing.assert_close(images, x, rtol=0, atol=1 / 255 / 0.5)  # 8-bit PNG pixels
+    assert torch.equal(labels, y)
+    data = load_images_for(str(tmp_path), [0.5] * 3, [0.5] * 3, 4)
+    assert data.n == 5 and torch.equal(data.labels, y)
+    assert torch.equal(data.take(range(5))[0], images)
+    for bad in ([rows[0], {**rows[1], "stop": 2}], [rows[0]], [rows[0], {**rows[1], "rank": 1}]):
+        _manifest(tmp_path, bad, 5)
+        with pytest.raises(zsq_fast.errors.FileFormatError, match="not a zsq_fast shard manifest"):
+            zsq_fast.load_images(tmp_path)
+    # a manifest that covers 4 images once, but rank 0's folder holds 3, not 2
+    _manifest(tmp_path, [{**rows[1], "stop": 2}, {**rows[0], "start": 2, "stop": 4}], 4)
+    with pytest.raises(zsq_fast.errors.FileFormatError, match="rank-00000 holds 3 images, the manifest says 2"):
+        zsq_fast.load_images(tmp_path)
+    with pytest.raises(zsq_fast.errors.FileFormatError, match="rank-00000 holds 3 images, the manifest says 2"):
+        load_images_for(str(tmp_path), [0.5] * 3, [0.5] * 3, 4)
