@@ -14,7 +14,8 @@ import torch
 import zsq_fast
 from zsq_fast.generate import api, run_folder
 from zsq_fast.generate.run_folder import RunFolderError
-from zsq_fast.generate.store import choose_store, initial_canvases
+from zsq_fast.generate.shards import CANVAS_BLOCK, initial_canvases
+from zsq_fast.generate.store import choose_store
 from test_generate import Killed, tiny
 
 
@@ -24,15 +25,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 COMMON = dict(iterations=6, chunk_size=3, lr=0.2, seed=7)
 
 
-def test_blocked_initial_noise_equals_one_draw():
+def test_initial_noise_of_an_image_depends_on_seed_and_index_only():
     lo, hi = torch.full((3,), -2.0), torch.full((3,), 2.0)
-    for shape in [(7, 3, 9, 9), (20, 3, 4, 4), (5, 3, 8, 8)]:
-        whole = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).clamp(-2, 2)
-        for block in (1, 2, 5, 256):
-            g = torch.Generator().manual_seed(3)
-            blocks = list(initial_canvases(g, shape, lo, hi, block))
-            assert torch.equal(torch.cat([b for _, b in blocks]), whole), (shape, block)
-            assert [sl.start for sl, _ in blocks] == list(range(0, shape[0], blocks[0][1].shape[0]))
+    n = 2 * CANVAS_BLOCK + 5
+    shape = (n, 3, 5, 5)
+    whole = torch.cat([b for _, b in initial_canvases(3, shape, lo, hi)])
+    assert whole.shape == shape and float(whole.abs().max()) <= 2.0
+    assert 0.8 < float(whole.std()) < 1.1  # clipped N(0, 1)
+    for start, stop in [(0, 1), (3, CANVAS_BLOCK + 1), (CANVAS_BLOCK - 1, n), (n - 2, n)]:
+        blocks = list(initial_canvases(3, shape, lo, hi, start, stop))
+        assert torch.equal(torch.cat([b for _, b in blocks]), whole[start:stop]), (start, stop)
+        assert blocks[0][0].start == 0 and blocks[-1][0].stop == stop - start
+    # a larger set begins with the same images; another seed gives others
+    longer = torch.cat([b for _, b in initial_canvases(3, (n + 40, 3, 5, 5), lo, hi)])
+    assert torch.equal(longer[:n], whole)
+    other = torch.cat([b for _, b in initial_canvases(4, shape, lo, hi)])
+    assert not torch.equal(other, whole)
+    # blocks are not shifted copies of each other
+    assert not torch.equal(whole[:5], whole[CANVAS_BLOCK:CANVAS_BLOCK + 5])
 
 
 @pytest.mark.parametrize("method,kw", [("dgh", {"aggregation": "exact"}), ("dgh", {"aggregation": "stale"}),

@@ -23,6 +23,7 @@ def test_single_process_is_the_identity():
     t = torch.tensor([1.0, 2.0])
     assert zd.all_reduce_sum_(t) is t and t.tolist() == [1.0, 2.0]
     assert zd.broadcast_object({"a": 1}) == {"a": 1}
+    assert zd.all_gather_object(3) == [3]
 
 
 def _free_port() -> int:
@@ -41,7 +42,8 @@ def _worker(rank, world, port, out):
         m = torch.tensor([float(rank)])
         zd.all_reduce_max_(m)
         obj = zd.broadcast_object({"from": zd.rank()})
-        out.put((rank, zd.world_size(), float(t), float(m), obj["from"]))
+        gathered = zd.all_gather_object(f"r{zd.rank()}")
+        out.put((rank, zd.world_size(), float(t), float(m), obj["from"], gathered))
         zd.barrier()
     finally:
         dist.destroy_process_group()
@@ -58,4 +60,4 @@ def test_two_gloo_ranks_reduce_and_broadcast():
         p.join(120)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     got = sorted(out.get(timeout=5) for _ in range(2))
-    assert got == [(0, 2, 3.0, 1.0, 0), (1, 2, 3.0, 1.0, 0)]
+    assert got == [(0, 2, 3.0, 1.0, 0, ["r0", "r1"]), (1, 2, 3.0, 1.0, 0, ["r0", "r1"])]

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from . import distributed
+from . import distributed as zd
 from .data import ImageSet, load_images_for, random_subset
 from .errors import MissingFileError, ZsqFastError
 from .evaluate import evaluate, predict_logits
@@ -45,6 +45,22 @@ def _start(args, command: str) -> tuple[RunReport, torch.device]:
 
 def cmd_generate(args) -> int:
     report, device = _start(args, "generate")
+    created = zd.init_from_env(device)  # under torchrun: one process group, this process one rank of it
+    try:
+        return _generate_command(args, report, _rank_device(device))
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _rank_device(device: torch.device) -> torch.device:
+    """Under torchrun each rank computes on its own GPU (LOCAL_RANK, which init_from_env selected)."""
+    if zd.active() and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _generate_command(args, report: RunReport, device: torch.device) -> int:
     _check_output(args.out)
     with report.timed("load_model"):
         src = _model_from(args)
@@ -54,18 +70,36 @@ def cmd_generate(args) -> int:
         with report.timed("load_real"):
             real = load_images_for(args.real, src.mean, src.std, src.input_size)
     report.settings["model"] = src.settings()
+    report.settings["world_size"] = zd.world_size()
     images, record, labels = run_generate(
         src, args.num_images or 1024, args.method, device=device, seed=args.seed, precision=args.precision,
         iterations=args.iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
-        per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress, report=report,
-        stale_refresh=args.stale_refresh, store=args.store, channels_last=args.channels_last)
+        per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress and zd.is_main(),
+        report=report, stale_refresh=args.stale_refresh, store=args.store, channels_last=args.channels_last)
     from .generate import save_images
 
+    # a sharded output is a folder named like the file it replaces: its report sits beside it, named alike
+    report_target = args.report or (f"{os.path.splitext(os.path.normpath(args.out))[0]}.report.json"
+                                    if zd.active() else report_path_for(args.out))
     with report.timed("save"):
-        _save_images(save_images, images, args.out, src, labels)
-    path = report.write(args.report or report_path_for(args.out), device)
+        if zd.active():  # each rank its shard, rank 0 the manifest: load_images(out) reads them as one set
+            from .generate.sharded_run import save_shard
+            from .generate.shards import Shard
+
+            shard = Shard(**{k: record["shard"][k] for k in ("rank", "start", "stop")}, units=(),
+                          world=record["shard"]["world_size"], n_total=record["shard"]["n_images"])
+            suffix = os.path.splitext(args.out)[1] if os.path.splitext(args.out)[1] in (".pt", ".pth") else ""
+            save_shard(images, args.out, shard, lambda x, p: _save_images(save_images, x, str(p), src, labels),
+                       suffix)
+        else:
+            _save_images(save_images, images, args.out, src, labels)
+    if not zd.is_main():  # the report, plot and message once, by rank 0 (its record holds the whole set's losses)
+        return 0
+    path = report.write(report_target, device)
     png = _write_plot(lambda: generation_figure(record, images, src.mean, src.std), path, ".png")
-    print(f"wrote {images.shape[0]} {args.method} images ({images.shape[-1]}x{images.shape[-2]}) to {args.out}; "
+    n = record["shard"]["n_images"] if zd.active() else images.shape[0]
+    shards = f" in {zd.world_size()} shards" if zd.active() else ""
+    print(f"wrote {n} {args.method} images ({images.shape[-1]}x{images.shape[-2]}) to {args.out}{shards}; "
           f"report {path}" + (f"; plot {png}" if png else ""))
     return 0
 
@@ -105,8 +139,8 @@ def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> to
             if args.num_images is not None and args.num_images < data.n:
                 data = data.subset(random_subset(data.n, args.num_images, args.seed))
             report.settings["calibration"] = data.settings()
-            part = distributed.shard(data.n)
-            if distributed.active():
+            part = zd.shard(data.n)
+            if zd.active():
                 data = data.subset(torch.arange(part.start, part.stop), f"{data.source}[{part.start}:{part.stop}]")
             if data.n * 3 * src.input_size ** 2 * 4 > _in_memory_budget():
                 return data  # read lazily by quantize (zsq_fast.quantize.calib_data), a batch at a time
@@ -121,14 +155,17 @@ def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> to
         iterations=args.gen_iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
         per_class=args.per_class, progress=not args.no_progress, report=report, stale_refresh=args.stale_refresh,
         store=args.store, channels_last=args.channels_last)
-    report.settings["calibration"] = {"source": f"generator {args.generator}", "n": images.shape[0]}
-    return images[distributed.shard(images.shape[0])]  # every rank generated the same set (same seed)
+    # inside a process group generate() shards the set itself: each rank gets its own chunks, in rank order
+    n = zd.all_reduce_sum_(torch.tensor([images.shape[0]], device=zd.collective_device()),
+                           "the generated shards' sizes").item()
+    report.settings["calibration"] = {"source": f"generator {args.generator}", "n": int(n)}
+    return images
 
 
 def cmd_quantize(args) -> int:
     """Under torchrun every rank runs this: each takes its shard of the calibration set, quantize() reduces
     statistics and gradients over the ranks, and rank 0 alone draws progress and writes the outputs."""
-    created = distributed.init_from_env(None if args.device in (None, "", "auto") else args.device)
+    created = zd.init_from_env(None if args.device in (None, "", "auto") else args.device)
     try:
         return _quantize(args)
     finally:
@@ -138,11 +175,10 @@ def cmd_quantize(args) -> int:
 
 def _quantize(args) -> int:
     report, device = _start(args, "quantize")
-    if distributed.active():
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())  # init_from_env set LOCAL_RANK's
-        report.settings["world_size"] = distributed.world_size()
-        args.no_progress = args.no_progress or not distributed.is_main()
+    if zd.active():
+        device = _rank_device(device)
+        report.settings["world_size"] = zd.world_size()
+        args.no_progress = args.no_progress or not zd.is_main()
     parse_bits(args.bits)
     _check_output(args.out)
     recon = {k: v for k, v in (("lr", args.lr), ("act_lr", args.act_lr), ("reg_weight", args.reg_weight),
@@ -165,7 +201,7 @@ def _quantize(args) -> int:
     qmodel = run_quantize(src, calib, bits=args.bits, preset=args.preset, method=args.method, device=device,
                           seed=args.seed, precision=args.precision, iterations=args.iterations,
                           batch_size=args.batch_size, progress=not args.no_progress, report=report, extra=extra)
-    if not distributed.is_main():  # every rank holds the same model; rank 0 writes it
+    if not zd.is_main():  # every rank holds the same model; rank 0 writes it
         return 0
     from .quantize import export_onnx, save_quantized
 

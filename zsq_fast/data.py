@@ -9,6 +9,8 @@ batch by batch, so an ImageNet-sized folder never sits in memory as floats.
               or a flat folder of images (no labels; e.g. PNGs written by `zsq-fast generate`; a
               labels.txt/labels.json beside them, one int per image in sorted-name order, adds labels)
   .pt/.pth    a float tensor (N, 3, H, W) already in normalized input space (zsq_fast.save_images)
+  shards/     manifest.json + one .pt file or PNG folder per rank (`zsq-fast generate` under torchrun): one
+              set, the shards in global order
 """
 from __future__ import annotations
 
@@ -67,7 +69,9 @@ def load_images_for(path: str, mean: Sequence[float], std: Sequence[float], size
     """Read `path` (see module docstring) for a model with input normalization mean/std and size."""
     if not os.path.exists(path):
         raise MissingFileError(f"data not found: {path}")
-    if os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        data = _shards(path, mean, std, size)
+    elif os.path.isdir(path):
         data = _folder(path, mean, std, size)
     elif path.endswith(".npz"):
         data = _npz(path, mean, std, size)
@@ -251,3 +255,28 @@ def random_subset(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
     if n > n_total:
         raise InvalidArgumentError(f"asked for {n} images but the data has {n_total}")
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def _shards(path: str, mean, std, size: int) -> ImageSet:
+    """The shards a multi-rank `generate` wrote (manifest.json) as one lazily read set, in global order."""
+    from .generate.sharded_run import read_manifest
+
+    rows = sorted(read_manifest(path)["shards"], key=lambda r: r["start"])
+    parts = [load_images_for(os.path.join(path, r["path"]), mean, std, size) for r in rows]
+    for r, part in zip(rows, parts):
+        if part.n != r["stop"] - r["start"]:
+            raise FileFormatError(f"{path}: shard {r['path']} holds {part.n} images, the manifest says "
+                                  f"{r['stop'] - r['start']}")
+    starts = torch.tensor([r["start"] for r in rows])
+    labels = [p.labels for p in parts]
+
+    def read(idx: torch.Tensor) -> torch.Tensor:
+        which = torch.searchsorted(starts, idx, right=True) - 1
+        pieces = [(which == k, parts[k].read(idx[which == k] - starts[k])) for k in which.unique().tolist()]
+        out = pieces[0][1].new_empty(len(idx), *pieces[0][1].shape[1:])
+        for mask, x in pieces:
+            out[mask] = x
+        return out
+
+    return ImageSet(rows[-1]["stop"], torch.cat(labels) if all(y is not None for y in labels) else None,
+                    f"{len(rows)} shards in {path}", read)

@@ -106,7 +106,6 @@ __all__ = ["DistributedError", "active", "rank", "world_size", "is_main", "launc
            "init_from_env", "shard", "all_reduce_sum_", "all_reduce_max_", "broadcast_object", "barrier"]
 
 
-# ---------------------------------------------------------------- added for distributed quantization
 def all_gather_cat(t: torch.Tensor, what: str = "all-gather") -> torch.Tensor:
     """Every rank's t (any length along dim 0, same trailing shape) concatenated in rank order, on every
     rank; t itself in a single process."""
@@ -130,9 +129,6 @@ def broadcast_(t: torch.Tensor, src: int = 0, what: str = "broadcast") -> torch.
     return t
 
 
-__all__ += ["all_gather_cat", "broadcast_"]
-
-
 def collective_device() -> torch.device:
     """Where a tensor must live to take part in a collective: this rank's GPU under NCCL, else the CPU."""
     if active() and dist.get_backend() == "nccl":
@@ -140,4 +136,13 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-__all__ += ["collective_device"]
+def all_gather_object(obj, what: str = "all-gather") -> list:
+    """Every rank's picklable obj, in rank order, on every rank; [obj] in a single process."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    _collective(what, dist.all_gather_object, out, obj)
+    return out
+
+
+__all__ += ["all_gather_cat", "broadcast_", "collective_device", "all_gather_object"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shutil
 import tempfile
@@ -14,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import distributed as zd
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..fileio import as_path
 from ..validate import as_device, check_finite_images, check_finite_model, probe_forward
-from . import bns, dgh, fdda
+from . import bns, dgh, fdda, sharded_run, shards
 from .bn_capture import BNCapture, find_bn_layers, used_layers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .context import LossScale, Run, measure_bn_loss, output_images
@@ -26,7 +28,7 @@ from .losses import layer_weights
 from .optim import Plateau
 from .record import GenerationRecord
 from .run_folder import begin_step, end_step, open_run_folder, write_output
-from .store import ImageStore, choose_store, initial_canvases, make_store
+from .store import ImageStore, choose_store, make_store
 from .views import draw_views, margin_for
 
 METHODS = ("dgh", "bns", "fdda")
@@ -177,6 +179,13 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     when it exists (store="disk": the run folder, whose state follows every step and whose images are
     synced to disk every checkpoint_every steps). progress: called as progress(step, iterations,
     losses_dict) after every step.
+
+    Inside an initialised process group of several ranks (torchrun; zsq_fast.distributed.init_from_env),
+    every rank calls generate with the same arguments and gets its shard: whole chunks (fdda: whole
+    single-class batches) of the set, images [record.shard["start"], record.shard["stop"]) in its own
+    store; the losses in the record are the whole set's. The images equal one process's up to float64
+    reduction order (stale aggregation: a chunk sees other ranks' chunks as of the step's start).
+    checkpoint is then a folder: a manifest and one checkpoint (or run folder) per rank (sharded_run.py).
     """
     settings, device = make_settings(
         model, n_images, method, image_size, iterations=iterations, chunk_size=chunk_size, lr=lr, seed=seed,
@@ -292,15 +301,18 @@ def compared_settings(s: Settings) -> dict:
     return {k: v for k, v in asdict(s).items() if k not in _NOT_COMPARED}
 
 
-def canvas_shape(s: Settings) -> tuple[int, int, int, int]:
-    return (s.n_images, 3, s.image_size[0] + s.margin, s.image_size[1] + s.margin)
+def canvas_shape(s: Settings, n: int | None = None) -> tuple[int, int, int, int]:
+    """(N, 3, Hc, Wc) of the whole set, or of n images (a rank's shard)."""
+    return (s.n_images if n is None else n, 3, s.image_size[0] + s.margin, s.image_size[1] + s.margin)
 
 
-def build_run(model, s: Settings, device, store: str | None = None, folder=None) -> tuple[Run, torch.Tensor]:
+def build_run(model, s: Settings, device, store: str | None = None, folder=None,
+              shard: shards.Shard | None = None) -> tuple[Run, torch.Tensor]:
     """The run state before step 1 (and the model's output on a probe batch). The model must
     already be in eval mode; enter run.capture before any forward. store: the resolved store kind
     (default s.store; "auto" is resolved by generate()); folder: the run folder of store "disk", whose
-    saved state (None on a fresh start) goes to run.state["saved"]."""
+    saved state (None on a fresh start) goes to run.state["saved"]. shard: this rank's images of the
+    set (None: all of them); the store holds those only."""
     size = tuple(s.image_size)
     layers = find_bn_layers(model)
     out = _probe(model, size, device)
@@ -310,24 +322,27 @@ def build_run(model, s: Settings, device, store: str | None = None, folder=None)
     lo, hi = (0 - mean) / std, (1 - mean) / std
     targets = [(torch.zeros(3, device=device), torch.ones(3, device=device))]
     targets += [(l.mean.to(device), l.std.to(device)) for l in layers]
-    generator = torch.Generator().manual_seed(s.seed)
-    shape = canvas_shape(s)
+    generator = torch.Generator().manual_seed(s.seed)  # views and fdda's noise, alike on every rank
+    start, stop = (0, s.n_images) if shard is None else (shard.start, shard.stop)
+    shape = canvas_shape(s, stop - start)
+
+    def initial_blocks():  # each image's noise depends on the seed and its index only
+        return shards.initial_canvases(s.seed, canvas_shape(s), lo, hi, start, stop)
     kind = s.store if store is None else store
     saved = None
     if kind == "disk":
         if folder is None:
             raise InvalidArgumentError("store='disk' needs a run folder (generate's checkpoint=FOLDER)")
-        image_store, saved = open_run_folder(folder, compared_settings(s), shape,
-                                             lambda: initial_canvases(generator, shape, lo, hi))
+        image_store, saved = open_run_folder(folder, compared_settings(s), shape, initial_blocks)
     elif kind in ("host", "device"):
         need = 3 * 4 * math.prod(shape)  # images + two RAdam moments, float32
-        too_big = f"n_images={s.n_images} at image_size={size[0]}x{size[1]} needs about {need / 2**30:.3g} GiB " \
+        too_big = f"n_images={shape[0]} at image_size={size[0]}x{size[1]} needs about {need / 2**30:.3g} GiB " \
                   "for the images and optimizer state"
         if kind == "host" and need > _available_host_memory():
             raise InvalidArgumentError(f"{too_big}, more than this machine has free; generate fewer images per "
                                        "call or use store='disk'")
         try:
-            x0 = torch.cat([x for _, x in initial_canvases(generator, shape, lo, hi)])
+            x0 = torch.cat([x for _, x in initial_blocks()])
             image_store = make_store(x0, torch.device("cpu") if kind == "host" else device)
         except (RuntimeError, MemoryError):  # the allocator's "not enough memory"
             raise InvalidArgumentError(f"{too_big}, more than this machine can allocate") from None
@@ -339,13 +354,14 @@ def build_run(model, s: Settings, device, store: str | None = None, folder=None)
               store=image_store, device=device, chunk_size=s.chunk_size, size=size, lo=lo, hi=hi,
               generator=generator, plateau=Plateau(lr=s.lr, patience=s.patience, min_lr=s.min_lr),
               augment=s.augment, odsl_weight=s.odsl_weight, odsl_hinged=s.odsl_form == "hinged",
-              amp_dtype=AMP[s.amp], channels_last=s.channels_last, loss_scale=LossScale() if s.amp == "fp16" else None)
+              amp_dtype=AMP[s.amp], channels_last=s.channels_last, loss_scale=LossScale() if s.amp == "fp16" else None,
+              shard=shard)
     run.state["stale_refresh"] = s.stale_refresh
     run.state["saved"] = saved
     return run, out
 
 
-def _resolve_store(s: Settings, device, checkpoint) -> dict:
+def _resolve_store(s: Settings, device, checkpoint, n: int | None = None) -> dict:
     """{"kind", "reason", "folder"}: where this run keeps its images and moments."""
     kind, reason = s.store, "requested"
     if kind == "auto":  # a run resumes where it was stored, whatever memory is free now
@@ -355,7 +371,7 @@ def _resolve_store(s: Settings, device, checkpoint) -> dict:
         elif existing is not None and existing.is_file():
             kind, reason = ("device" if device.type == "cuda" else "host"), f"resuming the checkpoint file {existing}"
         else:
-            kind, reason = choose_store(3 * 4 * math.prod(canvas_shape(s)), device)
+            kind, reason = choose_store(3 * 4 * math.prod(canvas_shape(s, n)), device)
     if kind == "device" and device.type == "cpu":
         kind = "host"
     folder, temporary = None, False
@@ -385,20 +401,53 @@ def _available_host_memory() -> float:
 
 
 def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, progress):
-    placed = _resolve_store(s, device, checkpoint)
+    shard = _plan_shard(model, s, device, real_images, real_labels) if zd.active() else None
+    shards.new_run()
+    if shard is not None and checkpoint is not None:  # a folder: the manifest and one entry per rank
+        own = Path(checkpoint) / sharded_run.rank_name(shard.rank)
+        guess = own if s.store == "disk" or (own / "run.json").exists() else own.with_suffix(".pt")
+        placed = _resolve_store(s, device, guess, shard.n)
+        checkpoint = sharded_run.prepare_checkpoint(checkpoint, shard, placed["kind"] == "disk")
+        if placed["kind"] == "disk":
+            placed["folder"] = str(checkpoint)
+    else:
+        placed = _resolve_store(s, device, checkpoint, None if shard is None else shard.n)
     try:
-        return _generate_in(model, s, device, real_images, real_labels, checkpoint, progress, placed)
+        return _generate_in(model, s, device, real_images, real_labels, checkpoint, progress, placed, shard)
     finally:
         if placed["temporary"]:  # the returned images stay readable: a mapped file outlives its name
             shutil.rmtree(placed["folder"], ignore_errors=True)
 
 
-def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoint, progress, placed):
+def _plan_shard(model, s: Settings, device, real_images, real_labels) -> shards.Shard:
+    """This rank's part of the set: whole chunks (dgh, bns) or whole single-class batches (fdda)."""
+    if s.method != "fdda":
+        return shards.plan(shards.chunk_units(s.n_images, s.chunk_size), s.n_images)
+    num_classes = _probe(model, tuple(s.image_size), device).shape[-1]
+    _, y = _real_per_class(s, real_images, real_labels, num_classes)
+    classes = torch.unique(y)
+    labels = fdda.synthetic_labels(s.n_images, classes)
+    return shards.plan([sl for _, sl in fdda.class_batches(labels, classes, s.chunk_size)], s.n_images,
+                       what="single-class batches")
+
+
+def _exit_for_test(step: int) -> None:
+    """ZSQ_FAST_TEST_EXIT=RANK:STEP ends that rank abruptly when STEP begins (the killed-rank tests)."""
+    spec = os.environ.get("ZSQ_FAST_TEST_EXIT")
+    if spec and spec == f"{zd.rank()}:{step}":
+        os._exit(17)
+
+
+def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoint, progress, placed, shard=None):
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     disk = placed["kind"] == "disk"
-    run, out = build_run(model, s, device, placed["kind"], placed["folder"])
+    if shard is None:
+        run, out = build_run(model, s, device, placed["kind"], placed["folder"])
+    else:  # a rank whose store or run folder fails ends every rank at once
+        run, out = sharded_run.agreed(lambda: build_run(model, s, device, placed["kind"], placed["folder"], shard),
+                                      "setting up the image store")
     layers, capture = run.layers, run.capture
     compared = compared_settings(s)
     with capture:
@@ -409,6 +458,10 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
         history, resumed = [], None
         if disk:  # the run folder is the checkpoint
             saved = run.state.pop("saved")
+            if shard is not None:
+                sharded_run.check_same_step(Path(placed["folder"]), 0 if saved is None else int(saved["step"]))
+        elif shard is not None and checkpoint is not None:
+            saved = sharded_run.load_rank_checkpoint(checkpoint, compared, shard.n)
         else:
             saved = load_checkpoint(checkpoint, compared) if checkpoint is not None else None
         if saved is not None:
@@ -422,18 +475,24 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
         t_loop = time.perf_counter()
         for step in range(run.step + 1, s.iterations + 1):
             run.step = step
+            _exit_for_test(step)
+            shards.heartbeat(step)
             if disk:
                 begin_step(run.store, step)
             views = _views(run, s)
             lr_used = run.plateau.lr
-            losses = step_fn(run, views)
+            try:
+                losses = step_fn(run, views)
+            except zd.DistributedError as e:
+                raise zd.DistributedError(f"generation step {step}: {shards.who_stopped(step)}; {e}") from e
             run.plateau.step(losses["total"])
             history.append({"step": step, "lr": lr_used, **losses})
             if disk:  # every step: images are updated in place, the state must follow them
                 end_step(run.store, _state(run, compared, history, initial_bn, images=False),
                          sync=step % s.checkpoint_every == 0 or step == s.iterations)
             elif checkpoint is not None and (step % s.checkpoint_every == 0 or step == s.iterations):
-                save_checkpoint(checkpoint, _state(run, compared, history, initial_bn))
+                save = save_checkpoint if shard is None else sharded_run.save_rank_checkpoint
+                save(checkpoint, _state(run, compared, history, initial_bn))
             if progress is not None:
                 progress(step, s.iterations, losses)
         steps_done = len(history)
@@ -455,27 +514,47 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
         final_bn_loss=final_bn, timings=timings, peak_memory=peak, bn_layers=[l.name for l in layers],
         steps_done=steps_done, resumed_from_step=resumed,
         labels=run.state["labels"].clone() if s.method == "fdda" else None,
-        store=_store_note(placed))
+        store=_store_note(placed), shard=None if shard is None else shard.note())
     return images, record
 
 
 def _views(run: Run, s: Settings):
-    return draw_views(run.n, s.margin, run.generator) if s.augment else None
+    """This step's views of this rank's images, drawn for the whole set (alike on every rank)."""
+    if not s.augment:
+        return None
+    views = draw_views(run.n_all, s.margin, run.generator)
+    return views if run.shard is None else views[run.shard.start:run.shard.stop]
 
 
-def _setup_fdda(run: Run, s: Settings, real_images, real_labels, num_classes: int) -> None:
+def _real_per_class(s: Settings, real_images, real_labels, num_classes: int):
+
+
     try:
         x, y = fdda.select_per_class(real_images, real_labels, s.images_per_class, num_classes)
     except (TypeError, ValueError, IndexError, RuntimeError) as e:  # fdda's checks, torch's conversions
         raise InvalidArgumentError(f"real_images/real_labels: {e}") from None
     check_finite_images(x, "real_images")
-    if tuple(x.shape[1:]) != (3, *run.size):
-        raise InvalidArgumentError(f"fdda: real images have shape {tuple(x.shape[1:])}, expected (3, {run.size[0]}, "
-                                   f"{run.size[1]}) in the model's normalized input space")
+    if tuple(x.shape[1:]) != (3, *s.image_size):
+        raise InvalidArgumentError(f"fdda: real images have shape {tuple(x.shape[1:])}, expected (3, {s.image_size[0]}, "
+                                   f"{s.image_size[1]}) in the model's normalized input space")
+    return x, y
+
+
+def _setup_fdda(run: Run, s: Settings, real_images, real_labels, num_classes: int) -> None:
+    x, y = _real_per_class(s, real_images, real_labels, num_classes)
     centers = fdda.class_centers(run, x, y)
-    labels = fdda.synthetic_labels(run.n, centers.classes)
-    run.state.update(centers=centers, labels=labels,
-                     batches=fdda.class_batches(labels, centers.classes, run.chunk_size), weights=s.fdda_weights,
+    if run.shard is not None:  # every rank uses rank 0's centers (GPUs may round their forwards differently)
+        centers = zd.broadcast_object(fdda.ClassCenters(centers.classes.cpu(), [m.cpu() for m in centers.mean],
+                                                        [v.cpu() for v in centers.var]), what="the fdda class centers")
+        centers = fdda.ClassCenters(centers.classes, [m.to(run.device) for m in centers.mean],
+                                    [v.to(run.device) for v in centers.var])
+    labels = fdda.synthetic_labels(run.n_all, centers.classes)
+    batches = fdda.class_batches(labels, centers.classes, run.chunk_size)
+    if run.shard is not None:  # this rank's batches, as slices of its store
+        sh = run.shard
+        batches = [(k, sh.local(sl)) for k, sl in batches if sh.start <= sl.start < sh.stop]
+        labels = labels[sh.start:sh.stop]
+    run.state.update(centers=centers, labels=labels, batches=batches, weights=s.fdda_weights,
                      noise_mean_std=0.5, noise_var_std=1.0)
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 from ..ops import channel_mean_var
 from .context import Run, check_finite, forward, grad_of, see, update
 from .losses import bn_group_losses, bn_terms, odsl, std_from_var
+from .shards import reduce_sums
 
 
 def bns_step(run: Run, views) -> dict:
-    n_total, bn_sum, out_sum = run.n, 0.0, 0.0
+    bn_sum, out_sum = 0.0, 0.0
     group_sums: dict[str, float] = {}
     for sl in run.store.chunks(run.chunk_size):
         x, m, v = run.store.load(sl, run.device, moments=True)
@@ -32,6 +33,9 @@ def bns_step(run: Run, views) -> dict:
         bn_sum += float(l_bn.detach()) * (sl.stop - sl.start)
         for k, val in bn_group_losses(terms).items():
             group_sums[k] = group_sums.get(k, 0.0) + val * (sl.stop - sl.start)
+    sums = reduce_sums({"bn_sum": bn_sum, "out_sum": out_sum, **group_sums})  # over the ranks
+    n_total, bn_sum, out_sum = run.n_all, sums["bn_sum"], sums["out_sum"]
+    group_sums = {k: sums[k] for k in group_sums}
     bn = bn_sum / n_total
     losses = {"bn": bn, "total": bn + run.odsl_weight * out_sum / n_total}
     if run.odsl_weight:

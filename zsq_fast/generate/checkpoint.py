@@ -23,8 +23,9 @@ _KEYS = ("settings", "step", "x", "exp_avg", "exp_avg_sq", "plateau", "generator
          "stale_cache")
 
 
-def load_checkpoint(path: str | os.PathLike, settings: dict) -> dict | None:
-    """The saved state, or None when there is none; a checkpoint of other settings is an error."""
+def load_checkpoint(path: str | os.PathLike, settings: dict, n_images: int | None = None) -> dict | None:
+    """The saved state, or None when there is none; a checkpoint of other settings is an error.
+    n_images: the images the file holds (a rank's shard), default the settings' n_images."""
     path = Path(path)
     if not path.exists():
         return None
@@ -43,7 +44,7 @@ def load_checkpoint(path: str | os.PathLike, settings: dict) -> dict | None:
     if diff:
         raise InvalidArgumentError(f"checkpoint {path} was written with other settings ({', '.join(diff)}); "
                                    "remove it or use another checkpoint path")
-    shape = (current["n_images"], 3, current["image_size"][0] + current["margin"],
+    shape = (current["n_images"] if n_images is None else n_images, 3, current["image_size"][0] + current["margin"],
              current["image_size"][1] + current["margin"])
     for k in ("x", "exp_avg", "exp_avg_sq"):
         t = state[k]

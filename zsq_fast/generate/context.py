@@ -13,6 +13,7 @@ from ..ops import ChannelStats, channel_stats, inject_stats_grad
 from .bn_capture import BNCapture, BNLayer
 from .losses import bn_loss, bn_terms, std_from_var
 from .optim import Plateau, radam_update_
+from .shards import Shard, global_stats
 from .store import ImageStore
 from .views import ViewParams, apply_view, final_view
 
@@ -62,11 +63,18 @@ class Run:
     channels_last: bool = False      # the model sees NHWC images (the store and gradients stay NCHW)
     loss_scale: LossScale | None = None  # fp16 autocast only (gradients would underflow)
     step: int = 0                    # RAdam step count (1-based once running)
+    shard: Shard | None = None       # this rank's images of the whole set (None: a single process owns all)
     state: dict = field(default_factory=dict)  # method-specific (stale cache, FDDA centers, labels)
 
     @property
     def n(self) -> int:
+        """Images in this rank's store."""
         return self.store.n
+
+    @property
+    def n_all(self) -> int:
+        """Images of the whole set, over every rank."""
+        return self.n if self.shard is None else self.shard.n_total
 
 
 def autocast(run: Run):
@@ -133,15 +141,16 @@ def grad_of(run: Run, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def whole_set_stats(run: Run, images_of_chunk) -> list[ChannelStats]:
-    """Per-layer statistics over all N images, streamed chunk by chunk and merged exactly.
-    images_of_chunk(sl) gives the device images the model sees for that chunk."""
+    """Per-layer statistics over all N images, streamed chunk by chunk and merged exactly (across the
+    ranks of a process group too: each rank streams its own chunks). images_of_chunk(sl) gives the
+    device images the model sees for that chunk of this rank's store."""
     totals = None
     for sl in run.store.chunks(run.chunk_size):
         acts, _ = forward(run, images_of_chunk(sl))
         # each chunk is merged into the running totals inside the statistics kernel (on the device)
         totals = [channel_stats(a) for a in acts] if totals is None else [
             channel_stats(a, t) for a, t in zip(acts, totals)]
-    return totals
+    return global_stats(totals)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from ..ops import ChannelStats, channel_mean_var, channel_stats
 from .context import Run, check_finite, forward, grad_of, output_images, see, update, whole_set_bn
 from .losses import bn_group_losses, bn_terms, merge_mean_var, odsl, std_from_var
+from .shards import global_stats, reduce_sums
 from .stale_cache import StaleCache
 
 STALE_REFRESH = ("after_update", "before_update")
@@ -36,10 +37,12 @@ def _odsl(run: Run, acts, logits) -> torch.Tensor:
 
 def _step_losses(run: Run, bn: float, out_sum: float, out_term: float, groups: dict) -> dict:
     """The step's reported losses: L_BN, the mean per-image ODSL (when on), the objective
-    L_BN + w_odsl * sum over chunks of the chunk-mean ODSL, and L_BN per layer group."""
-    losses = {"bn": bn, "total": bn + run.odsl_weight * out_term}
+    L_BN + w_odsl * sum over chunks of the chunk-mean ODSL, and L_BN per layer group.
+    out_sum, out_term: this rank's sums (summed over the ranks here)."""
+    sums = reduce_sums({"out_sum": out_sum, "out_term": out_term})
+    losses = {"bn": bn, "total": bn + run.odsl_weight * sums["out_term"]}
     if run.odsl_weight:
-        losses["odsl"] = out_sum / run.n
+        losses["odsl"] = sums["out_sum"] / run.n_all
     return {**losses, **groups}
 
 
@@ -84,6 +87,7 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
     from the stored images' output view; with "before_update" from this step's forward."""
     cache: StaleCache = run.state["cache"]
     cache.resync()  # totals from scratch each step: rounding drift spans one step at most
+    remote = _other_ranks(cache.totals)
     after = run.state.get("stale_refresh", "after_update") == "after_update"
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     bn_sum, out_sum, out_term = 0.0, 0.0, 0.0
@@ -95,7 +99,8 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
         acts, logits = forward(run, see(run, x, vsl(sl)))
         stats, fresh = [], []
         others = cache.others(j)
-        for a, o in zip(acts, others):
+        seen = others if remote is None else [o.merge(r) for o, r in zip(others, remote)]
+        for a, o in zip(acts, seen):
             mu_j, var_j = channel_mean_var(a)
             mu_j, var_j = mu_j.double(), var_j.double()
             n_j = float(a.numel() // a.shape[1])
@@ -116,8 +121,19 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
             group_sums[k] = group_sums.get(k, 0.0) + val
         on_grad(sl, x.detach(), g, m, v)
         cache.replace(j, _finalised_stats(run, sl) if after else fresh, others)
-    groups = {k: val / len(chunks) for k, val in group_sums.items()}
-    return _step_losses(run, bn_sum / len(chunks), out_sum, out_term, groups)
+    sums = reduce_sums({"bn_sum": bn_sum, "chunks": len(chunks), **group_sums})
+    groups = {k: sums[k] / sums["chunks"] for k in group_sums}
+    return _step_losses(run, sums["bn_sum"] / sums["chunks"], out_sum, out_term, groups)
+
+
+def _other_ranks(local: list[ChannelStats]) -> list[ChannelStats] | None:
+    """Per layer: the cached statistics of every other rank's chunks at the start of the step (None in
+    a single process). Within a rank, chunk j sees the chunks before it refreshed this step, as in a
+    single process; another rank's chunks it sees as they were when the step began."""
+    from .stale_cache import unmerge
+
+    whole = global_stats(local)
+    return None if whole is local else [unmerge(w, t) for w, t in zip(whole, local)]
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..ops import channel_mean_var, channel_stats
 from .context import Run, check_finite, forward, grad_of, see, update, whole_set_bn
 from .losses import bn_group_losses, center_loss
+from .shards import reduce_sums
 
 
 @dataclass
@@ -146,12 +147,13 @@ def fdda_gradients(run: Run, views, on_grad) -> dict:
         l_d = center_loss(deep_stats, [(nm[k], nv[k]) for nm, nv in noisy]) / len(deep)
         y = st["labels"][sl].to(run.device)
         ce = F.cross_entropy(logits.float(), y)
-        frac = (sl.stop - sl.start) / run.n
+        frac = (sl.stop - sl.start) / run.n_all
         class_terms = w["ce"] * ce + w["distort"] * l_d + w["center"] * l_c
         check_finite(run, class_terms, "the fdda loss")
         loss = frac * class_terms + bn.injected(acts)
         on_grad(sl, x.detach(), grad_of(run, loss, x), m, v)
         for name, val in (("ce", ce), ("center", l_c), ("distort", l_d)):
             out[name] += float(val.detach()) * frac
+    out.update(reduce_sums({k: out[k] for k in ("ce", "center", "distort")}))  # over the ranks
     out["total"] = w["bn"] * out["bn"] + sum(w[name] * out[name] for name in ("ce", "center", "distort"))
     return {**out, **bn_group_losses(bn.terms)}

@@ -109,10 +109,17 @@ def _read_png(f: Path) -> np.ndarray:
 def load_images(path: str | os.PathLike, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, with_labels: bool = False):
     """Read what save_images wrote: images (N, C, H, W) normalized with mean/std (a .pt file keeps
     its own); with_labels=True returns (images, labels or None). A generate run folder (store="disk")
-    gives its output images memory-mapped (read lazily; the run's own normalization)."""
+    gives its output images memory-mapped (read lazily; the run's own normalization). A folder written
+    by several ranks (manifest.json: the CLI's output, or a sharded checkpoint folder of store="disk")
+    gives the whole set, its shards concatenated in global order."""
     path = as_path(path, "load_images path")
     if not path.exists():
         raise InvalidArgumentError(f"no images at {path}")
+    from .sharded_run import is_sharded, load_sharded
+
+    if is_sharded(path):  # written by several ranks: every shard, in global order
+        images, labels = load_sharded(path, lambda p: load_images(p, mean=mean, std=std, with_labels=True))
+        return (images, labels) if with_labels else images
     if path.is_dir() and (path / "run.json").exists():
         from .run_folder import open_output
 

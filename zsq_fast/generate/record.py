@@ -20,6 +20,8 @@ class GenerationRecord:
     resumed_from_step: int | None = None
     labels: torch.Tensor | None = None  # fdda: the class of every image
     store: dict | None = None      # {"kind": host|device|disk, "reason": why (store="auto"), "folder": run folder}
+    shard: dict | None = None      # under several ranks: {"rank", "world_size", "start", "stop", "n_images"};
+                                   # the images and labels returned are this rank's [start, stop)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -6,7 +6,6 @@ not on N.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -88,16 +87,3 @@ def choose_store(nbytes: int, device: torch.device, free_device: int | None = No
                         f"free host memory{where}")
     return "disk", (f"images + moments {nbytes / gib:.2f} GiB > {AUTO_SHARE:g} x {free_host / gib:.2f} GiB free "
                     "host memory")
-
-
-def initial_canvases(generator: torch.Generator, shape, lo: torch.Tensor, hi: torch.Tensor, block: int = 256):
-    """(slice, canvases) blocks of N(0, 1) noise clipped to the pixel range, drawn in order from
-    `generator`. Blocks hold a multiple of 16 values (CPU normal_ fills 16 at a time), so any
-    blocking draws the same numbers as one torch.randn(shape) (a test checks it)."""
-    n, per_image = shape[0], math.prod(shape[1:])
-    step = 16 // math.gcd(16, per_image)
-    block = max(step, block // step * step)
-    lo, hi = lo.cpu().view(1, -1, 1, 1), hi.cpu().view(1, -1, 1, 1)
-    for i in range(0, n, block):
-        x = torch.randn(min(block, n - i), *shape[1:], generator=generator)
-        yield slice(i, i + x.shape[0]), torch.maximum(torch.minimum(x, hi), lo)
