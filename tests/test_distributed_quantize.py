@@ -170,9 +170,11 @@ def test_a_dead_rank_ends_the_other_with_a_clear_error(tmp_path, how):
     assert "reconstruction gradients failed on rank 0 of 2" in message and "\n" not in message.strip()
 
 
-def test_cli_quantize_under_torchrun_equals_one_process(tmp_path):
+@pytest.mark.parametrize("source", ["images", "generator"])
+def test_cli_quantize_under_torchrun_equals_one_process(tmp_path, source):
     """`torchrun --nproc_per_node=2 -m zsq_fast quantize ...` unchanged: rank 0 writes one model and report,
-    the model a plain single-process run of the same command writes."""
+    the model a plain single-process run of the same command writes. With --generator each rank quantizes
+    on the shard its own (distributed) generation made."""
     import json
     import subprocess
     import sys
@@ -185,8 +187,10 @@ def test_cli_quantize_under_torchrun_equals_one_process(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                ZSQ_FAST_DIST_TIMEOUT="60")
-    argv = ["-m", "zsq_fast", "quantize", "--model", "digits_cnn", "--weights", str(d / "w.pt"), "--images",
-            str(d / "data.npz"), "--method", "brecq", "--iterations", "4", "--batch-size", "6", "--device", "cpu"]
+    calib = (["--images", str(d / "data.npz")] if source == "images" else
+             ["--generator", "bns", "--num-images", "18", "--gen-iterations", "2", "--chunk-size", "6"])
+    argv = ["-m", "zsq_fast", "quantize", "--model", "digits_cnn", "--weights", str(d / "w.pt"), *calib,
+            "--method", "brecq", "--iterations", "4", "--batch-size", "6", "--device", "cpu"]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", *argv, "--out", str(tmp_path / "two.pt")]
     r = subprocess.run(two, env=env, capture_output=True, text=True, timeout=240)
