@@ -66,12 +66,14 @@ def reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,
-                generator: torch.Generator, on_step=None, site_quantizers=()) -> float:
+                generator: torch.Generator, on_step=None, site_quantizers=(), output_quantizer=None) -> float:
     """Learn the rounding of `layers` (inside `unit`) so that unit(x_q) matches the float target.
 
     Leaves every layer with hard rounding (h = 1[V >= 0]); returns the last reconstruction loss.
     on_step(t, loss_fn) is called each iteration (loss_fn() gives the loss as a float). site_quantizers: the
     output quantizers inside the unit (hw), learned with LSQ like the layers' input quantizers.
+    output_quantizer: the network output's quantizer when this unit makes the logits: the loss is on the quantized
+    logits, its scale held (output.py says why).
     """
     vs = [layer.init_adaround() for layer in layers]
     opt_v = torch.optim.Adam(vs, lr=cfg.lr)
@@ -97,7 +99,10 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
             beta = beta_schedule(t, cfg.iterations, cfg)
             for layer in layers:
                 layer.beta = cfg.beta_start if beta is None else beta
-            rec = reconstruction_loss(unit(x), b["y_fp"])
+            out = unit(x)
+            if output_quantizer is not None:
+                out = output_quantizer(out)
+            rec = reconstruction_loss(out, b["y_fp"])
             loss = rec
             if beta is not None:
                 loss = loss + cfg.reg_weight * sum(layer.reg for layer in layers)
