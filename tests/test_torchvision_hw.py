@@ -46,9 +46,3 @@ def test_torchvision_hw_export_matches_and_has_no_float_edges(name, tmp_path):
     r = zsq_fast.evaluate_onnx(path, x, reference=q, threads=1)
     assert r["agreement"] == 100.0 and r["max_logit_diff_steps"] <= 1.0, r
 
-
-def test_densenet_bn_before_conv_is_refused_by_name():
-    """BN -> ReLU -> Conv (DenseNet, pre-activation ResNets) cannot be folded; not yet a quantized affine op."""
-    model = _with_bn_statistics("densenet121")
-    with pytest.raises(ValueError, match="norm1"):
-        zsq_fast.quantize(model, torch.randn(4, 3, SIZE, SIZE), "W8A8", preset="hw")
