@@ -3,9 +3,9 @@
 Per model: random weights (no download) with BN statistics set by a few train-mode passes on noise; generate
 N images with dgh (a few steps); quantize W8A8 `hw` with nearest rounding; export ONNX QDQ; run it through
 onnxruntime (default session options) and compare with the fake-quant model (top-1 agreement, max logit
-difference in output steps); count the data ops (Add/Concat/Conv/Gemm) with an input that does not come out of
-a DequantizeLinear ("float edges", 0 when every tensor between quantized ops is on an integer grid). Models
-without BN (ConvNeXt, SqueezeNet, ViT, ...) are listed as refused by the BN generators. A model that fails
+difference in output steps); count the data ops (Add/Concat/Conv/Gemm/MatMul/Mul) with an input that does
+not come out of a DequantizeLinear ("float edges", zsq_fast.quantize.onnx_qdq.float_edges; 0 when every
+tensor between quantized ops is on an integer grid). Models without BN (ConvNeXt, SqueezeNet, ViT, ...) are listed as refused by the BN generators. A model that fails
 shows its error in the table.
 
     python benchmarks/torchvision_sweep.py --models resnet18,mobilenet_v2 --size 64 --threads 1
@@ -36,14 +36,8 @@ def has_bn(m) -> bool:
 def float_edges(path: str) -> int:
     import onnx
 
-    g = onnx.shape_inference.infer_shapes(onnx.load(path)).graph
-    producer = {o: n for n in g.node for o in n.output}
-    elem = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output]}
-    bad = 0
-    for n in g.node:
-        if n.op_type in ("Add", "Concat", "Conv", "Gemm", "MatMul") and elem.get(n.output[0]) == onnx.TensorProto.FLOAT:
-            bad += sum(1 for i in n.input if i not in producer or producer[i].op_type != "DequantizeLinear")
-    return bad
+    from zsq_fast.quantize.onnx_qdq import float_edges as edges
+    return len(edges(onnx.load(path)))
 
 
 def run_one(name: str, args) -> dict:

@@ -171,7 +171,7 @@ def lower_qdq(model, opset: int):
         else:
             raise ValueError(f"ONNX export: unknown node {DOMAIN}::{n.op_type}")
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(regrid_views(nodes))
     imports = [op for op in model.opset_import if op.domain != DOMAIN]
     for op in imports:
         if op.domain in ("", "ai.onnx"):
@@ -179,3 +179,81 @@ def lower_qdq(model, opset: int):
     del model.opset_import[:]
     model.opset_import.extend(imports)
     return model
+
+
+# ops that move values without computing (a channel split, a shuffle's reshape/transpose): their output is on the
+# input's integer grid
+VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+DATA_OPS = ("Add", "Concat", "Conv", "Gemm", "MatMul", "Mul")
+
+
+def regrid_views(nodes):
+    """Nodes with a QuantizeLinear/DequantizeLinear pair (the source's scale and zero point) put back on every edge
+    where a view of an activation's DequantizeLinear (ShuffleNet's channel split: x.chunk(2) -> Slice) feeds a
+    data op (its torch.cat -> Concat). The values are already on that grid, so nothing changes numerically; the
+    graph then says what an integer runtime runs (an int8 Slice), and the data op reads DequantizeLinear outputs
+    only, so onnxruntime can fuse it into its integer kernel. Returns the nodes in topological order."""
+    from onnx import helper
+
+    producer = {o: n for n in nodes for o in n.output}
+
+    def grid_source(name):
+        seen_view = False
+        while name in producer and producer[name].op_type in VIEW_OPS:
+            name, seen_view = producer[name].input[0], True
+        n = producer.get(name)
+        if seen_view and n is not None and n.op_type == "DequantizeLinear" and n.input[0] in producer \
+                and producer[n.input[0]].op_type == "QuantizeLinear":
+            return n
+        return None
+
+    out, made = [], {}
+    for n in nodes:
+        if n.op_type in DATA_OPS:
+            for k, name in enumerate(n.input):
+                dq = grid_source(name)
+                if dq is None:
+                    continue
+                if name not in made:
+                    base = f"{name}/regrid"
+                    out.append(helper.make_node("QuantizeLinear", [name, *dq.input[1:]], [f"{base}/q"],
+                                                name=f"{base}/QuantizeLinear"))
+                    out.append(helper.make_node("DequantizeLinear", [f"{base}/q", *dq.input[1:]], [f"{base}/dq"],
+                                                name=f"{base}/DequantizeLinear"))
+                    made[name] = f"{base}/dq"
+                n.input[k] = made[name]
+        out.append(n)
+    return out
+
+
+_ACT_INNER = ("Sigmoid", "HardSigmoid", "Tanh", "Softplus")  # x * f(x): SiLU, Hardswish, Mish written as ops
+
+
+def float_edges(model) -> list[str]:
+    """The inputs of float data ops (Add, Concat, Conv, Gemm, MatMul, Mul) of an onnx.ModelProto that do not come out
+    of a DequantizeLinear: each is a float tensor crossing between quantized ops ("node name: input name"); []
+    when every tensor between ops is on an integer grid. An activation's own x * sigmoid(x) (SiLU fused into the
+    conv before it, as integer kernels run it) is not an edge between ops."""
+    import onnx
+
+    g = onnx.shape_inference.infer_shapes(model).graph
+    producer = {o: n for n in g.node for o in n.output}
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output]}
+
+    def applies_to(name, x):  # name = f(...f(x)) through the activations' unary ops
+        while name in producer and producer[name].op_type in _ACT_INNER:
+            name = producer[name].input[0]
+            if name == x:
+                return True
+        return False
+
+    bad = []
+    for n in g.node:
+        if n.op_type not in DATA_OPS or elem.get(n.output[0]) != onnx.TensorProto.FLOAT:
+            continue
+        if n.op_type == "Mul" and len(n.input) == 2 and (applies_to(n.input[1], n.input[0])
+                                                          or applies_to(n.input[0], n.input[1])):
+            continue
+        bad += [f"{n.name}: {i}" for i in n.input
+                if i and (i not in producer or producer[i].op_type != "DequantizeLinear")]
+    return bad
