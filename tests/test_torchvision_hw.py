@@ -41,3 +41,16 @@ def test_torchvision_hw_export_matches_and_has_no_float_edges(name, tmp_path):
     r = zsq_fast.evaluate_onnx(path, x, reference=q, threads=1)
     assert r["agreement"] == 100.0 and r["max_logit_diff_steps"] <= 1.0, r
 
+
+
+def test_shufflenet_w4a4_export_runs_exactly(tmp_path):
+    """4-bit tensors read by MaxPool and by the channel split are stored as int8 + Clip (onnxruntime drops the Q/DQ
+    around such ops and cannot run them on INT4/UINT4; the model used to fail to load)."""
+    model = _with_bn_statistics("shufflenet_v2_x0_5")
+    x = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    q = zsq_fast.quantize(model, x, "W4A4", preset="hw")
+    path = tmp_path / "shufflenet_w4a4.onnx"
+    zsq_fast.export_onnx(q, path, torch.zeros(1, 3, SIZE, SIZE))
+    assert float_edges(onnx.load(str(path))) == []
+    r = zsq_fast.evaluate_onnx(path, x, reference=q, threads=1)
+    assert r["agreement"] == 100.0 and r["max_logit_diff_steps"] == 0.0, r

@@ -11,7 +11,9 @@ torch.onnx (TorchScript exporter, opset <= 20) cannot write 4-bit tensors, so th
    with a Clip to [(qmin - z) s, (qmax - z) s] before an activation's QuantizeLinear wherever the grid
    is narrower than int8 (clipping the float before rounding gives the integers that saturating would).
    2-3 bit activations, and 4-bit ones right after a Clip of the model (ReLU6), stay int8 + Clip:
-   onnxruntime 1.32's ClipQuantFusion fails on a Clip feeding an INT4/UINT4 QuantizeLinear.
+   onnxruntime 1.32's ClipQuantFusion fails on a Clip feeding an INT4/UINT4 QuantizeLinear. So do 4-bit ones
+   read by a MaxPool: with equal grids on both sides onnxruntime drops the Q/DQ around it and runs MaxPool on
+   the stored type, which it has no UINT4 kernel for (ShuffleNet V2 at W4A4 failed to load).
 
 Why this is what onnxruntime runs: its default optimizations keep a Clip that is narrower than the
 QuantizeLinear range (it fuses it into the conv as a float activation, or leaves it), never fuse INT4
@@ -120,6 +122,10 @@ def lower_qdq(model, opset: int):
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
     nodes = []
     for n in graph.node:
         if n.domain != DOMAIN:
@@ -130,7 +136,8 @@ def lower_qdq(model, opset: int):
         bits = a["bits"]
         if n.op_type == "QuantizeDequantize":
             after_clip = n.input[0] in producer and producer[n.input[0]].op_type == "Clip"
-            if bits < 4 or after_clip:
+            moved = any(op in MOVING_OPS for op in readers.get(n.output[0], ()))
+            if bits < 4 or after_clip or moved:
                 bits = 8
         dtype, tmin, tmax = storage(bits, bool(a["signed"]), opset)
 
@@ -185,6 +192,9 @@ def lower_qdq(model, opset: int):
 # input's integer grid
 VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 DATA_OPS = ("Add", "Concat", "Conv", "Gemm", "MatMul", "Mul")
+# ops that onnxruntime 1.32 runs on the stored type (dropping the Q/DQ around them) without an INT4/UINT4 kernel;
+# Slice, Flatten and Reshape between 4-bit Q/DQ load and run (tests/test_torchvision_hw.py, test_onnx_export.py)
+MOVING_OPS = ("MaxPool",)
 
 
 def regrid_views(nodes):
