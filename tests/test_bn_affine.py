@@ -95,6 +95,20 @@ def test_preact_resnet_quantizes_and_exports_exactly(method, tmp_path):
         assert torch.equal(zsq_fast.load_quantized(tmp_path / "q.pt", net)(x), y)
 
 
+@pytest.mark.parametrize("bits", ["W8A8", "W4A4"])
+def test_equal_integer_weights_export(bits, tmp_path):
+    """Two BN-as-conv layers with the same statistics have equal integer weights, which the exporter stores once
+    (the other read through an Identity node): each DequantizeLinear still gets its weight, in its own type."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), PreActBlock(4), PreActBlock(4), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3)).eval()  # BN statistics at their defaults: all equal
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    q = zsq_fast.quantize(net, x, bits, preset="hw")
+    path = tmp_path / "equal.onnx"
+    zsq_fast.export_onnx(q, path, torch.zeros(1, 3, 8, 8))
+    r = zsq_fast.evaluate_onnx(path, x, reference=q, threads=1)
+    assert r["agreement"] == 100.0 and r["max_logit_diff_steps"] == 0.0, r
+
+
 def test_densenet_quantizes_and_exports_exactly(tmp_path):
     """torchvision's DenseNet code (small growth and blocks to keep it fast; benchmarks/ runs densenet121)."""
     tv = pytest.importorskip("torchvision.models")

@@ -127,6 +127,7 @@ def lower_qdq(model, opset: int):
         for i in n.input:
             readers.setdefault(i, []).append(n.op_type)
     nodes = []
+    lowered: set[str] = set()  # weight initializers already rewritten to their storage type
     for n in graph.node:
         if n.domain != DOMAIN:
             nodes.append(n)
@@ -163,13 +164,24 @@ def lower_qdq(model, opset: int):
             nodes.append(helper.make_node("DequantizeLinear", [f"{base}/q", sn, zn], [n.output[0]],
                                           name=f"{base}/DequantizeLinear"))
         elif n.op_type == "DequantizeWeight":
-            w = inits.get(n.input[0])
+            src = n.input[0]
+            # the exporter keeps one copy of equal constants (two depthwise 1x1 weights of one BN-as-conv pattern),
+            # the others reading it through Identity nodes
+            while src not in inits and src in producer and producer[src].op_type == "Identity":
+                src = producer[src].input[0]
+            w = inits.get(src)
             if w is None:
                 raise ValueError(f"ONNX export: the integer weight {n.input[0]!r} is not an initializer")
             values = numpy_helper.to_array(w)
             if values.min() < tmin or values.max() > tmax:
                 raise ValueError(f"ONNX export: {n.input[0]} holds values outside [{tmin}, {tmax}]")
-            w.CopyFrom(helper.make_tensor(w.name, dtype, values.shape, values.flatten().astype(np.int64).tolist()))
+            ints = values.flatten().astype(np.int64).tolist()
+            if src in lowered:  # shared: this reader gets its own copy in its own storage type
+                w = helper.make_tensor(f"{base}/w_int", dtype, values.shape, ints)
+                graph.initializer.append(w)
+            else:
+                w.CopyFrom(helper.make_tensor(w.name, dtype, values.shape, ints))
+                lowered.add(src)
             scales = np.asarray(a["scales"], dtype=np.float32)
             zps = np.asarray(a["zero_points"], dtype=np.int64)
             inputs = [w.name, const("scale", scales), const("zero_point", zps, dtype)]
