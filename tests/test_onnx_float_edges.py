@@ -45,6 +45,18 @@ def test_a_view_of_a_quantized_tensor_feeding_concat_is_an_edge_until_regridded(
     np.testing.assert_array_equal(before, after)  # the half was on the grid already
 
 
+def test_a_max_pool_of_a_quantized_tensor_is_regridded_too():
+    """Inception's F.max_pool2d branch goes straight into torch.cat: the max of grid values is on the grid."""
+    nodes = [*_qdq("x", "xq"), helper.make_node("MaxPool", ["xq"], ["p"], kernel_shape=[1, 1]),
+             helper.make_node("Split", ["p", "halves"], ["a", "b"], axis=1), helper.make_node("Concat", ["b", "a"], ["y"], axis=1)]
+    m = _model(nodes)
+    assert float_edges(m) == [": b", ": a"]
+    nodes = regrid_views(list(m.graph.node))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    assert float_edges(m) == []
+
+
 def test_silu_inside_an_activation_is_not_an_edge_but_a_float_operand_is():
     silu = [*_qdq("x", "xq"), helper.make_node("Sigmoid", ["xq"], ["sg"]), helper.make_node("Mul", ["xq", "sg"], ["m"]),
             *_qdq("m", "y")]

@@ -200,9 +200,9 @@ def lower_qdq(model, opset: int):
     return model
 
 
-# ops that move values without computing (a channel split, a shuffle's reshape/transpose): their output is on the
-# input's integer grid
-VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+# ops whose output values are some of their input's values (a channel split, a shuffle's reshape/transpose, a max
+# pool): their output is on the input's integer grid
+VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool")
 DATA_OPS = ("Add", "Concat", "Conv", "Gemm", "MatMul", "Mul")
 # ops that onnxruntime 1.32 runs on the stored type (dropping the Q/DQ around them) without an INT4/UINT4 kernel;
 # Slice, Flatten and Reshape between 4-bit Q/DQ load and run (tests/test_torchvision_hw.py, test_onnx_export.py)
@@ -211,8 +211,8 @@ MOVING_OPS = ("MaxPool",)
 
 def regrid_views(nodes):
     """Nodes with a QuantizeLinear/DequantizeLinear pair (the source's scale and zero point) put back on every edge
-    where a view of an activation's DequantizeLinear (ShuffleNet's channel split: x.chunk(2) -> Slice) feeds a
-    data op (its torch.cat -> Concat). The values are already on that grid, so nothing changes numerically; the
+    where a view of an activation's DequantizeLinear (ShuffleNet's channel split: x.chunk(2) -> Slice; Inception's
+    F.max_pool2d branch) feeds a data op (their torch.cat -> Concat). The values are already on that grid, so nothing changes numerically; the
     graph then says what an integer runtime runs (an int8 Slice), and the data op reads DequantizeLinear outputs
     only, so onnxruntime can fuse it into its integer kernel. Returns the nodes in topological order."""
     from onnx import helper
