@@ -40,8 +40,9 @@ def float_edges(path: str) -> int:
     return len(edges(onnx.load(path)))
 
 
-# the smallest input each architecture accepts (others run at --size); inception_v3's stem needs 75 px
-MIN_SIZE = {"inception_v3": 75}
+# the smallest input each architecture accepts (others run at --size); inception_v3's stem needs 75 px, MaxViT's
+# 7x7 windows at stride 32 need 224
+MIN_SIZE = {"inception_v3": 75, "maxvit_t": 224}
 
 
 def build(name: str):
@@ -66,12 +67,12 @@ def run_one(name: str, args) -> dict:
     if not has_bn(m):
         return {**row, "status": "no BatchNorm: the BN generators refuse it; quantize with real images"}
     size = row["size"] = max(args.size, MIN_SIZE.get(name, 0))
-    m.train()
-    with torch.no_grad():
-        for _ in range(3):
-            m(torch.randn(8, 3, size, size))
-    m.eval()
     try:
+        m.train()
+        with torch.no_grad():
+            for _ in range(3):
+                m(torch.randn(8, 3, size, size))
+        m.eval()
         t1 = time.perf_counter()
         images, _ = zsq_fast.generate(m, args.n_images, "dgh", size, iterations=args.gen_iterations,
                                       chunk_size=args.n_images, seed=args.seed)
