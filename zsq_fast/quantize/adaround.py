@@ -68,14 +68,9 @@ def beta_schedule(t: int, total: int, cfg: ReconConfig) -> float | None:
 
 
 def per_sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B,): squared error summed over channels (dim 1), averaged over the positions of each sample."""
+    """(B,): squared error summed over channels (dim 1), averaged over the positions of each sample. Its
+    batch mean is BRECQ's reconstruction loss, which sets its balance against lambda * regularizer."""
     return (out - target).pow(2).sum(1).reshape(out.shape[0], -1).mean(1)
-
-
-def reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels (dim 1), averaged over batch and positions (as in BRECQ),
-    which sets its balance against lambda * regularizer."""
-    return per_sample_loss(out, target).mean()
 
 
 def _sum_over_ranks(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
@@ -95,13 +90,16 @@ def _sum_over_ranks(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Ten
 
 
 def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,
-                generator: torch.Generator, on_step=None, site_quantizers=(), layout: Layout | None = None) -> float:
+                generator: torch.Generator, on_step=None, site_quantizers=(), layout: Layout | None = None,
+                output_quantizer=None) -> float:
     """Learn the rounding of `layers` (inside `unit`) so that unit(x_q) matches the float target.
 
     Leaves every layer with hard rounding (h = 1[V >= 0]); returns the last reconstruction loss.
     on_step(t, loss_fn) is called each iteration (loss_fn() gives the loss as a float). site_quantizers: the
     output quantizers inside the unit (hw), learned with LSQ like the layers' input quantizers.
     layout: where data's images sit in the whole set across the ranks (None: a single process).
+    output_quantizer: the network output's quantizer when this unit makes the logits: the loss is on the quantized
+    logits, its scale held (output.py says why).
     """
     layout = layout or Layout(data.n, 0, (data.n,))
     vs = [layer.init_adaround() for layer in layers]
@@ -138,7 +136,10 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
             beta = beta_schedule(t, cfg.iterations, cfg)
             for layer in layers:
                 layer.beta = cfg.beta_start if beta is None else beta
-            rec = per_sample_loss(unit(x), b["y_fp"]).sum() * weight  # this rank's share of the batch mean
+            out = unit(x)
+            if output_quantizer is not None:
+                out = output_quantizer(out)
+            rec = per_sample_loss(out, b["y_fp"]).sum() * weight  # this rank's share of the batch mean
             loss = rec
             if beta is not None and distributed.is_main():  # the same on every rank: added once
                 loss = loss + cfg.reg_weight * sum(layer.reg for layer in layers)

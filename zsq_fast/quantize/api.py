@@ -29,8 +29,9 @@ from .cache import MODES as CACHE_MODES
 from .calib_data import CalibData, layout_of
 from .calibrate import METHODS as CALIBRATIONS
 from .calibrate import ActObserver, weight_scale
-from .fold import fold_bn, set_module
+from .fold import bns_as_convs, fold_bn, set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
+from .output import calibrate_output, output_unit
 from ..ops.checks import MAX_BITS, MIN_BITS
 from .presets import PRESETS, get_preset, parse_bits
 from .quantizer import Quantizer
@@ -289,9 +290,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             raise InvalidTypeError("the model must return one tensor")
         tr = trace_model(fp, probe)
         orphans = [n for n in tr.orphan_bns if n not in skip]
-        if orphans:
-            raise UnsupportedModelError(f"BatchNorm layers not fed directly by a Conv2d/Linear cannot be folded: "
-                                        f"{orphans}")
+        bns_as_convs(fp, orphans)  # BN -> ReLU -> Conv: a depthwise 1x1 conv, quantized like any conv (fold.py)
         pairs = [p for p in tr.bn_pairs if p[0] not in skip]
         fold_bn(fp, pairs)
         ran = set(tr.order)
@@ -361,10 +360,13 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
                 layers_cfg[name]["input_shared_with"] = group[0]
         out_q = None
         out_cfg = {"quantized": False}
+        ranked = False
         if pre.quantize_output:
             o_spec = pre.act_spec(a_bits, out_obs.nonnegative)
             out_q = Quantizer(o_spec, 1).to(device)
             out_q.set_params(*out_obs.scale(o_spec, calibration, percentile=percentile))
+            ranked = calibration == "mse" and calibrate_output(q_inner, fp, data, layout, out_q,
+                                                               batch_size=batch_size, device=device)
             out_cfg = {"quantized": True, **o_spec.to_dict()}
 
         units_done: list[dict] = []
@@ -377,9 +379,12 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
                                 learn_act_scale=learn_act_scale,
                                 act_lr=act_lr_default if act_lr is None else act_lr, qdrop=p_drop)
             units = find_units(q_inner, tr.order, blocks=method == "brecq")
+            last = None if out_q is None else output_unit(fp, [u.name for u in units], probe)
             units_done = reconstruct_model(q_inner, fp, units, tr.order, data, recon, device=device,
                                            cache=cache, generator=gen, progress=progress, site_quantizers=site_q,
-                                           layout=layout)
+                                           layout=layout, output_quantizer=None if last is None else (last, out_q))
+            if ranked:  # the logits changed with the rounding
+                calibrate_output(q_inner, fp, data, layout, out_q, batch_size=batch_size, device=device)
         for m in [*q_inner.modules(), *site_q.values()]:
             if isinstance(m, QUANT_LAYERS):
                 m.freeze()
@@ -401,11 +406,14 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "calibration_data": data.describe() if layout.total == data.n else
         f"{len(layout.counts)} ranks' shards {list(layout.counts)}, this rank's a {data.describe()}",
         "folded_bn": [list(p) for p in pairs],
+        "bn_as_conv": orphans,  # BNs that could not be folded: quantized depthwise 1x1 convs (listed in layers)
         "layers": layers_cfg,
         "shared_inputs": shared,
         "sites": [{"name": n, **q.spec.to_dict()} for n, q in site_q.items()],
         "input_bits": in_bits,
         "output": out_cfg,
+        # how the output scale was chosen: "top1_preserving" (output.py) or the calibration method
+        "output_calibration": None if out_q is None else ("top1_preserving" if ranked else calibration),
         "float_modules": sorted(skip),
         # Conv2d/Linear that did not run on the calibration batch stay float (e.g. an unused head)
         "not_run": sorted(n for n, m in q_inner.named_modules() if isinstance(m, _QUANTIZABLE)),

@@ -21,9 +21,10 @@ from .calib_data import CalibData, Layout
 def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], order: list[str],
                       images: CalibData, cfg: ReconConfig, *, device: torch.device, cache: str,
                       generator: torch.Generator, progress=None, site_quantizers: dict | None = None,
-                      layout: Layout | None = None) -> list[dict]:
+                      layout: Layout | None = None, output_quantizer: tuple[str, nn.Module] | None = None) -> list[dict]:
     """Reconstruct every unit in turn; returns [{name, kind, layers, loss}] for the units done.
-    images: this rank's shard, placed in the whole set by layout (None: a single process)."""
+    images: this rank's shard, placed in the whole set by layout (None: a single process).
+    output_quantizer: (unit name, the network output's quantizer): that unit's loss is on its quantized output."""
     todo = deque(units)
     done: list[dict] = []
     n_total = len(units)
@@ -51,7 +52,9 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
         layers = [qmodel.get_submodule(n) for n in unit.layers]
         # the unit's own output sites (hw: add operands, its output) are learned with it
         inside = [q for n, q in (site_quantizers or {}).items() if n == unit.name or n.startswith(unit.name + ".")]
-        loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=inside, layout=layout)
+        post = output_quantizer[1] if output_quantizer is not None and output_quantizer[0] == unit.name else None
+        loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=inside, layout=layout,
+                           output_quantizer=post)
         done.append({"name": unit.name, "kind": unit.kind, "layers": list(unit.layers), "loss": loss})
         del data
     return done

@@ -174,3 +174,31 @@ class ActObserver:
         if method == "mse":
             return mse_search(x, spec, candidates=candidates, p=p, lo=lo, hi=hi)
         raise InvalidArgumentError(f"unknown calibration {method!r}; choose one of {METHODS}")
+
+
+def top1_preserving_scale(logits: torch.Tensor, reference_top1: torch.Tensor, spec: QuantSpec, *,
+                          candidates: int = 100, p: float = 2.4):
+    """(scale, zero_point) of the network output that keeps each sample's top-1.
+
+    An MSE search over all logits fits the bulk of a many-class output and clips its top (4-bit logits of a
+    1000-class head saturate at qmax, tying the leading classes). Here each candidate clipping (those of
+    mse_search) is scored first by the fraction of samples whose quantized logits do not single out the
+    reference class (a different argmax, or a tie at the maximum level), then by the L_p error; the best one
+    is kept. logits (N, C, ...): the class axis is 1; reference_top1 (N, ...): the float model's argmax."""
+    x = logits.detach().float().movedim(1, -1).reshape(-1, logits.shape[1])
+    ref = reference_top1.reshape(-1).to(x.device)
+    lo, hi = x.min().view(1), x.max().view(1)
+    ratios = torch.linspace(1.0, 0.01, candidates, device=x.device).view(-1, 1)
+    scale, zp = scale_from_range(ratios * lo, ratios * hi, spec)          # (R, 1)
+    if spec.pow2 and spec.symmetric:
+        scale, zp = _distinct_pow2(scale)
+    qmin, qmax = spec.qrange
+    best, best_key = 0, None
+    for i in range(scale.shape[0]):
+        x_hat = fake_quant(x, scale[i].contiguous(), zp[i].contiguous(), qmin, qmax, None)
+        top = x_hat.max(1, keepdim=True).values
+        wrong = (x_hat.argmax(1) != ref) | ((x_hat == top).sum(1) > 1)
+        key = (int(wrong.sum()), float((x_hat - x).abs().pow(p).sum()))
+        if best_key is None or key < best_key:
+            best, best_key = i, key
+    return scale[best], zp[best]

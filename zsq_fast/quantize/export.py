@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import FileFormatError, InvalidArgumentError, InvalidTypeError
 from ..fileio import load_torch_file, write_atomic
 from ..validate import as_device, check_finite_images, check_finite_result, probe_forward
-from .fold import set_module
+from .fold import bns_as_convs, set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
 from .onnx_qdq import DOMAIN, INT4_MIN_OPSET, MAX_OPSET, lower_qdq
 from .quantizer import Quantizer, QuantSpec
@@ -78,6 +78,7 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
     try:
         for _, bn in config["folded_bn"]:
             set_module(m, bn, nn.Identity())
+        bns_as_convs(m, config.get("bn_as_conv", []))  # values come from the state dict
         for name, lc in config["layers"].items():
             layer = quant_layer_for(m.get_submodule(name), QuantSpec(**lc["weight"]), QuantSpec(**lc["input"]),
                                     int32_bias=lc.get("bias") == "int32")

@@ -11,7 +11,9 @@ torch.onnx (TorchScript exporter, opset <= 20) cannot write 4-bit tensors, so th
    with a Clip to [(qmin - z) s, (qmax - z) s] before an activation's QuantizeLinear wherever the grid
    is narrower than int8 (clipping the float before rounding gives the integers that saturating would).
    2-3 bit activations, and 4-bit ones right after a Clip of the model (ReLU6), stay int8 + Clip:
-   onnxruntime 1.32's ClipQuantFusion fails on a Clip feeding an INT4/UINT4 QuantizeLinear.
+   onnxruntime 1.32's ClipQuantFusion fails on a Clip feeding an INT4/UINT4 QuantizeLinear. So do 4-bit ones
+   read by a MaxPool: with equal grids on both sides onnxruntime drops the Q/DQ around it and runs MaxPool on
+   the stored type, which it has no UINT4 kernel for (ShuffleNet V2 at W4A4 failed to load).
 
 Why this is what onnxruntime runs: its default optimizations keep a Clip that is narrower than the
 QuantizeLinear range (it fuses it into the conv as a float activation, or leaves it), never fuse INT4
@@ -120,7 +122,12 @@ def lower_qdq(model, opset: int):
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
     nodes = []
+    lowered: set[str] = set()  # weight initializers already rewritten to their storage type
     for n in graph.node:
         if n.domain != DOMAIN:
             nodes.append(n)
@@ -130,7 +137,8 @@ def lower_qdq(model, opset: int):
         bits = a["bits"]
         if n.op_type == "QuantizeDequantize":
             after_clip = n.input[0] in producer and producer[n.input[0]].op_type == "Clip"
-            if bits < 4 or after_clip:
+            moved = any(op in MOVING_OPS for op in readers.get(n.output[0], ()))
+            if bits < 4 or after_clip or moved:
                 bits = 8
         dtype, tmin, tmax = storage(bits, bool(a["signed"]), opset)
 
@@ -156,13 +164,24 @@ def lower_qdq(model, opset: int):
             nodes.append(helper.make_node("DequantizeLinear", [f"{base}/q", sn, zn], [n.output[0]],
                                           name=f"{base}/DequantizeLinear"))
         elif n.op_type == "DequantizeWeight":
-            w = inits.get(n.input[0])
+            src = n.input[0]
+            # the exporter keeps one copy of equal constants (two depthwise 1x1 weights of one BN-as-conv pattern),
+            # the others reading it through Identity nodes
+            while src not in inits and src in producer and producer[src].op_type == "Identity":
+                src = producer[src].input[0]
+            w = inits.get(src)
             if w is None:
                 raise ValueError(f"ONNX export: the integer weight {n.input[0]!r} is not an initializer")
             values = numpy_helper.to_array(w)
             if values.min() < tmin or values.max() > tmax:
                 raise ValueError(f"ONNX export: {n.input[0]} holds values outside [{tmin}, {tmax}]")
-            w.CopyFrom(helper.make_tensor(w.name, dtype, values.shape, values.flatten().astype(np.int64).tolist()))
+            ints = values.flatten().astype(np.int64).tolist()
+            if src in lowered:  # shared: this reader gets its own copy in its own storage type
+                w = helper.make_tensor(f"{base}/w_int", dtype, values.shape, ints)
+                graph.initializer.append(w)
+            else:
+                w.CopyFrom(helper.make_tensor(w.name, dtype, values.shape, ints))
+                lowered.add(src)
             scales = np.asarray(a["scales"], dtype=np.float32)
             zps = np.asarray(a["zero_points"], dtype=np.int64)
             inputs = [w.name, const("scale", scales), const("zero_point", zps, dtype)]
@@ -171,7 +190,7 @@ def lower_qdq(model, opset: int):
         else:
             raise ValueError(f"ONNX export: unknown node {DOMAIN}::{n.op_type}")
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(regrid_views(nodes))
     imports = [op for op in model.opset_import if op.domain != DOMAIN]
     for op in imports:
         if op.domain in ("", "ai.onnx"):
@@ -179,3 +198,84 @@ def lower_qdq(model, opset: int):
     del model.opset_import[:]
     model.opset_import.extend(imports)
     return model
+
+
+# ops whose output values are some of their input's values (a channel split, a shuffle's reshape/transpose, a max
+# pool): their output is on the input's integer grid
+VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool")
+DATA_OPS = ("Add", "Concat", "Conv", "Gemm", "MatMul", "Mul")
+# ops that onnxruntime 1.32 runs on the stored type (dropping the Q/DQ around them) without an INT4/UINT4 kernel;
+# Slice, Flatten and Reshape between 4-bit Q/DQ load and run (tests/test_torchvision_hw.py, test_onnx_export.py)
+MOVING_OPS = ("MaxPool",)
+
+
+def regrid_views(nodes):
+    """Nodes with a QuantizeLinear/DequantizeLinear pair (the source's scale and zero point) put back on every edge
+    where a view of an activation's DequantizeLinear (ShuffleNet's channel split: x.chunk(2) -> Slice; Inception's
+    F.max_pool2d branch) feeds a data op (their torch.cat -> Concat). The values are already on that grid, so nothing changes numerically; the
+    graph then says what an integer runtime runs (an int8 Slice), and the data op reads DequantizeLinear outputs
+    only, so onnxruntime can fuse it into its integer kernel. Returns the nodes in topological order."""
+    from onnx import helper
+
+    producer = {o: n for n in nodes for o in n.output}
+
+    def grid_source(name):
+        seen_view = False
+        while name in producer and producer[name].op_type in VIEW_OPS:
+            name, seen_view = producer[name].input[0], True
+        n = producer.get(name)
+        if seen_view and n is not None and n.op_type == "DequantizeLinear" and n.input[0] in producer \
+                and producer[n.input[0]].op_type == "QuantizeLinear":
+            return n
+        return None
+
+    out, made = [], {}
+    for n in nodes:
+        if n.op_type in DATA_OPS:
+            for k, name in enumerate(n.input):
+                dq = grid_source(name)
+                if dq is None:
+                    continue
+                if name not in made:
+                    base = f"{name}/regrid"
+                    out.append(helper.make_node("QuantizeLinear", [name, *dq.input[1:]], [f"{base}/q"],
+                                                name=f"{base}/QuantizeLinear"))
+                    out.append(helper.make_node("DequantizeLinear", [f"{base}/q", *dq.input[1:]], [f"{base}/dq"],
+                                                name=f"{base}/DequantizeLinear"))
+                    made[name] = f"{base}/dq"
+                n.input[k] = made[name]
+        out.append(n)
+    return out
+
+
+_ACT_INNER = ("Sigmoid", "HardSigmoid", "Tanh", "Softplus")  # x * f(x): SiLU, Hardswish, Mish written as ops
+
+
+def float_edges(model) -> list[str]:
+    """The inputs of float data ops (Add, Concat, Conv, Gemm, MatMul, Mul) of an onnx.ModelProto that do not come out
+    of a DequantizeLinear: each is a float tensor crossing between quantized ops ("node name: input name"); []
+    when every tensor between ops is on an integer grid. An activation's own x * sigmoid(x) (SiLU fused into the
+    conv before it, as integer kernels run it) is not an edge between ops."""
+    import onnx
+
+    g = onnx.shape_inference.infer_shapes(model).graph
+    producer = {o: n for n in g.node for o in n.output}
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output]}
+
+    def applies_to(name, x):  # name = f(...f(x)) through the activations' unary ops
+        while name in producer and producer[name].op_type in _ACT_INNER:
+            name = producer[name].input[0]
+            if name == x:
+                return True
+        return False
+
+    bad = []
+    for n in g.node:
+        if n.op_type not in DATA_OPS or elem.get(n.output[0]) != onnx.TensorProto.FLOAT:
+            continue
+        if n.op_type == "Mul" and len(n.input) == 2 and (applies_to(n.input[1], n.input[0])
+                                                          or applies_to(n.input[0], n.input[1])):
+            continue
+        bad += [f"{n.name}: {i}" for i in n.input
+                if i and (i not in producer or producer[i].op_type != "DequantizeLinear")]
+    return bad

@@ -8,7 +8,9 @@ hw        as an integer accelerator runs the network: every tensor that passes b
           per-channel weights, symmetric per-tensor activations (unsigned where the calibration data is
           non-negative, e.g. after ReLU), power-of-two scales, and each layer's bias on its int32
           accumulator grid s_x s_w (layers of <= 8 bits): the fake-quant model computes what an integer
-          kernel (and onnxruntime running the ONNX export) computes. Before issue 12, hw quantized layer
+          kernel (and onnxruntime running the ONNX export) computes. The logits' scale keeps each image's
+          top-1 (output.py); a BatchNorm that cannot be folded is a quantized depthwise 1x1 conv (fold.py).
+          Before issue 12, hw quantized layer
           inputs and the logits only (identity shortcuts added float tensors) and the image at the target
           bits; results measured then are labelled so in benchmarks/RESULTS.md.
 academic  first and last layer at 8 bits (weights and their input), asymmetric per-channel weights,

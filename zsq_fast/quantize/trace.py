@@ -2,7 +2,8 @@
 
 - the order in which modules run (first call), so layers and blocks are reconstructed in data-flow order;
 - which Conv2d/Linear output each BatchNorm reads (the tensor object itself), so BN folding pairs
-  exactly the layers that feed a BN, whatever the attribute names are;
+  exactly the layers that feed a BN, whatever the attribute names are; a BN whose layer's output has
+  another reader (seen in the autograd graph) is not folded (it would change that reader's input);
 - which Conv2d/Linear layers read the same tensor object (a block input feeding conv1 and the downsample):
   an integer accelerator holds that tensor once, on one grid, so they share one input quantizer.
 """
@@ -69,4 +70,34 @@ def trace_model(model: nn.Module, example: torch.Tensor) -> Trace:
         for h in handles:
             h.remove()
     tr.shared_inputs = [names for _, names in readers.values() if len(names) > 1]
+    shared = _outputs_read_twice(model, example, {layer for layer, _ in tr.bn_pairs})
+    tr.orphan_bns += [bn for layer, bn in tr.bn_pairs if layer in shared]
+    tr.bn_pairs = [p for p in tr.bn_pairs if p[0] not in shared]
     return tr
+
+
+def _outputs_read_twice(model: nn.Module, example: torch.Tensor, layers: set[str]) -> set[str]:
+    """The `layers` whose output has another reader besides their BN (x = conv(x); y = bn(x) + x in a
+    pre-activation ResNet's stem): folding the BN would change what the other reader sees. Functional readers
+    are invisible to hooks but not to autograd: count the graph nodes that consume the layer's output node."""
+    nodes: dict[str, object] = {}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: nodes.setdefault(n, out.grad_fn) and None) for n in layers]
+    try:
+        with torch.enable_grad():
+            y = model(example.detach().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    uses: dict[object, int] = {}
+    seen, stack = set(), [y.grad_fn] if isinstance(y, torch.Tensor) and y.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None:
+                uses[nxt] = uses.get(nxt, 0) + 1
+                stack.append(nxt)
+    return {n for n, node in nodes.items() if node is not None and uses.get(node, 0) > 1}
