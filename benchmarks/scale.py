@@ -16,8 +16,11 @@ in-process), "cpu" (digits CNN 16 px to N = 10^6, ResNet-20 32 px to 10^5; --max
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io as _io
 import json
 import os
+import pstats
 import resource
 import shutil
 import subprocess
@@ -54,12 +57,20 @@ def one(cfg: dict) -> dict:
     torch.set_num_threads(cfg["threads"])
     streaming.OVERLAP = cfg.get("overlap", True)
     cpu = []  # process CPU seconds of each step (all threads): on a shared machine steadier than wall time
+    io = {"store_io_s": 0.0, "io_waited_s": 0.0}  # disk: time in file reads/writes, and the part not overlapped
+    profile = cProfile.Profile() if cfg.get("profile") else None
 
     def timed(step):
         def run_step(run, views):
-            t = time.process_time()
+            t, io0 = time.process_time(), (getattr(run.store, "io_s", 0.0), getattr(run.stream, "waited_s", 0.0))
+            if profile is not None:
+                profile.enable()
             losses = step(run, views)
+            if profile is not None:
+                profile.disable()
             cpu.append(time.process_time() - t)
+            io["store_io_s"] += getattr(run.store, "io_s", 0.0) - io0[0]
+            io["io_waited_s"] += getattr(run.stream, "waited_s", 0.0) - io0[1]
             return losses
         return run_step
     steps = dgh.exact_step, dgh.stale_step
@@ -79,9 +90,16 @@ def one(cfg: dict) -> dict:
     t = rec.timings
     return {**cfg, "us_per_image_iteration": 1e6 * t["steps_s"] / (cfg["n"] * cfg["iterations"]),
             "cpu_us_per_image_iteration": 1e6 * sum(cpu) / (cfg["n"] * cfg["iterations"]),
+            "step_cpu_s": cpu, **io, **({"profile": _top(profile)} if profile is not None else {}),
             "setup_s": t["setup_s"], "final_s": t["final_s"], "total_s": t["total_s"],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "bn_loss": [rec.initial_bn_loss, rec.final_bn_loss]}
+
+
+def _top(profile: cProfile.Profile, lines: int = 30) -> str:
+    out = _io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(lines)
+    return out.getvalue()
 
 
 def stale_bookkeeping(chunk_counts=(100, 200, 400, 3907), channels=(3, 16, 32, 32, 64), max_old: int = 400) -> str:
@@ -171,6 +189,7 @@ def main(argv=None) -> str:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-overlap", action="store_true",
                    help="the plain store path (no read-ahead / write-behind thread, no CUDA side stream)")
+    p.add_argument("--profile", action="store_true", help="cProfile the timed steps (JSON lines on stderr)")
     p.add_argument("--folder", default=None, help="where disk runs put their run folders (default: temp dir)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     p.add_argument("--in-process", action="store_true", help="no child processes (peak RSS is then shared)")
@@ -188,6 +207,8 @@ def main(argv=None) -> str:
         return ""
     cfgs = plan(a.grid, a.max_n, a.iterations, a.chunk, a.threads, a.folder, a.min_n, a.models, a.modes, a.stores,
                 not a.no_overlap)
+    for cfg in cfgs:
+        cfg["profile"] = a.profile
     rows = []
     for cfg in cfgs:
         rows.append(one(cfg) if a.in_process else _child(cfg, a.timeout))

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ class DiskStore:
         self._writing = None    # the step being written, between begin_step and end_step
         self._written = None    # per image: already written by that step (then read from its buffer)
         self.synced_step = 0    # the last step whose images were fsynced
+        self.io_s = 0.0         # seconds spent in the data files' reads and writes (benchmarks)
 
     @property
     def n(self) -> int:
@@ -94,21 +96,25 @@ class DiskStore:
 
     def _pread(self, name: str, buffer: int, start: int, out: np.ndarray) -> None:
         buf, offset, done = memoryview(out).cast("B"), start * self.image_numel * 4, 0
+        t = time.perf_counter()
         while done < len(buf):  # one read call moves at most ~2 GiB
             got = os.preadv(self._fds[name, buffer], [buf[done:]], offset + done)
             if got == 0:
                 raise RunFolderError(f"checkpoint folder {self.folder}: {name}.{buffer}.f32 is shorter than its "
                                      f"{self.n} images (truncated?); remove the folder to start over")
             done += got
+        self.io_s += time.perf_counter() - t
 
     def _pwrite(self, name: str, buffer: int, start: int, data: np.ndarray) -> None:
         buf, offset, done = memoryview(data).cast("B"), start * self.image_numel * 4, 0
+        t = time.perf_counter()
         try:
             while done < len(buf):
                 done += os.pwrite(self._fds[name, buffer], buf[done:], offset + done)
         except OSError as exc:
             raise RunFolderError(f"checkpoint folder {self.folder}: cannot write {name}.{buffer}.f32 "
                                  f"({exc.strerror})") from None
+        self.io_s += time.perf_counter() - t
 
     def read(self, name: str, sl: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         """The newest contents of images `sl` of one array, as a CPU tensor (into `out`, a contiguous

@@ -21,6 +21,7 @@ must not be modified afterwards (their write may still be in flight).
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -44,6 +45,7 @@ class ChunkStream:
         self.copy_stream = torch.cuda.Stream(self.device) if overlap and cuda else None
         self._io = ThreadPoolExecutor(1, thread_name_prefix="zsq-store-io") if overlap and self.disk else None
         self._writes: deque[Future] = deque()  # disk writes handed to the I/O thread, oldest first
+        self.waited_s = 0.0  # seconds the caller spent blocked on the I/O thread (the I/O it did not hide)
 
     @property
     def overlapped(self) -> bool:
@@ -112,7 +114,7 @@ class ChunkStream:
 
     def _to_device(self, host):
         """Start the copy of a fetched chunk to the device: (tensors, event or None)."""
-        arrays = host.result() if isinstance(host, Future) else host
+        arrays = self._wait(host) if isinstance(host, Future) else host
         if self.copy_stream is None:  # CPU: the disk read is the chunk; a host store's views are copied
             return tuple(a.to(self.device, copy=not self.disk) for a in arrays), None
         with torch.cuda.stream(self.copy_stream):
@@ -157,7 +159,7 @@ class ChunkStream:
             self.store.put(sl, *tensors)
             return
         while len(self._writes) >= MAX_PENDING_WRITES:  # bound the memory held by writes in flight
-            self._writes.popleft().result()
+            self._wait(self._writes.popleft())
         self._writes.append(self._io.submit(self._write, copied, sl, tensors))
 
     def _write(self, copied, sl, tensors) -> None:
@@ -170,7 +172,14 @@ class ChunkStream:
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
         while self._writes:
-            self._writes.popleft().result()
+            self._wait(self._writes.popleft())
+
+    def _wait(self, future: Future):
+        t = time.perf_counter()
+        try:
+            return future.result()
+        finally:
+            self.waited_s += time.perf_counter() - t
 
     def close(self) -> None:
         """Stop the I/O thread after the work it was given; a failed write's error is not raised here
