@@ -12,6 +12,7 @@ Grids: "smoke" (digits CNN 16 px, N = 32 and 96, 1 step: seconds; tests/test_sca
 in-process), "cpu" (digits CNN 16 px to N = 10^6, ResNet-20 32 px to 10^5; --max-n caps it).
 
     python benchmarks/scale.py [--grid cpu] [--max-n 100000] [--iterations 2] [--threads 1] [--folder DIR]
+                               [--no-overlap] [--profile]
 """
 from __future__ import annotations
 
