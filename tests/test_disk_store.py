@@ -56,10 +56,14 @@ def test_disk_store_equals_host_store(tmp_path, method, kw):
     assert rec_disk.store == {"kind": "disk", "reason": "requested", "folder": str(tmp_path / "run")}
     assert rec_host.store["kind"] == "host"
     names = sorted(os.listdir(tmp_path / "run"))
-    assert names == ["exp_avg.f32", "exp_avg_sq.f32", "images.f32", "run.json", "state.pt", "x.f32"]
-    # the canvases on disk are the last step's (augmented dgh: a margin around the output view)
+    assert names == ["exp_avg.0.f32", "exp_avg.1.f32", "exp_avg_sq.0.f32", "exp_avg_sq.1.f32", "images.f32",
+                     "run.json", "state.pt", "x.0.f32", "x.1.f32"]
+    # two buffers of canvases (augmented dgh: a margin around the output view); step 6 wrote buffer 0
     shape = json.loads((tmp_path / "run" / "run.json").read_text())["shape"]
-    assert os.path.getsize(tmp_path / "run" / "x.f32") == 4 * math.prod(shape)
+    assert all(os.path.getsize(tmp_path / "run" / f"x.{b}.f32") == 4 * math.prod(shape) for b in (0, 1))
+    last = torch.from_file(str(tmp_path / "run" / "x.0.f32"), size=math.prod(shape)).view(*shape)
+    if method == "bns":  # no views: the canvases are the output images
+        assert torch.equal(last, host)
     # without a folder: a temporary one, removed after the run; the images stay readable
     temp, rec_temp = zsq_fast.generate(tiny(), 7, method, 8, store="disk", **COMMON, **kw)
     assert torch.equal(temp, host) and "folder" not in rec_temp.store
@@ -75,7 +79,7 @@ def test_resume_from_the_run_folder_equals_the_uninterrupted_run(tmp_path, kw):
     with pytest.raises(Killed):
         zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", progress=stop_at_4,
                           **COMMON, **kw)
-    assert not (tmp_path / "run" / "step.lock").exists()  # stopped between steps
+    assert _saved_step(tmp_path / "run") == 4  # stopped between steps
     assert not (tmp_path / "run" / "images.f32").exists()
     resumed, rec = zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON, **kw)
     assert rec.resumed_from_step == 4
@@ -102,11 +106,31 @@ def test_a_run_stopped_inside_a_step_is_rolled_back_and_resumes_exactly(tmp_path
     with pytest.raises(Killed):
         zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON, **kw)
     monkeypatch.undo()
-    assert (tmp_path / "run" / "step.lock").read_text() == "3"
+    assert _saved_step(tmp_path / "run") == 2  # step 3 was never committed
     resumed, rec = zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON, **kw)
     assert rec.resumed_from_step == 2
     assert torch.equal(resumed, full) and rec.losses == rec_full.losses
-    assert not (tmp_path / "run" / "step.lock").exists() and not (tmp_path / "run" / "undo.log").exists()
+
+
+def _saved_step(folder) -> int:
+    return int(torch.load(folder / "state.pt", weights_only=True)["step"])
+
+
+def test_a_run_stopped_after_a_steps_writes_but_before_its_commit_resumes_exactly(tmp_path, monkeypatch):
+    full, rec_full = zsq_fast.generate(tiny(), 7, "dgh", 8, **COMMON)
+    real_commit = run_folder._atomic_write
+
+    def stop_at_commit_of_5(path, write):
+        if path.name == "state.pt" and path.exists() and _saved_step(path.parent) == 4:
+            raise Killed  # every chunk of step 5 is in its buffer, state.pt still says 4
+        real_commit(path, write)
+    monkeypatch.setattr(run_folder, "_atomic_write", stop_at_commit_of_5)
+    with pytest.raises(Killed):
+        zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON)
+    monkeypatch.undo()
+    resumed, rec = zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON)
+    assert rec.resumed_from_step == 4
+    assert torch.equal(resumed, full) and rec.losses == rec_full.losses
 
 
 KILL_SCRIPT = """
@@ -134,27 +158,19 @@ def test_kill_9_inside_a_step_resumes_to_the_uninterrupted_images(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert (tmp_path / "run" / "step.lock").read_text() == "4"
-    assert os.path.getsize(tmp_path / "run" / "undo.log") > 0
+    assert _saved_step(tmp_path / "run") == 3
     resumed, rec = zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=folder, **COMMON)
     assert rec.resumed_from_step == 3 and torch.equal(resumed, full)
 
 
-def test_a_damaged_undo_log_is_refused(tmp_path, monkeypatch):
-    from zsq_fast.generate import dgh
-    real_update = dgh.update
-
-    def stop(run, sl, x, grad, m, v):
-        real_update(run, sl, x, grad, m, v)
-        if run.step == 2:
-            raise Killed
-    monkeypatch.setattr(dgh, "update", stop)
-    with pytest.raises(Killed):
-        zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON)
-    monkeypatch.undo()
-    (tmp_path / "run" / "undo.log").write_bytes(b"\xff" * 64)
-    with pytest.raises(RunFolderError, match="interrupted inside step 2 and its undo.log is missing or damaged"):
-        zsq_fast.generate(tiny(), 7, "dgh", 8, store="disk", checkpoint=tmp_path / "run", **COMMON)
+def test_a_folder_of_the_undo_log_format_is_refused(tmp_path):
+    run = tmp_path / "run"
+    zsq_fast.generate(tiny(), 5, "dgh", 8, store="disk", checkpoint=run, **{**COMMON, "iterations": 2})
+    cfg = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**cfg, "format": 1}))
+    with pytest.raises(RunFolderError, match="older zsq_fast \\(run folder format 1, this one reads 2\\)") as e:
+        zsq_fast.generate(tiny(), 5, "dgh", 8, store="disk", checkpoint=run, **{**COMMON, "iterations": 2})
+    one_line(e)
 
 
 def one_line(excinfo):
@@ -185,8 +201,8 @@ def test_unusable_run_folders_give_one_line(tmp_path, monkeypatch):
     # a truncated data file
     other = tmp_path / "other"
     zsq_fast.generate(tiny(), 5, "dgh", 8, store="disk", checkpoint=other, **{**COMMON, "iterations": 2})
-    os.truncate(other / "exp_avg.f32", 100)
-    with pytest.raises(RunFolderError, match="exp_avg.f32 holds 100 bytes"):
+    os.truncate(other / "exp_avg.1.f32", 100)
+    with pytest.raises(RunFolderError, match="exp_avg.1.f32 holds 100 bytes"):
         zsq_fast.generate(tiny(), 5, "dgh", 8, store="disk", checkpoint=other, **{**COMMON, "iterations": 2})
     # not a folder / not creatable / someone else's files
     (tmp_path / "file").write_text("x")

@@ -27,8 +27,8 @@ def test_smoke_grid_runs(tmp_path):
         torch.set_num_threads(threads)
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| digits_cnn")]
     assert len(rows) == 8 and not any("failed" in "".join(r) for r in rows)
-    assert all(float(r[6]) > 0 for r in rows)
-    loss = {(r[2].strip(), r[3].strip(), r[4].strip()): r[9].strip() for r in rows}
+    assert all(float(r[6]) > 0 and float(r[7]) > 0 for r in rows)
+    loss = {(r[2].strip(), r[3].strip(), r[4].strip()): r[10].strip() for r in rows}
     for n in ("32", "96"):
         for mode in ("exact", "stale"):
             assert loss[(n, mode, "host")] == loss[(n, mode, "disk")]  # same seed, same run

@@ -29,6 +29,7 @@ from .optim import Plateau
 from .record import GenerationRecord
 from .run_folder import begin_step, end_step, open_run_folder, write_output
 from .store import ImageStore, choose_store, make_store
+from .streaming import stream_of
 from .views import draw_views, margin_for
 
 METHODS = ("dgh", "bns", "fdda")
@@ -415,6 +416,8 @@ def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, 
     try:
         return _generate_in(model, s, device, real_images, real_labels, checkpoint, progress, placed, shard)
     finally:
+        if placed.get("stream") is not None:  # its I/O thread finishes before the folder is reused or removed
+            placed["stream"].close()
         if placed["temporary"]:  # the returned images stay readable: a mapped file outlives its name
             shutil.rmtree(placed["folder"], ignore_errors=True)
 
@@ -448,6 +451,7 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
     else:  # a rank whose store or run folder fails ends every rank at once
         run, out = sharded_run.agreed(lambda: build_run(model, s, device, placed["kind"], placed["folder"], shard),
                                       "setting up the image store")
+    placed["stream"] = stream_of(run)
     layers, capture = run.layers, run.capture
     compared = compared_settings(s)
     with capture:
@@ -561,13 +565,13 @@ def _setup_fdda(run: Run, s: Settings, real_images, real_labels, num_classes: in
 @torch.no_grad()
 def _output(run: Run) -> torch.Tensor:
     if not isinstance(run.store, ImageStore):  # disk: written to the run folder, returned memory-mapped
-        return write_output(run.store, run.chunk_size, (run.n, 3, *run.size),
-                            lambda sl: output_images(run, run.store.load(sl, run.device)))
+        chunks = stream_of(run).chunks(run.store.chunks(run.chunk_size))
+        return write_output(run.store, (run.n, 3, *run.size), ((sl, output_images(run, x)) for sl, x in chunks))
     if not run.augment:
         return run.store.x.clone()
     out = torch.empty(run.n, 3, *run.size, dtype=torch.float32, device=run.store.x.device)
-    for sl in run.store.chunks(run.chunk_size):
-        out[sl] = output_images(run, run.store.load(sl, run.device)).to(out.device)
+    for sl, x in stream_of(run).chunks(run.store.chunks(run.chunk_size)):
+        out[sl] = output_images(run, x).to(out.device)
     return out
 
 

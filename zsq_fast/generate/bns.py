@@ -9,13 +9,13 @@ from ..ops import channel_mean_var
 from .context import Run, check_finite, forward, grad_of, see, update
 from .losses import bn_group_losses, bn_terms, odsl, std_from_var
 from .shards import reduce_sums
+from .streaming import stream_of
 
 
 def bns_step(run: Run, views) -> dict:
     bn_sum, out_sum = 0.0, 0.0
     group_sums: dict[str, float] = {}
-    for sl in run.store.chunks(run.chunk_size):
-        x, m, v = run.store.load(sl, run.device, moments=True)
+    for sl, (x, m, v) in stream_of(run).chunks(run.store.chunks(run.chunk_size), moments=True):
         x.requires_grad_(True)
         acts, logits = forward(run, see(run, x, None if views is None else views[sl]))
         stats = []

@@ -15,6 +15,7 @@ from .losses import bn_loss, bn_terms, std_from_var
 from .optim import Plateau, radam_update_
 from .shards import Shard, global_stats
 from .store import ImageStore
+from .streaming import stream_of
 from .views import ViewParams, apply_view, final_view
 
 
@@ -65,6 +66,7 @@ class Run:
     step: int = 0                    # RAdam step count (1-based once running)
     shard: Shard | None = None       # this rank's images of the whole set (None: a single process owns all)
     state: dict = field(default_factory=dict)  # method-specific (stale cache, FDDA centers, labels)
+    stream: object = None            # streaming.ChunkStream between store and device (stream_of(run))
 
     @property
     def n(self) -> int:
@@ -117,7 +119,7 @@ def update(run: Run, sl: slice, x: torch.Tensor, grad: torch.Tensor, exp_avg, ex
     radam_update_(x, grad, exp_avg, exp_avg_sq, run.step, run.plateau.lr)
     lo, hi = run.lo.view(1, -1, 1, 1), run.hi.view(1, -1, 1, 1)
     torch.maximum(torch.minimum(x, hi, out=x), lo, out=x)
-    run.store.put(sl, x, exp_avg, exp_avg_sq)
+    stream_of(run).put(sl, x, exp_avg, exp_avg_sq)
 
 
 def grad_of(run: Run, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -142,11 +144,11 @@ def grad_of(run: Run, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def whole_set_stats(run: Run, images_of_chunk) -> list[ChannelStats]:
     """Per-layer statistics over all N images, streamed chunk by chunk and merged exactly (across the
-    ranks of a process group too: each rank streams its own chunks). images_of_chunk(sl) gives the
+    ranks of a process group too: each rank streams its own chunks). images_of_chunk(sl, canvas) gives the
     device images the model sees for that chunk of this rank's store."""
     totals = None
-    for sl in run.store.chunks(run.chunk_size):
-        acts, _ = forward(run, images_of_chunk(sl))
+    for sl, canvas in stream_of(run).chunks(run.store.chunks(run.chunk_size)):
+        acts, _ = forward(run, images_of_chunk(sl, canvas))
         # each chunk is merged into the running totals inside the statistics kernel (on the device)
         totals = [channel_stats(a) for a in acts] if totals is None else [
             channel_stats(a, t) for a, t in zip(acts, totals)]
@@ -189,6 +191,4 @@ def global_bn_loss(run: Run, totals: list[ChannelStats]) -> float:
 
 def measure_bn_loss(run: Run) -> float:
     """L_BN of the current output images over the whole set (the number the record reports)."""
-    def images(sl):
-        return output_images(run, run.store.load(sl, run.device))
-    return global_bn_loss(run, whole_set_stats(run, images))
+    return global_bn_loss(run, whole_set_stats(run, lambda sl, canvas: output_images(run, canvas)))

@@ -27,6 +27,7 @@ from .context import Run, check_finite, forward, grad_of, output_images, see, up
 from .losses import bn_group_losses, bn_terms, merge_mean_var, odsl, std_from_var
 from .shards import global_stats, reduce_sums
 from .stale_cache import StaleCache
+from .streaming import stream_of
 
 STALE_REFRESH = ("after_update", "before_update")
 
@@ -51,11 +52,10 @@ def exact_gradients(run: Run, views, on_grad) -> dict:
     gradient of L = L_BN(global stats) + w_odsl * sum_chunks mean_{i in chunk} L_out,i."""
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     # pass 1: global statistics, no autograd
-    bn = whole_set_bn(run, lambda sl: see(run, run.store.load(sl, run.device), vsl(sl)), "the dgh BN loss")
+    bn = whole_set_bn(run, lambda sl, canvas: see(run, canvas, vsl(sl)), "the dgh BN loss")
     # pass 2: each chunk with autograd; the exact dL/dx flows in at every BN input
     out_sum, out_term = 0.0, 0.0
-    for sl in run.store.chunks(run.chunk_size):
-        x, m, v = run.store.load(sl, run.device, moments=True)
+    for sl, (x, m, v) in stream_of(run).chunks(run.store.chunks(run.chunk_size), moments=True):
         x.requires_grad_(True)
         acts, logits = forward(run, see(run, x, vsl(sl)))
         loss = bn.injected(acts)
@@ -77,7 +77,7 @@ def init_stale_cache(run: Run, views) -> None:
     """Statistics of every chunk before the first stale step."""
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     run.state["cache"] = StaleCache.from_chunks(
-        [_chunk_stats(run, sl, vsl(sl)) for sl in run.store.chunks(run.chunk_size)])
+        [_chunk_stats(run, canvas, vsl(sl)) for sl, canvas in stream_of(run).chunks(run.store.chunks(run.chunk_size))])
 
 
 def stale_gradients(run: Run, views, on_grad) -> dict:
@@ -93,8 +93,7 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
     bn_sum, out_sum, out_term = 0.0, 0.0, 0.0
     group_sums: dict[str, float] = {}
     chunks = run.store.chunks(run.chunk_size)
-    for j, sl in enumerate(chunks):
-        x, m, v = run.store.load(sl, run.device, moments=True)
+    for j, (sl, (x, m, v)) in enumerate(stream_of(run).chunks(chunks, moments=True)):
         x.requires_grad_(True)
         acts, logits = forward(run, see(run, x, vsl(sl)))
         stats, fresh = [], []
@@ -137,16 +136,16 @@ def _other_ranks(local: list[ChannelStats]) -> list[ChannelStats] | None:
 
 
 @torch.no_grad()
-def _chunk_stats(run: Run, sl: slice, views) -> list[ChannelStats]:
-    """Statistics of a chunk's stored images as the model sees them through `views`."""
-    acts, _ = forward(run, see(run, run.store.load(sl, run.device), views))
+def _chunk_stats(run: Run, canvas: torch.Tensor, views) -> list[ChannelStats]:
+    """Statistics of a chunk's canvases as the model sees them through `views`."""
+    acts, _ = forward(run, see(run, canvas, views))
     return [channel_stats(a) for a in acts]
 
 
 @torch.no_grad()
 def _finalised_stats(run: Run, sl: slice) -> list[ChannelStats]:
     """Statistics of a chunk's stored images in their output view (what generate returns)."""
-    acts, _ = forward(run, output_images(run, run.store.load(sl, run.device)))
+    acts, _ = forward(run, output_images(run, stream_of(run).load(sl)))  # after the chunk's write
     return [channel_stats(a) for a in acts]
 
 

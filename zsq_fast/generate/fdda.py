@@ -27,6 +27,7 @@ from ..ops import channel_mean_var, channel_stats
 from .context import Run, check_finite, forward, grad_of, see, update, whole_set_bn
 from .losses import bn_group_losses, center_loss
 from .shards import reduce_sums
+from .streaming import stream_of
 
 
 @dataclass
@@ -129,7 +130,7 @@ def fdda_gradients(run: Run, views, on_grad) -> dict:
     deep = deep_layers(len(run.layers))
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     # pass 1: L_BN on the statistics of the whole (mixed-label) set, and its gradient w.r.t. them
-    bn = whole_set_bn(run, lambda sl: see(run, run.store.load(sl, run.device), vsl(sl)), "the fdda BN loss",
+    bn = whole_set_bn(run, lambda sl, canvas: see(run, canvas, vsl(sl)), "the fdda BN loss",
                       weight=w["bn"])
     # BNS-distorted targets, redrawn every step from the run's generator
     def noise(t: torch.Tensor, std: float) -> torch.Tensor:
@@ -138,8 +139,9 @@ def fdda_gradients(run: Run, views, on_grad) -> dict:
               centers.var[l] + noise(centers.var[l], st["noise_var_std"])) for l in deep]
     # pass 2: per single-class batch, its class terms plus its share of the whole-set L_BN gradient
     out = {"bn": float(bn.loss.detach()), "ce": 0.0, "center": 0.0, "distort": 0.0}
-    for k, sl in st["batches"]:
-        x, m, v = run.store.load(sl, run.device, moments=True)
+    classes = [k for k, _ in st["batches"]]
+    for i, (sl, (x, m, v)) in enumerate(stream_of(run).chunks([sl for _, sl in st["batches"]], moments=True)):
+        k = classes[i]
         x.requires_grad_(True)
         acts, logits = forward(run, see(run, x, vsl(sl)))
         deep_stats = [channel_mean_var(acts[1 + l]) for l in deep]

@@ -3,18 +3,18 @@ and written chunk by chunk (pread/pwrite: process memory stays at a chunk, the O
 the rest), and the small run state beside them. The folder is the checkpoint:
 
     run.json      the run configuration and the image shape, written once when the folder is made
-    x.f32, exp_avg.f32, exp_avg_sq.f32   (N, C, Hc, Wc) float32, C order
+    {x, exp_avg, exp_avg_sq}.{0,1}.f32   two buffers of (N, C, Hc, Wc) float32, C order
     state.pt      step, lr schedule, RNG state, stale cache, loss history; replaced atomically per step
-    step.lock     the step being written; removed once state.pt holds it
-    undo.log      during a step: the previous contents of every chunk the step has overwritten
     images.f32    the output images (N, C, H, W) float32, written at the end
 
-Images are updated in place. Before a chunk is overwritten, its old images and moments are appended
-to undo.log (entry first, data after, in that order through the page cache), so a process killed at
-any point inside step k (kill -9 included) leaves step.lock = k, state.pt of step k - 1 and a log that
-restores every touched chunk: opening the folder rolls the step back and the run resumes as if it had
-stopped after step k - 1, giving the uninterrupted run's images. The log costs one extra write of
-each chunk per step (through the page cache; it is deleted at the step's end).
+Double buffering: the images and moments after step s live in buffer s % 2. Step k reads buffer
+(k - 1) % 2 and writes its updated chunks to buffer k % 2 (a chunk already written this step is read
+from there), and replacing state.pt with step k is the commit. A process killed at any point inside
+step k (kill -9 included) leaves state.pt of step k - 1 and its buffer untouched, so the reopened
+folder resumes as if the run had stopped after step k - 1 and gives the uninterrupted run's images.
+The cost is disk space (two buffers: 6 x 4 bytes per canvas pixel), not writes: each chunk is
+written once per step, as an in-place update would (format 1 of this folder wrote an undo log
+beside the in-place update: a second write of every chunk per step).
 
 A process kill loses nothing the page cache holds; a power loss or reboot does. The data files are
 fsynced every `checkpoint_every` steps (and at the last), not every step (on this project's 2-core VM
@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +37,13 @@ import torch
 
 from ..errors import InvalidArgumentError
 
-FORMAT = 1
+FORMAT = 2
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 ARRAYS = ("x", "exp_avg", "exp_avg_sq")
-_OURS = {"run.json", "state.pt", "state.pt.tmp", "run.json.tmp", "step.lock", "step.lock.tmp", "undo.log",
-         "images.f32", "images.f32.tmp", *(f"{a}.f32" for a in ARRAYS)}
-_ENTRY = np.dtype([("start", "<i8"), ("stop", "<i8")])  # an undo entry's header; x, m, v follow
+BUFFERS = (0, 1)
+_OURS = {"run.json", "state.pt", "state.pt.tmp", "run.json.tmp", "images.f32", "images.f32.tmp",
+         *(f"{a}.{b}.f32" for a in ARRAYS for b in BUFFERS)}
+COPY_BLOCK = 4096  # images per read/write when a step carries unwritten images over to its buffer
 
 
 class RunFolderError(InvalidArgumentError):
@@ -63,15 +65,23 @@ def _atomic_write(path: Path, write) -> None:
                              "is the disk full or the folder read-only?") from None
 
 
-class DiskStore:
-    """The ImageStore interface (n, chunks, load, put, flush) over the three files of a run folder."""
+def buffer_file(folder: Path, array: str, buffer: int) -> Path:
+    return folder / f"{array}.{buffer}.f32"
 
-    def __init__(self, folder: Path, shape: tuple[int, ...]):
+
+class DiskStore:
+    """The ImageStore interface (n, chunks, load, put, flush) over the double-buffered files of a run
+    folder. Not thread-safe: streaming.ChunkStream calls it from one I/O thread at a time."""
+
+    def __init__(self, folder: Path, shape: tuple[int, ...], step: int = 0):
         self.folder, self.shape = folder, tuple(shape)
         self.image_numel = math.prod(shape[1:])
-        self._fds = {a: os.open(folder / f"{a}.f32", os.O_RDWR) for a in ARRAYS}
-        self._undo = None  # the open undo log while a step runs
-        self.synced_step = 0  # the last step whose images were fsynced
+        self._fds = {(a, b): os.open(buffer_file(folder, a, b), os.O_RDWR) for a in ARRAYS for b in BUFFERS}
+        self.step = step        # the last finished step: its images are in buffer step % 2
+        self._writing = None    # the step being written, between begin_step and end_step
+        self._written = None    # per image: already written by that step (then read from its buffer)
+        self.synced_step = 0    # the last step whose images were fsynced
+        self.io_s = 0.0         # seconds spent in the data files' reads and writes (benchmarks)
 
     @property
     def n(self) -> int:
@@ -80,86 +90,91 @@ class DiskStore:
     def chunks(self, chunk_size: int) -> list[slice]:
         return [slice(i, min(i + chunk_size, self.n)) for i in range(0, self.n, chunk_size)]
 
-    def _read(self, name: str, sl: slice) -> torch.Tensor:
+    def _bounds(self, sl: slice) -> tuple[int, int]:
         start, stop, _ = sl.indices(self.n)
-        out = np.empty((stop - start, *self.shape[1:]), dtype=np.float32)
-        buf, offset, done = memoryview(out).cast("B"), start * self.image_numel * 4, 0
-        while done < len(buf):  # one read call moves at most ~2 GiB
-            got = os.preadv(self._fds[name], [buf[done:]], offset + done)
-            if got == 0:
-                raise RunFolderError(f"checkpoint folder {self.folder}: {name}.f32 is shorter than its {self.n} images "
-                                     "(truncated?); remove the folder to start over")
-            done += got
-        return torch.from_numpy(out)
+        return start, max(start, stop)
 
-    def _write(self, name: str, sl: slice, t: torch.Tensor) -> None:
-        start, stop, _ = sl.indices(self.n)
-        data = t.detach().to("cpu", torch.float32).contiguous().numpy()
-        if data.shape[0] != stop - start:
-            raise ValueError(f"{name}: {data.shape[0]} images for a slice of {stop - start}")
+    def _pread(self, name: str, buffer: int, start: int, out: np.ndarray) -> None:
+        buf, offset, done = memoryview(out).cast("B"), start * self.image_numel * 4, 0
+        t = time.perf_counter()
+        while done < len(buf):  # one read call moves at most ~2 GiB
+            got = os.preadv(self._fds[name, buffer], [buf[done:]], offset + done)
+            if got == 0:
+                raise RunFolderError(f"checkpoint folder {self.folder}: {name}.{buffer}.f32 is shorter than its "
+                                     f"{self.n} images (truncated?); remove the folder to start over")
+            done += got
+        self.io_s += time.perf_counter() - t
+
+    def _pwrite(self, name: str, buffer: int, start: int, data: np.ndarray) -> None:
         buf, offset, done = memoryview(data).cast("B"), start * self.image_numel * 4, 0
+        t = time.perf_counter()
         try:
             while done < len(buf):
-                done += os.pwrite(self._fds[name], buf[done:], offset + done)
+                done += os.pwrite(self._fds[name, buffer], buf[done:], offset + done)
         except OSError as exc:
-            raise RunFolderError(f"checkpoint folder {self.folder}: cannot write {name}.f32 ({exc.strerror})") from None
+            raise RunFolderError(f"checkpoint folder {self.folder}: cannot write {name}.{buffer}.f32 "
+                                 f"({exc.strerror})") from None
+        self.io_s += time.perf_counter() - t
+
+    def read(self, name: str, sl: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The newest contents of images `sl` of one array, as a CPU tensor (into `out`, a contiguous
+        float32 CPU tensor of the right shape, when given: e.g. pinned memory)."""
+        start, stop = self._bounds(sl)
+        if out is None:
+            out = torch.empty((stop - start, *self.shape[1:]), dtype=torch.float32)
+        arr = out.numpy()
+        current = self.step % 2
+        written = None if self._written is None else self._written[start:stop]
+        if written is None or not written.any():
+            self._pread(name, current, start, arr)
+        elif written.all():
+            self._pread(name, self._writing % 2, start, arr)
+        else:  # a slice across images written and not yet written this step
+            self._pread(name, current, start, arr)
+            new = np.empty_like(arr)
+            self._pread(name, self._writing % 2, start, new)
+            arr[written] = new[written]
+        return out
 
     def load(self, sl: slice, device, moments: bool = False):
         """The chunk's images (and moments) on the compute device, as copies."""
         if not moments:
-            return self._read("x", sl).to(device)
-        return tuple(self._read(a, sl).to(device) for a in ARRAYS)
+            return self.read("x", sl).to(device)
+        return tuple(self.read(a, sl).to(device) for a in ARRAYS)
 
     def put(self, sl: slice, x, exp_avg=None, exp_avg_sq=None) -> None:
-        if self._undo is not None:
-            self._log_old(sl)
-        self._write("x", sl, x)
-        if exp_avg is not None:
-            self._write("exp_avg", sl, exp_avg)
-            self._write("exp_avg_sq", sl, exp_avg_sq)
+        """Write images `sl` (and their moments): to the step's buffer inside a step, else in place."""
+        start, stop = self._bounds(sl)
+        arrays = {"x": x, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        if self._writing is not None and exp_avg is None:  # the moments move to the step's buffer unchanged
+            arrays.update(exp_avg=self.read("exp_avg", sl), exp_avg_sq=self.read("exp_avg_sq", sl))
+        buffer = self.step % 2 if self._writing is None else self._writing % 2
+        for name, t in arrays.items():
+            if t is None:
+                continue
+            data = t.detach().to("cpu", torch.float32).contiguous().numpy()
+            if data.shape[0] != stop - start:
+                raise ValueError(f"{name}: {data.shape[0]} images for a slice of {stop - start}")
+            self._pwrite(name, buffer, start, data)
+        if self._written is not None:
+            self._written[start:stop] = True
 
-    def _log_old(self, sl: slice) -> None:
-        start, stop, _ = sl.indices(self.n)
-        head = np.array([(start, stop)], dtype=_ENTRY).tobytes()
-        try:
-            self._undo.write(head + b"".join(memoryview(self._read(a, sl).numpy()).cast("B") for a in ARRAYS))
-            self._undo.flush()  # in the page cache before the data write below: a kill cannot reorder them
-        except OSError as exc:
-            raise RunFolderError(f"checkpoint folder {self.folder}: cannot write undo.log ({exc.strerror})") from None
+    def begin_step(self, step: int) -> None:
+        if step != self.step + 1:
+            raise ValueError(f"step {step} cannot follow step {self.step}")
+        self._writing, self._written = step, np.zeros(self.n, dtype=bool)
 
-    def begin_step(self) -> None:
-        self._undo = open(self.folder / "undo.log", "wb")
+    def finish_step(self) -> None:
+        """Carry the images the step did not write over to its buffer (a step normally writes all)."""
+        todo = np.flatnonzero(~self._written)
+        for run in np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1) if todo.size else []:
+            for start in range(int(run[0]), int(run[-1]) + 1, COPY_BLOCK):
+                sl = slice(start, min(start + COPY_BLOCK, int(run[-1]) + 1))
+                self.put(sl, *(self.read(a, sl) for a in ARRAYS))
 
-    def end_step(self) -> None:
-        if self._undo is not None:
-            self._undo.close()
-            self._undo = None
-        (self.folder / "undo.log").unlink(missing_ok=True)
-
-    def roll_back(self) -> bool:
-        """Restore the chunks of an interrupted step from undo.log (newest first); False when the log is
-        missing or unreadable."""
-        path = self.folder / "undo.log"
-        if not path.exists():
-            return False
-        raw = path.read_bytes()
-        entries, pos = [], 0
-        while len(raw) - pos >= _ENTRY.itemsize:  # a shorter rest is a torn header
-            start, stop = np.frombuffer(raw, _ENTRY, 1, pos)[0].tolist()
-            if not 0 <= start < stop <= self.n:
-                return False  # not an entry this code wrote
-            size, body = (stop - start) * self.image_numel * 4, pos + _ENTRY.itemsize
-            if body + 3 * size > len(raw):
-                break  # a torn last entry: its data write never started
-            entries.append((slice(start, stop), [raw[body + i * size: body + (i + 1) * size] for i in range(3)]))
-            pos = body + 3 * size
-        for sl, blobs in reversed(entries):
-            for a, blob in zip(ARRAYS, blobs):
-                arr = np.frombuffer(blob, np.float32).reshape(sl.stop - sl.start, *self.shape[1:])
-                self._write(a, sl, torch.from_numpy(arr.copy()))
-        self.flush()
-        path.unlink()
-        return True
+    def commit_step(self) -> None:
+        """The step's buffer now holds the newest images (call after state.pt names the step)."""
+        self.step, self._writing, self._written = self._writing, None, None
 
     def flush(self) -> None:
         for fd in self._fds.values():
@@ -167,13 +182,11 @@ class DiskStore:
 
     @property
     def x(self) -> torch.Tensor:
-        """All canvases, memory-mapped read-only (for inspection; the loop uses load/put)."""
-        return mapped(self.folder / "x.f32", self.shape)
+        """All canvases of the last finished step, memory-mapped read-only (for inspection; the loop
+        uses load/put)."""
+        return mapped(buffer_file(self.folder, "x", self.step % 2), self.shape)
 
     def close(self) -> None:
-        if self._undo is not None:  # the log stays: an unfinished step is rolled back on the next open
-            self._undo.close()
-            self._undo = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
@@ -185,12 +198,13 @@ def mapped(path: Path, shape) -> torch.Tensor:
 
 
 def _config(folder: Path) -> dict | None:
+    """run.json of a folder of any format this code can read (1: in-place images + undo log, 2: now)."""
     path = folder / "run.json"
     if not path.exists():
         return None
     try:
         cfg = json.loads(path.read_text())
-        if cfg.get("format") != FORMAT or not isinstance(cfg.get("settings"), dict):
+        if cfg.get("format") not in (1, FORMAT) or not isinstance(cfg.get("settings"), dict):
             raise ValueError("unknown layout")
         return cfg
     except (ValueError, OSError) as exc:
@@ -207,6 +221,10 @@ def _prepare(folder: Path) -> None:
         raise RunFolderError(f"checkpoint folder {folder} cannot be created ({exc.strerror})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise RunFolderError(f"checkpoint folder {folder} is not writable")
+    cfg = _config(folder)
+    if cfg is not None and cfg["format"] != FORMAT:
+        raise RunFolderError(f"checkpoint folder {folder} was written by an older zsq_fast (run folder format "
+                             f"{cfg['format']}, this one reads {FORMAT}); finish it with that version or remove it")
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in _OURS)
     if foreign:
         raise RunFolderError(f"checkpoint folder {folder} holds other files ({', '.join(foreign[:3])}); "
@@ -214,20 +232,23 @@ def _prepare(folder: Path) -> None:
 
 
 def _allocate(folder: Path, nbytes: int, n_images: int) -> None:
-    need = len(ARRAYS) * nbytes
+    """Both buffers of every array, `nbytes` each, reserved on disk now (not on a later write)."""
+    files = [buffer_file(folder, a, b) for a in ARRAYS for b in BUFFERS]
+    need = len(files) * nbytes
     free = shutil.disk_usage(folder).free
-    have = sum((folder / f"{a}.f32").stat().st_size for a in ARRAYS if (folder / f"{a}.f32").exists())
+    have = sum(f.stat().st_size for f in files if f.exists())
     if need > free + have:
         raise RunFolderError(f"checkpoint folder {folder}: not enough disk space for n_images={n_images} and their "
-                             f"RAdam moments (needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free)")
-    for a in ARRAYS:
+                             f"RAdam moments, double-buffered (needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB "
+                             "free)")
+    for path in files:
         try:
-            with open(folder / f"{a}.f32", "wb") as f:  # truncates: a fresh start begins from zeros
+            with open(path, "wb") as f:  # truncates: a fresh start begins from zeros
                 if nbytes:
-                    os.posix_fallocate(f.fileno(), 0, nbytes)  # the space is reserved now, not on a later write
+                    os.posix_fallocate(f.fileno(), 0, nbytes)
         except OSError as exc:
             reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-            raise RunFolderError(f"checkpoint folder {folder}: cannot allocate {a}.f32 ({reason})") from None
+            raise RunFolderError(f"checkpoint folder {folder}: cannot allocate {path.name} ({reason})") from None
 
 
 def open_run_folder(folder, settings: dict, shape: tuple[int, ...], initial_blocks) -> tuple[DiskStore, dict | None]:
@@ -250,38 +271,27 @@ def open_run_folder(folder, settings: dict, shape: tuple[int, ...], initial_bloc
             raise RunFolderError(f"checkpoint folder {folder}: run.json is corrupted (shape {cfg.get('shape')} for "
                                  f"images of {list(shape)}); remove the folder to start over")
     state = _load_state(folder) if cfg is not None else None
-    lock = _lock_step(folder)
-    if state is not None and state.get("boot_id") != boot_id() and (
-            lock is not None or state.get("synced_step") != state["step"]):
+    if state is not None and state.get("boot_id") != boot_id() and state.get("synced_step") != state["step"]:
         raise RunFolderError(f"checkpoint folder {folder}: the machine restarted after step {state['step']} before its "
                              f"images reached the disk (last synced at step {state.get('synced_step')}); they cannot "
                              "be trusted: remove the folder to start over")
-    if state is None:  # fresh start: (re)write everything
-        (folder / "step.lock").unlink(missing_ok=True)
-        (folder / "undo.log").unlink(missing_ok=True)
+    if state is None:  # fresh start (or one killed before its first state.pt): (re)write everything
         _allocate(folder, 4 * math.prod(shape), shape[0])
         _atomic_write(folder / "run.json",
                       lambda f: f.write(json.dumps({"format": FORMAT, "settings": current, "shape": list(shape)},
                                                    indent=1).encode()))
-    store = DiskStore(folder, shape)
-    store.synced_step = 0 if state is None else int(state.get("synced_step", state["step"]))
     for a in ARRAYS:
-        size = (folder / f"{a}.f32").stat().st_size
-        if size != 4 * math.prod(shape):
-            store.close()
-            raise RunFolderError(f"checkpoint folder {folder}: {a}.f32 holds {size} bytes, expected "
-                                 f"{4 * math.prod(shape)}; remove the folder to start over")
+        for b in BUFFERS:
+            size = buffer_file(folder, a, b).stat().st_size if buffer_file(folder, a, b).exists() else 0
+            if size != 4 * math.prod(shape):
+                raise RunFolderError(f"checkpoint folder {folder}: {a}.{b}.f32 holds {size} bytes, expected "
+                                     f"{4 * math.prod(shape)}; remove the folder to start over")
+    store = DiskStore(folder, shape, step=0 if state is None else int(state["step"]))
+    store.synced_step = 0 if state is None else int(state.get("synced_step", state["step"]))
     if state is None:
         for sl, block in initial_blocks():
             store.put(sl, block)
         store.flush()
-    elif lock is not None:
-        if lock > state["step"] and not store.roll_back():
-            store.close()
-            raise RunFolderError(f"checkpoint folder {folder} was interrupted inside step {lock} and its undo.log is "
-                                 "missing or damaged; it cannot be resumed exactly: remove the folder to start over")
-        (folder / "undo.log").unlink(missing_ok=True)  # a finished step's leftover
-        (folder / "step.lock").unlink()
     return store, state
 
 
@@ -298,21 +308,9 @@ def _load_state(folder: Path) -> dict | None:
                              "folder to start over") from None
 
 
-def _lock_step(folder: Path) -> int | None:
-    path = folder / "step.lock"
-    if not path.exists():
-        return None
-    try:
-        return int(path.read_text())
-    except ValueError:
-        raise RunFolderError(f"checkpoint folder {folder}: step.lock is corrupted; remove the folder to start "
-                             "over") from None
-
-
 def begin_step(store: DiskStore, step: int) -> None:
-    """Mark `step` as being written and start its undo log (before any image of it changes)."""
-    store.begin_step()  # first: whenever step.lock exists, its undo.log does
-    _atomic_write(store.folder / "step.lock", lambda f: f.write(str(step).encode()))
+    """Start `step`: its updated chunks go to buffer step % 2, the last step's buffer stays as it is."""
+    store.begin_step(step)
 
 
 def boot_id() -> str | None:
@@ -323,26 +321,27 @@ def boot_id() -> str | None:
 
 
 def end_step(store: DiskStore, state: dict, sync: bool) -> None:
-    """The step's state replaces the last one (after the images are synced to disk when `sync`); then
-    the mark and the undo log go."""
+    """Commit the step: its buffer complete (and synced to disk when `sync`), then state.pt names it.
+    Every write of the step must have reached the store (streaming.ChunkStream drains its loops)."""
+    store.finish_step()
     if sync:
         store.flush()
         store.synced_step = int(state["step"])
     state = {**state, "boot_id": boot_id(), "synced_step": store.synced_step}
     _atomic_write(store.folder / "state.pt", lambda f: torch.save(state, f))
-    (store.folder / "step.lock").unlink(missing_ok=True)
-    store.end_step()
+    store.commit_step()
 
 
-def write_output(store: DiskStore, chunk_size: int, shape: tuple[int, ...], images_of_chunk) -> torch.Tensor:
-    """The output images, chunk by chunk into images.f32; returned memory-mapped (lazily read)."""
+def write_output(store: DiskStore, shape: tuple[int, ...], chunks) -> torch.Tensor:
+    """The output images into images.f32, from `chunks`: (slice, images) in order covering all N;
+    returned memory-mapped (lazily read)."""
     path = store.folder / "images.f32"
     tmp = path.with_name("images.f32.tmp")
     try:  # a new file replaces the old one: images returned by an earlier call stay mapped to the old one
         with open(tmp, "wb") as f:
             os.posix_fallocate(f.fileno(), 0, 4 * math.prod(shape))  # out of space now, not half-way
-            for sl in store.chunks(chunk_size):
-                f.write(memoryview(images_of_chunk(sl).to("cpu", torch.float32).contiguous().numpy()).cast("B"))
+            for _, images in chunks:
+                f.write(memoryview(images.to("cpu", torch.float32).contiguous().numpy()).cast("B"))
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
