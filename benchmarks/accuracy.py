@@ -202,12 +202,13 @@ def markdown(results: dict) -> str:
     for name, r in results.items():
         cfg = r["settings"]
         cols = [cfg["main_column"]] + cfg["extra_columns"]
+        seeds_text = (f"seeds {cfg['seeds']} for {', '.join(cfg['seeded_rows'])} (seed {cfg['seeds'][0]} for the "
+                      "rest)" if cfg["seeded_rows"] else f"seed {cfg['seeds'][0]}")
         out += [f"### {name} (float top-1 {r['float_top1']:.2f} %)", "",
                 f"Setting `{cfg['setting']}`: {cfg['n_images']} calibration images, {cfg['gen_iterations']} "
                 f"generation iterations, {cfg['recon_iterations']} BRECQ iterations per unit (Adam lr "
-                f"{cfg['recon_lr']:g} on V, batch {cfg['batch_size']}), seeds {cfg['seeds']} for "
-                f"{', '.join(cfg['seeded_rows'])}, evaluation on {r['n_eval']} images, device {cfg['device']}, "
-                f"{cfg['threads']} thread(s).", "",
+                f"{cfg['recon_lr']:g} on V, batch {cfg['batch_size']}), {seeds_text}, evaluation on {r['n_eval']} "
+                f"images, device {cfg['device']}, {cfg['threads']} thread(s).", "",
                 "| calibration | n | " + " | ".join(c.replace(":", " ") for c in cols) + " | calibration s |",
                 "| --- | ---: |" + " ---: |" * (len(cols) + 1)]
         for row in cfg["rows"]:
