@@ -168,6 +168,7 @@ def test_a_dead_rank_ends_the_other_with_a_clear_error(tmp_path, how):
     elapsed, message = (tmp_path / "error.txt").read_text().split("\n", 1)
     assert float(elapsed) < 6  # the collective timeout (2 s) ended it, well before the stalled rank woke
     assert "reconstruction gradients failed on rank 0 of 2" in message and "\n" not in message.strip()
+    assert "rank 1 (last began step" in message and "died or stopped answering" in message  # the one that stopped
 
 
 @pytest.mark.parametrize("source", ["images", "generator"])

@@ -146,3 +146,60 @@ def all_gather_object(obj, what: str = "all-gather") -> list:
 
 
 __all__ += ["all_gather_cat", "broadcast_", "collective_device", "all_gather_object"]
+
+
+class Heartbeat:
+    """Names the rank that stopped. Each rank records in the group's key-value store (the rendezvous') the
+    step it began; after a failed collective the ranks whose record is behind are the ones that died or
+    stalled (gloo and NCCL only report that *a* peer is gone). Every rank creates its Heartbeats in the same
+    order, so the keys of one loop match across ranks and an earlier loop's records do not count."""
+    _made: dict[str, int] = {}
+
+    def __init__(self, name: str):
+        Heartbeat._made[name] = Heartbeat._made.get(name, 0) + 1
+        self.prefix = f"zsq_fast/{name}/{Heartbeat._made[name]}/"
+
+    @staticmethod
+    def _store():
+        if not active():
+            return None
+        try:
+            import torch.distributed.distributed_c10d as c10d
+
+            return c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - naming a dead rank is a courtesy; the collective's error still stands
+            return None
+
+    def beat(self, step: int) -> None:
+        """This rank began `step` (one small write to the store)."""
+        store = self._store()
+        if store is not None:
+            try:
+                store.set(f"{self.prefix}{rank()}", str(step))
+            except Exception:  # noqa: BLE001 - the store's host may be the rank that died
+                pass
+
+    def who_stopped(self, step: int) -> str:
+        """Which ranks did not begin `step`, by their records (for the error message of a failed step)."""
+        store = self._store()
+        if store is None:
+            return "another rank stopped answering"
+        behind = []
+        try:
+            for r in range(world_size()):
+                key = f"{self.prefix}{r}"
+                last = int(store.get(key)) if store.check([key]) else 0
+                if last < step:
+                    behind.append(f"rank {r} (last began step {last})")
+        except Exception:  # noqa: BLE001
+            return "another rank stopped answering (the group's store is unreachable too)"
+        if not behind:
+            return "a rank died or stopped answering during this step"
+        return f"{', '.join(behind)} died or stopped answering"
+
+    def failed(self, where: str, step: int, error: DistributedError) -> DistributedError:
+        """error, prefixed with where/step and the ranks that stopped."""
+        return DistributedError(f"{where} {step}: {self.who_stopped(step)}; {error}")
+
+
+__all__ += ["Heartbeat"]

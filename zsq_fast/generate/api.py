@@ -403,7 +403,6 @@ def _available_host_memory() -> float:
 
 def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, progress):
     shard = _plan_shard(model, s, device, real_images, real_labels) if zd.active() else None
-    shards.new_run()
     if shard is not None and checkpoint is not None:  # a folder: the manifest and one entry per rank
         own = Path(checkpoint) / sharded_run.rank_name(shard.rank)
         guess = own if s.store == "disk" or (own / "run.json").exists() else own.with_suffix(".pt")
@@ -443,6 +442,7 @@ def _exit_for_test(step: int) -> None:
 
 def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoint, progress, placed, shard=None):
     t_start = time.perf_counter()
+    heart = zd.Heartbeat("generate")  # names a rank that dies mid-run (every rank makes the same calls)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     disk = placed["kind"] == "disk"
@@ -480,7 +480,7 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
         for step in range(run.step + 1, s.iterations + 1):
             run.step = step
             _exit_for_test(step)
-            shards.heartbeat(step)
+            heart.beat(step)
             if disk:
                 begin_step(run.store, step)
             views = _views(run, s)
@@ -488,7 +488,7 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
             try:
                 losses = step_fn(run, views)
             except zd.DistributedError as e:
-                raise zd.DistributedError(f"generation step {step}: {shards.who_stopped(step)}; {e}") from e
+                raise heart.failed("generation step", step, e) from e
             run.plateau.step(losses["total"])
             history.append({"step": step, "lr": lr_used, **losses})
             if disk:  # every step: images are updated in place, the state must follow them

@@ -118,8 +118,10 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
     for q in act:
         q.drop_prob = cfg.qdrop
     last = float("nan")
+    heart, t = distributed.Heartbeat("reconstruction"), 0  # names a rank that dies mid-reconstruction
     try:
         for t in range(cfg.iterations):
+            heart.beat(t + 1)
             # the global batch (same on every rank); this rank computes the part it holds
             idx = torch.randint(0, layout.total, (min(cfg.batch_size, layout.total),), generator=generator)
             pos, local = layout.local(idx)
@@ -158,6 +160,8 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
                 on_step(t, lambda v=rec_value: float(v))
             if t == cfg.iterations - 1:
                 last = float(rec_value)
+    except distributed.DistributedError as e:
+        raise heart.failed("reconstruction iteration", t + 1, e) from e
     finally:
         for layer in layers:
             layer.rounding = "hard"
