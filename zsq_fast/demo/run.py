@@ -47,7 +47,7 @@ class Row:
 
 
 def format_table(rows: list[Row], bits: tuple[str, ...], preset: str, n_test: int) -> str:
-    lines = [f"| model | calibration images | " + " | ".join(f"{b} {preset}" for b in bits) + " |",
+    lines = ["| model | calibration images | " + " | ".join(f"{b} {preset}" for b in bits) + " |",
              "| --- | --- |" + " ---: |" * len(bits)]
     for r in rows:
         lines.append(f"| {r.name} | {r.calibration} | " + " | ".join(
