@@ -57,7 +57,7 @@ def test_disk_store_equals_host_store(tmp_path, method, kw):
     assert rec_host.store["kind"] == "host"
     names = sorted(os.listdir(tmp_path / "run"))
     assert names == ["exp_avg.0.f32", "exp_avg.1.f32", "exp_avg_sq.0.f32", "exp_avg_sq.1.f32", "images.f32",
-                     "run.json", "state.pt", "x.0.f32", "x.1.f32"]
+                     "run.json", "state.prev.pt", "state.pt", "x.0.f32", "x.1.f32"]
     # two buffers of canvases (augmented dgh: a margin around the output view); step 6 wrote buffer 0
     shape = json.loads((tmp_path / "run" / "run.json").read_text())["shape"]
     assert all(os.path.getsize(tmp_path / "run" / f"x.{b}.f32") == 4 * math.prod(shape) for b in (0, 1))
@@ -296,3 +296,38 @@ def test_auto_resumes_where_the_run_was_stored(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "free_host_bytes", lambda: 1000)
     _, rec = zsq_fast.generate(tiny(), 4, "dgh", 8, checkpoint=tmp_path / "c.pt", **common)
     assert rec.store["kind"] == "host" and rec.resumed_from_step == 2
+
+
+def test_step_back_returns_the_folder_to_the_previous_step(tmp_path):
+    """A sharded run's rank one step ahead steps back (run_folder.step_back): the previous step's images are
+    still in the other buffer and its state in state.prev.pt; resuming from there gives the uninterrupted
+    images. Stepping back from step 1 leaves the initial canvases (no state)."""
+    kw = {**COMMON, "iterations": 3}
+    ref, _ = zsq_fast.generate(tiny(), 5, "dgh", 8, **kw)
+    run = tmp_path / "run"
+    zsq_fast.generate(tiny(), 5, "dgh", 8, store="disk", checkpoint=run, **kw)
+    shape = tuple(json.loads((run / "run.json").read_text())["shape"])
+    store = run_folder.DiskStore(run, shape, step=3)
+    try:
+        assert int(run_folder.step_back(store)["step"]) == 2 and store.step == 2
+        with pytest.raises(RunFolderError, match="no saved state of step 1"):
+            run_folder.step_back(store)  # only one step back is kept
+    finally:
+        store.close()
+    images, rec = zsq_fast.generate(tiny(), 5, "dgh", 8, store="disk", checkpoint=run, **kw)
+    assert rec.resumed_from_step == 2
+    torch.testing.assert_close(images, ref, rtol=0, atol=0)
+    run1 = tmp_path / "run1"
+    def stop_after_1(step, total, losses):
+        if step == 1:
+            raise Killed
+    with pytest.raises(Killed):  # step 1 committed, then the run stops
+        zsq_fast.generate(tiny(), 5, "dgh", 8, store="disk", checkpoint=run1, progress=stop_after_1, **kw)
+    store = run_folder.DiskStore(run1, shape, step=1)
+    try:
+        assert run_folder.step_back(store) is None and not (run1 / "state.pt").exists()
+    finally:
+        store.close()
+    images, rec = zsq_fast.generate(tiny(), 5, "dgh", 8, store="disk", checkpoint=run1, **kw)
+    assert rec.resumed_from_step is None
+    torch.testing.assert_close(images, ref, rtol=0, atol=0)

@@ -202,16 +202,19 @@ def test_sharded_checkpoint_folder_and_load_images(two_ranks):
         sharded_run.prepare_checkpoint(ck, plan([slice(0, 3), slice(3, 6), slice(6, 7)], N, 0, 3), disk=True)
 
 
-@pytest.mark.parametrize("store", ["host", "disk"])
-def test_a_killed_rank_is_named_and_the_rerun_resumes_exactly(tmp_path, store):
+@pytest.mark.parametrize("store,when", [("host", ""), ("disk", ""), ("disk", ":commit")])
+def test_a_killed_rank_is_named_and_the_rerun_resumes_exactly(tmp_path, store, when):
+    """when=':commit': rank 1 dies after step 4's last collective, before committing it, so rank 0's run
+    folder is one step ahead (it committed step 4); the rerun steps it back to step 3."""
     kw = dict(COMMON, iterations=6, checkpoint_every=2, store=store, checkpoint=str(tmp_path / "ck"))
     t0 = time.monotonic()
     codes, results = run_ranks(tmp_path / "killed", [("run", "dgh", kw)],
-                               env={"ZSQ_FAST_TEST_EXIT": "1:4", "ZSQ_FAST_DIST_TIMEOUT": "20"})
+                               env={"ZSQ_FAST_TEST_EXIT": "1:4" + when, "ZSQ_FAST_DIST_TIMEOUT": "20"})
     assert time.monotonic() - t0 < 90
     assert codes == [3, 17], (codes, results)
     err = results["run"][0]
-    assert err.startswith("DistributedError: generation step 4: rank 1 (last began step 3) died"), err
+    failed = "generation step 5: rank 1 (last began step 4)" if when else "generation step 4: rank 1 (last began step 3)"
+    assert err.startswith(f"DistributedError: {failed} died"), err
     # the same command again resumes (rank 0 rolls back / both take the last step they all saved), and an
     # uninterrupted run in another folder gives the same images
     codes, results = run_ranks(tmp_path / "rerun", [("run", "dgh", kw),

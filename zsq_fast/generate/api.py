@@ -433,10 +433,11 @@ def _plan_shard(model, s: Settings, device, real_images, real_labels) -> shards.
                        what="single-class batches")
 
 
-def _exit_for_test(step: int) -> None:
-    """ZSQ_FAST_TEST_EXIT=RANK:STEP ends that rank abruptly when STEP begins (the killed-rank tests)."""
+def _exit_for_test(step: int, when: str = "begin") -> None:
+    """ZSQ_FAST_TEST_EXIT=RANK:STEP ends that rank abruptly when STEP begins, RANK:STEP:commit just before
+    it commits STEP (after the step's last collective) (the killed-rank tests)."""
     spec = os.environ.get("ZSQ_FAST_TEST_EXIT")
-    if spec and spec == f"{zd.rank()}:{step}":
+    if spec and spec == f"{zd.rank()}:{step}" + ("" if when == "begin" else f":{when}"):
         os._exit(17)
 
 
@@ -463,7 +464,7 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
         if disk:  # the run folder is the checkpoint
             saved = run.state.pop("saved")
             if shard is not None:
-                sharded_run.check_same_step(Path(placed["folder"]), 0 if saved is None else int(saved["step"]))
+                saved = sharded_run.agree_on_step(run.store, saved)
         elif shard is not None and checkpoint is not None:
             saved = sharded_run.load_rank_checkpoint(checkpoint, compared, shard.n)
         else:
@@ -491,6 +492,7 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
                 raise heart.failed("generation step", step, e) from e
             run.plateau.step(losses["total"])
             history.append({"step": step, "lr": lr_used, **losses})
+            _exit_for_test(step, "commit")
             if disk:  # every step: images are updated in place, the state must follow them
                 end_step(run.store, _state(run, compared, history, initial_bn, images=False),
                          sync=step % s.checkpoint_every == 0 or step == s.iterations)

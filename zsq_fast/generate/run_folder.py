@@ -5,6 +5,7 @@ the rest), and the small run state beside them. The folder is the checkpoint:
     run.json      the run configuration and the image shape, written once when the folder is made
     {x, exp_avg, exp_avg_sq}.{0,1}.f32   two buffers of (N, C, Hc, Wc) float32, C order
     state.pt      step, lr schedule, RNG state, stale cache, loss history; replaced atomically per step
+    state.prev.pt the state it replaced (a rank of a sharded run one step ahead of its peers steps back)
     images.f32    the output images (N, C, H, W) float32, written at the end
 
 Double buffering: the images and moments after step s live in buffer s % 2. Step k reads buffer
@@ -41,7 +42,8 @@ FORMAT = 2
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 ARRAYS = ("x", "exp_avg", "exp_avg_sq")
 BUFFERS = (0, 1)
-_OURS = {"run.json", "state.pt", "state.pt.tmp", "run.json.tmp", "images.f32", "images.f32.tmp",
+_OURS = {"run.json", "state.pt", "state.pt.tmp", "state.prev.pt", "state.prev.pt.tmp", "run.json.tmp",
+         "images.f32", "images.f32.tmp",
          *(f"{a}.{b}.f32" for a in ARRAYS for b in BUFFERS)}
 COPY_BLOCK = 4096  # images per read/write when a step carries unwritten images over to its buffer
 
@@ -295,8 +297,8 @@ def open_run_folder(folder, settings: dict, shape: tuple[int, ...], initial_bloc
     return store, state
 
 
-def _load_state(folder: Path) -> dict | None:
-    path = folder / "state.pt"
+def _load_state(folder: Path, name: str = "state.pt") -> dict | None:
+    path = folder / name
     if not path.exists():
         return None
     try:
@@ -304,7 +306,7 @@ def _load_state(folder: Path) -> dict | None:
         int(state["step"])
         return state
     except Exception as exc:  # noqa: BLE001 - any unreadable state file is the same problem to the user
-        raise RunFolderError(f"checkpoint folder {folder}: state.pt is corrupted ({type(exc).__name__}); remove the "
+        raise RunFolderError(f"checkpoint folder {folder}: {name} is corrupted ({type(exc).__name__}); remove the "
                              "folder to start over") from None
 
 
@@ -328,8 +330,46 @@ def end_step(store: DiskStore, state: dict, sync: bool) -> None:
         store.flush()
         store.synced_step = int(state["step"])
     state = {**state, "boot_id": boot_id(), "synced_step": store.synced_step}
+    _keep_previous_state(store.folder)
     _atomic_write(store.folder / "state.pt", lambda f: torch.save(state, f))
     store.commit_step()
+
+
+def _keep_previous_state(folder: Path) -> None:
+    """The state being replaced stays as state.prev.pt (state.pt itself is never absent), so a rank of a
+    sharded run that committed a step its peers did not can step back to theirs (step_back)."""
+    current, tmp = folder / "state.pt", folder / "state.prev.pt.tmp"
+    if not current.exists():
+        return
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(current, tmp)  # a second name for the same bytes: no copy
+    except OSError:
+        shutil.copyfile(current, tmp)
+    os.replace(tmp, folder / "state.prev.pt")
+
+
+def step_back(store: DiskStore) -> dict | None:
+    """Return the run folder to the step before its last committed one and give that step's state (None:
+    the initial canvases, step 0). Its images and moments are still in buffer (step - 1) % 2: the last
+    step wrote only the other buffer. For a rank of a sharded run one step ahead of its peers (it
+    committed a step whose collectives ended before a peer died)."""
+    target = store.step - 1
+    if target < 0 or store._writing is not None:
+        raise RunFolderError(f"checkpoint folder {store.folder}: cannot step back from step {store.step}")
+    if target == 0:  # before the first step: the initial canvases, no state
+        (store.folder / "state.prev.pt").unlink(missing_ok=True)
+        (store.folder / "state.pt").unlink()
+        store.step, store.synced_step = 0, 0
+        return None
+    state = _load_state(store.folder, "state.prev.pt")
+    if state is None or int(state["step"]) != target:
+        got = "none" if state is None else f"step {state['step']}"
+        raise RunFolderError(f"checkpoint folder {store.folder}: no saved state of step {target} to step back to "
+                             f"(state.prev.pt: {got}); remove the folder to start over")
+    _atomic_write(store.folder / "state.pt", lambda f: torch.save(state, f))
+    store.step, store.synced_step = target, int(state.get("synced_step", target))
+    return state
 
 
 def write_output(store: DiskStore, shape: tuple[int, ...], chunks) -> torch.Tensor:

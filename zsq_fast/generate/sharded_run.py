@@ -25,6 +25,7 @@ import torch
 from .. import distributed as zd
 from ..errors import FileFormatError, InvalidArgumentError, ZsqFastError
 from ..fileio import write_atomic
+from . import run_folder
 from .checkpoint import load_checkpoint, save_checkpoint
 from .shards import Shard
 
@@ -151,13 +152,19 @@ def load_rank_checkpoint(path: Path, compared: dict, n_images: int) -> dict | No
     return next(s for s in saved if int(s["step"]) == step)
 
 
-def check_same_step(folder: Path, step: int) -> None:
-    """Run folders (store="disk") of every rank must resume from the same step."""
-    steps = zd.all_gather_object(step, "the run-folder steps")
-    if len(set(steps)) > 1:
-        raise InvalidArgumentError(f"checkpoint folder {folder.parent}: the ranks' run folders stopped at different "
-                                   f"steps ({', '.join(f'rank {r}: {s}' for r, s in enumerate(steps))}); they cannot "
-                                   "resume together: remove the folder to start over")
+def agree_on_step(store, saved: dict | None) -> dict | None:
+    """Every rank's run folder (store="disk") resumes from the same step: a rank one step ahead of the
+    others (it committed a step whose collectives had ended when a peer died) steps back to theirs, its
+    previous images being still in the other buffer. Returns this rank's state to resume from."""
+    steps = zd.all_gather_object(store.step, "the run-folder steps")
+    target = min(steps)
+    if max(steps) - target > 1:
+        raise InvalidArgumentError(f"checkpoint folder {store.folder.parent}: the ranks' run folders stopped at "
+                                   f"steps {', '.join(f'rank {r}: {s}' for r, s in enumerate(steps))}, more than one "
+                                   "apart; they cannot resume together: remove the folder to start over")
+    ahead = store.step > target
+    return agreed(lambda: run_folder.step_back(store) if ahead else saved,
+                  f"stepping the run folders back to step {target}")
 
 
 def save_shard(images: torch.Tensor, folder, shard: Shard, save, suffix: str) -> Path:
