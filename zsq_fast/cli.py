@@ -24,6 +24,7 @@ from .models.zoo import LoadedModel, load_model
 from .pipeline import (GENERATORS, PRESETS, ROUNDINGS, Progress, UsageError,  # noqa: F401 (re-exported)
                        check_generator_model, parse_bits, run_generate, run_quantize)
 from .plots import generation_figure, reconstruction_figure, save_png
+from .quantize.calib_data import layout_of
 from .report import RunReport, check_precision, report_path_for, resolve_device, seed_everything
 
 
@@ -156,9 +157,7 @@ def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> to
         per_class=args.per_class, progress=not args.no_progress, report=report, stale_refresh=args.stale_refresh,
         store=args.store, channels_last=args.channels_last)
     # inside a process group generate() shards the set itself: each rank gets its own chunks, in rank order
-    n = zd.all_reduce_sum_(torch.tensor([images.shape[0]], device=zd.collective_device()),
-                           "the generated shards' sizes").item()
-    report.settings["calibration"] = {"source": f"generator {args.generator}", "n": int(n)}
+    report.settings["calibration"] = {"source": f"generator {args.generator}", "n": layout_of(images.shape[0]).total}
     return images
 
 

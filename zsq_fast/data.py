@@ -259,14 +259,9 @@ def random_subset(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
 
 def _shards(path: str, mean, std, size: int) -> ImageSet:
     """The shards a multi-rank `generate` wrote (manifest.json) as one lazily read set, in global order."""
-    from .generate.sharded_run import read_manifest
+    from .generate.sharded_run import load_shards
 
-    rows = sorted(read_manifest(path)["shards"], key=lambda r: r["start"])
-    parts = [load_images_for(os.path.join(path, r["path"]), mean, std, size) for r in rows]
-    for r, part in zip(rows, parts):
-        if part.n != r["stop"] - r["start"]:
-            raise FileFormatError(f"{path}: shard {r['path']} holds {part.n} images, the manifest says "
-                                  f"{r['stop'] - r['start']}")
+    rows, parts = load_shards(path, lambda p: load_images_for(str(p), mean, std, size), lambda part: part.n)
     starts = torch.tensor([r["start"] for r in rows])
     labels = [p.labels for p in parts]
 

@@ -102,10 +102,6 @@ def barrier(what: str = "barrier") -> None:
         _collective(what, dist.barrier)
 
 
-__all__ = ["DistributedError", "active", "rank", "world_size", "is_main", "launched_by_torchrun",
-           "init_from_env", "shard", "all_reduce_sum_", "all_reduce_max_", "broadcast_object", "barrier"]
-
-
 def all_gather_cat(t: torch.Tensor, what: str = "all-gather") -> torch.Tensor:
     """Every rank's t (any length along dim 0, same trailing shape) concatenated in rank order, on every
     rank; t itself in a single process."""
@@ -143,9 +139,6 @@ def all_gather_object(obj, what: str = "all-gather") -> list:
     out = [None] * world_size()
     _collective(what, dist.all_gather_object, out, obj)
     return out
-
-
-__all__ += ["all_gather_cat", "broadcast_", "collective_device", "all_gather_object"]
 
 
 class Heartbeat:
@@ -202,4 +195,6 @@ class Heartbeat:
         return DistributedError(f"{where} {step}: {self.who_stopped(step)}; {error}")
 
 
-__all__ += ["Heartbeat"]
+__all__ = ["DistributedError", "active", "rank", "world_size", "is_main", "launched_by_torchrun",
+           "init_from_env", "shard", "all_reduce_sum_", "all_reduce_max_", "broadcast_object", "barrier",
+           "all_gather_cat", "broadcast_", "collective_device", "all_gather_object", "Heartbeat"]

@@ -28,7 +28,7 @@ from .losses import layer_weights
 from .optim import Plateau
 from .record import GenerationRecord
 from .run_folder import begin_step, end_step, open_run_folder, write_output
-from .store import ImageStore, choose_store, make_store
+from .store import ImageStore, choose_store, free_host_bytes, make_store
 from .streaming import stream_of
 from .views import draw_views, margin_for
 
@@ -339,7 +339,7 @@ def build_run(model, s: Settings, device, store: str | None = None, folder=None,
         need = 3 * 4 * math.prod(shape)  # images + two RAdam moments, float32
         too_big = f"n_images={shape[0]} at image_size={size[0]}x{size[1]} needs about {need / 2**30:.3g} GiB " \
                   "for the images and optimizer state"
-        if kind == "host" and need > _available_host_memory():
+        if kind == "host" and need > free_host_bytes():
             raise InvalidArgumentError(f"{too_big}, more than this machine has free; generate fewer images per "
                                        "call or use store='disk'")
         try:
@@ -387,18 +387,6 @@ def _store_note(placed: dict) -> dict:
     if placed["folder"] is not None and not placed["temporary"]:
         note["folder"] = placed["folder"]
     return note
-
-
-def _available_host_memory() -> float:
-    """Bytes of host memory available now (Linux MemAvailable), or inf where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return math.inf
 
 
 def _generate(model, s: Settings, device, real_images, real_labels, checkpoint, progress):
@@ -533,16 +521,15 @@ def _views(run: Run, s: Settings):
 
 
 def _real_per_class(s: Settings, real_images, real_labels, num_classes: int):
-
-
+    """fdda's real images per class (checked), as the shard plan and the class centers use them."""
     try:
         x, y = fdda.select_per_class(real_images, real_labels, s.images_per_class, num_classes)
     except (TypeError, ValueError, IndexError, RuntimeError) as e:  # fdda's checks, torch's conversions
         raise InvalidArgumentError(f"real_images/real_labels: {e}") from None
     check_finite_images(x, "real_images")
     if tuple(x.shape[1:]) != (3, *s.image_size):
-        raise InvalidArgumentError(f"fdda: real images have shape {tuple(x.shape[1:])}, expected (3, {s.image_size[0]}, "
-                                   f"{s.image_size[1]}) in the model's normalized input space")
+        raise InvalidArgumentError(f"fdda: real images have shape {tuple(x.shape[1:])}, expected "
+                                   f"(3, {s.image_size[0]}, {s.image_size[1]}) in the model's normalized input space")
     return x, y
 
 

@@ -179,17 +179,22 @@ def save_shard(images: torch.Tensor, folder, shard: Shard, save, suffix: str) ->
     return path
 
 
+def load_shards(folder, load, count) -> tuple[list[dict], list]:
+    """(manifest rows, load(path) of each shard) in global order, each shard's size checked against the
+    manifest; count(part) gives the number of images of a loaded part."""
+    folder = Path(folder)
+    rows = sorted(read_manifest(folder)["shards"], key=lambda r: r["start"])
+    parts = [load(folder / row["path"]) for row in rows]
+    for row, part in zip(rows, parts):
+        if count(part) != row["stop"] - row["start"]:
+            raise FileFormatError(f"{folder / row['path']} holds {count(part)} images, the manifest says "
+                                  f"{row['stop'] - row['start']}")
+    return rows, parts
+
+
 def load_sharded(folder, load) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images, labels or None) of every shard in global order; load(path) -> (images, labels)."""
-    folder = Path(folder)
-    m = read_manifest(folder)
-    parts = []
-    for row in sorted(m["shards"], key=lambda r: r["start"]):
-        images, labels = load(folder / row["path"])
-        if images.shape[0] != row["stop"] - row["start"]:
-            raise FileFormatError(f"{folder / row['path']} holds {images.shape[0]} images, the manifest says "
-                                  f"{row['stop'] - row['start']}")
-        parts.append((images, labels))
+    _, parts = load_shards(folder, load, lambda part: part[0].shape[0])
     labels = [y for _, y in parts]
     return (torch.cat([x for x, _ in parts]),
             torch.cat(labels) if all(y is not None for y in labels) else None)

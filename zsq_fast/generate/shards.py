@@ -119,18 +119,11 @@ def global_stats(totals: list[ChannelStats]) -> list[ChannelStats]:
     return out
 
 
-def comm_device() -> torch.device:
-    """Where a collective's tensors must live: NCCL reduces CUDA tensors only."""
-    import torch.distributed as dist
-
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def reduce_sums(values: dict, what: str = "the step's losses") -> dict:
     """{key: sum over ranks} of per-rank float sums (one float64 all-reduce; keys alike on every rank)."""
     if not zd.active() or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=zd.collective_device())
     zd.all_reduce_sum_(t, what)
     return dict(zip(keys, t.tolist()))

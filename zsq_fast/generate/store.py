@@ -6,6 +6,7 @@ not on N.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -58,16 +59,19 @@ def make_store(x0: torch.Tensor, location: torch.device) -> ImageStore:
 AUTO_SHARE = 0.5
 
 
-def free_host_bytes() -> int:
-    """MemAvailable (Linux), else the free physical pages."""
+def free_host_bytes() -> float:
+    """MemAvailable (Linux), else the free physical pages, else inf where neither can be read."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such sysconf name (macOS)
+        return math.inf
 
 
 def choose_store(nbytes: int, device: torch.device, free_device: int | None = None,

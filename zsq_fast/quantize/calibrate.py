@@ -61,14 +61,21 @@ def mse_search(x: torch.Tensor, spec: QuantSpec, *, candidates: int = 100, p: fl
     x = x.float()
     lo = x.min(1).values if lo is None else lo
     hi = x.max(1).values if hi is None else hi
-    ratios = torch.linspace(1.0, 0.01, candidates, device=x.device).view(-1, 1)
-    scale, zp = scale_from_range(ratios * lo, ratios * hi, spec)          # (R, C)
-    if spec.pow2 and spec.symmetric:
-        scale, zp = _distinct_pow2(scale)
+    scale, zp = clipping_candidates(lo, hi, spec, candidates)
     err = _lp_error(x, scale, zp, spec, p)
     best = err.argmin(0)
     cols = torch.arange(x.shape[0], device=x.device)
     return scale[best, cols], zp[best, cols]
+
+
+def clipping_candidates(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, candidates: int = 100):
+    """(scale, zero_point), each (R, C): the grids of the clipped ranges r * [lo, hi] for the ratios r in
+    linspace(1, 0.01, candidates) (symmetric power-of-two grids: the distinct ones, largest first)."""
+    ratios = torch.linspace(1.0, 0.01, candidates, device=lo.device).view(-1, 1)
+    scale, zp = scale_from_range(ratios * lo, ratios * hi, spec)
+    if spec.pow2 and spec.symmetric:
+        scale, zp = _distinct_pow2(scale)
+    return scale, zp
 
 
 def _distinct_pow2(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,16 +189,13 @@ def top1_preserving_scale(logits: torch.Tensor, reference_top1: torch.Tensor, sp
 
     An MSE search over all logits fits the bulk of a many-class output and clips its top (4-bit logits of a
     1000-class head saturate at qmax, tying the leading classes). Here each candidate clipping (those of
-    mse_search) is scored first by the fraction of samples whose quantized logits do not single out the
-    reference class (a different argmax, or a tie at the maximum level), then by the L_p error; the best one
-    is kept. logits (N, C, ...): the class axis is 1; reference_top1 (N, ...): the float model's argmax."""
+    mse_search: clipping_candidates) is scored first by the fraction of samples whose quantized logits do not
+    single out the reference class (a different argmax, or a tie at the maximum level), then by the L_p
+    error; the best one is kept. logits (N, C, ...): the class axis is 1; reference_top1 (N, ...): the float
+    model's argmax."""
     x = logits.detach().float().movedim(1, -1).reshape(-1, logits.shape[1])
     ref = reference_top1.reshape(-1).to(x.device)
-    lo, hi = x.min().view(1), x.max().view(1)
-    ratios = torch.linspace(1.0, 0.01, candidates, device=x.device).view(-1, 1)
-    scale, zp = scale_from_range(ratios * lo, ratios * hi, spec)          # (R, 1)
-    if spec.pow2 and spec.symmetric:
-        scale, zp = _distinct_pow2(scale)
+    scale, zp = clipping_candidates(x.min().view(1), x.max().view(1), spec, candidates)  # (R, 1)
     qmin, qmax = spec.qrange
     best, best_key = 0, None
     for i in range(scale.shape[0]):
