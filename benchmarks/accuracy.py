@@ -78,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--recon-iterations", type=int)
     p.add_argument("--recon-lr", type=float, help="Adam lr on V (default: RECON_LR for the iteration count)")
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--gen-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="autocast of the generators' forward passes (statistics and optimizer stay fp32)")
+    p.add_argument("--channels-last", action="store_true", help="generate in channels_last memory format")
     p.add_argument("--batch-size", type=int, default=32, help="BRECQ batch size")
     p.add_argument("--eval-limit", type=int, help="first N images of cifar10_test_exact1017 only")
     p.add_argument("--agreement-limit", type=int, help="first N images of cifar10_test only")
@@ -112,6 +115,7 @@ def resolve_settings(args, device) -> dict:
         "extra_rows": [r for r in args.extra_rows.split(",") if r in rows],
         "seeded_rows": [r for r in args.seeded_rows.split(",") if r],
         "batch_size": args.batch_size, "chunk_size": args.chunk_size, "device": str(device),
+        "gen_precision": args.gen_precision, "channels_last": args.channels_last,
         "threads": torch.get_num_threads(),
     }
 
@@ -126,18 +130,20 @@ def plan(cfg: dict) -> list[tuple[str, str, int]]:
     return cells
 
 
-def calibration(src, train, row: str, seed: int, cfg: dict, progress: bool) -> torch.Tensor:
+def calibration(src, train, row: str, seed: int, cfg: dict, progress: bool) -> tuple[torch.Tensor, float | None]:
+    """The row's calibration images and, for a generator, its final whole-set BN loss."""
     n = cfg["n_images"]
     if row == "real":
         images, _ = train.take(random_subset(train.n, min(n, train.n), seed))
-        return images
+        return images, None
     method = row.split("_")[0]
     mode = {"dgh_exact": "exact", "dgh_stale": "stale"}.get(row)
     real = train.subset(one_per_class(train.labels, 1, seed)) if method == "fdda" else None
-    images, _, _ = run_generate(src, n, method, device=torch.device(cfg["device"]), seed=seed, precision="fp32",
-                                iterations=cfg["gen_iterations"], chunk_size=cfg["chunk_size"], mode=mode,
-                                real=real, progress=progress, report=None)
-    return images
+    images, record, _ = run_generate(src, n, method, device=torch.device(cfg["device"]), seed=seed,
+                                     precision=cfg.get("gen_precision", "fp32"), iterations=cfg["gen_iterations"],
+                                     chunk_size=cfg["chunk_size"], mode=mode, real=real, progress=progress,
+                                     report=None, channels_last=cfg.get("channels_last", False))
+    return images, record.get("final_bn_loss")
 
 
 def run_model(name: str, args, cfg: dict, out: dict, report: RunReport) -> dict:
@@ -151,14 +157,17 @@ def run_model(name: str, args, cfg: dict, out: dict, report: RunReport) -> dict:
     train = load_images_for(os.path.join(args.data, "cifar10_train_subset.npz"), src.mean, src.std, src.input_size)
     ref_jpeg = predict_logits(src.model, jpeg, device=device)
     result = out[name] = {"float_top1": evaluate(src.model, exact, device=device)["top1"], "n_eval": exact.n,
-                          "n_agreement": jpeg.n, "settings": cfg, "calibration_s": {}, "cells": []}
+                          "n_agreement": jpeg.n, "settings": cfg, "calibration_s": {}, "final_bn_loss": {},
+                          "cells": []}
     progress = not args.no_progress
     calib, calib_key = None, None
     for row, col, seed in plan(cfg):
         if calib_key != (row, seed):  # a calibration set serves all of its row's columns
             t0 = time.perf_counter()
-            calib, calib_key = calibration(src, train, row, seed, cfg, progress), (row, seed)
+            (calib, bn_loss), calib_key = calibration(src, train, row, seed, cfg, progress), (row, seed)
             result["calibration_s"][f"{row}|{seed}"] = round(time.perf_counter() - t0, 2)
+            if bn_loss is not None:
+                result["final_bn_loss"][f"{row}|{seed}"] = bn_loss
         bits, preset = col.split(":")
         t0 = time.perf_counter()
         q = run_quantize(src, calib, bits=bits, preset=preset, method="brecq", device=device, seed=seed,
@@ -194,6 +203,13 @@ def _pm(mean_sd, n, digits=2) -> str:
     return f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _gen_format(cfg: dict) -> str:
+    """' (bf16 autocast, channels_last)' where generation did not run in fp32 NCHW; '' otherwise."""
+    parts = ([f"{cfg['gen_precision']} autocast"] if cfg.get("gen_precision", "fp32") != "fp32" else []) + \
+        (["channels_last"] if cfg.get("channels_last") else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def markdown(results: dict) -> str:
     out = ["## Accuracy: CIFAR-10 (benchmarks/accuracy.py)", "",
            "Cell: top-1 % on cifar10_test_exact1017 (exact pixels), mean ± sd over the n seeds where n > 1; "
@@ -206,7 +222,7 @@ def markdown(results: dict) -> str:
                       "rest)" if cfg["seeded_rows"] else f"seed {cfg['seeds'][0]}")
         out += [f"### {name} (float top-1 {r['float_top1']:.2f} %)", "",
                 f"Setting `{cfg['setting']}`: {cfg['n_images']} calibration images, {cfg['gen_iterations']} "
-                f"generation iterations, {cfg['recon_iterations']} BRECQ iterations per unit (Adam lr "
+                f"generation iterations{_gen_format(cfg)}, {cfg['recon_iterations']} BRECQ iterations per unit (Adam lr "
                 f"{cfg['recon_lr']:g} on V, batch {cfg['batch_size']}), {seeds_text}, evaluation on {r['n_eval']} "
                 f"images, device {cfg['device']}, {cfg['threads']} thread(s).", "",
                 "| calibration | n | " + " | ".join(c.replace(":", " ") for c in cols) + " | calibration s |",

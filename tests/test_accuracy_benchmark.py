@@ -46,3 +46,29 @@ def test_smoke_setting_runs_and_writes_the_table(shared_data, tmp_path):
     assert len(res["cells"]) == 2 * 2 + 2 * 2 + 1
     assert all(c["cell_s"] > 0 and 0 <= c["top1"] <= 100 and c["unit_losses"] for c in res["cells"])
     assert set(res["calibration_s"]) == {"real|0", "real|1", "dgh_exact|0", "dgh_exact|1", "fdda|0"}
+    # generators record their final whole-set BN loss (the bf16-vs-fp32 comparison reads it); real data has none
+    assert set(res["final_bn_loss"]) == {"dgh_exact|0", "dgh_exact|1", "fdda|0"}
+    assert all(v > 0 for v in res["final_bn_loss"].values())
+
+
+def test_generation_precision_is_applied_and_labelled(shared_data, tmp_path, monkeypatch):
+    acc = _accuracy()
+    seen = {}
+    real_generate = acc.run_generate
+
+    def spy(*args, **kwargs):
+        seen.update(precision=kwargs["precision"], channels_last=kwargs["channels_last"])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(acc, "run_generate", spy)
+    out = tmp_path / "acc.md"
+    n = torch.get_num_threads()
+    try:
+        acc.main(["--setting", "smoke", "--models", "resnet20", "--rows", "dgh_exact", "--seeds", "0",
+                  "--extra-columns", "", "--gen-precision", "bf16", "--channels-last", "--eval-limit", "20",
+                  "--agreement-limit", "20", "--data", str(shared_data), "--out", str(out), "--no-progress",
+                  "--threads", "1"])
+    finally:
+        torch.set_num_threads(n)
+    assert seen == {"precision": "bf16", "channels_last": True}
+    assert "generation iterations (bf16 autocast, channels_last)" in out.read_text()

@@ -80,3 +80,17 @@ def test_old_checkpoint_cache_format_restores():
     for a, b in zip(restored.totals + new.totals, new.totals + restored.totals):
         torch.testing.assert_close(a.data, b.data)
     assert dgh.StaleCache is StaleCache
+
+
+def test_from_chunks_fills_rows_as_a_generator_yields_them():
+    # the setup pass streams chunk statistics in: the cache must equal the one built from a list, and a
+    # generator that yields fewer chunks than announced is an error, not a cache with uninitialized rows
+    g = torch.Generator().manual_seed(3)
+    chunks = [random_chunk(g) for _ in range(5)]
+    listed = StaleCache.from_chunks(chunks)
+    streamed = StaleCache.from_chunks((c for c in chunks), len(chunks))
+    torch.testing.assert_close(streamed.counts, listed.counts)
+    for a, b in zip(streamed.data, listed.data):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected 6 chunks, got 5"):
+        StaleCache.from_chunks((c for c in chunks), 6)

@@ -76,8 +76,9 @@ def exact_step(run: Run, views) -> dict:
 def init_stale_cache(run: Run, views) -> None:
     """Statistics of every chunk before the first stale step."""
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
+    chunks = run.store.chunks(run.chunk_size)
     run.state["cache"] = StaleCache.from_chunks(
-        [_chunk_stats(run, canvas, vsl(sl)) for sl, canvas in stream_of(run).chunks(run.store.chunks(run.chunk_size))])
+        (_chunk_stats(run, canvas, vsl(sl)) for sl, canvas in stream_of(run).chunks(chunks)), len(chunks))
 
 
 def stale_gradients(run: Run, views, on_grad) -> dict:
