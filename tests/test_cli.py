@@ -183,14 +183,15 @@ def test_cli_on_real_cifar_resnet20(shared_data, tmp_path, capsys):
 
 def test_generate_with_a_disk_store_bf16_and_channels_last(tiny, tmp_path, capsys):
     imgs, folder = tmp_path / "imgs.pt", tmp_path / "run"
-    argv = ["generate", *_model(tiny), "-n", 6, "--iterations", 2, "--chunk-size", 4, "--out", imgs,
-            "--store", "disk", "--checkpoint", folder, "--precision", "bf16", "--channels-last"]
+    argv = ["generate", *_model(tiny), "-n", 6, "--iterations", 2, "--chunk-size", 4, "--checkpoint-every", 3,
+            "--out", imgs, "--store", "disk", "--checkpoint", folder, "--precision", "bf16", "--channels-last"]
     code, out, err = _run(capsys, *argv)
     assert code == 0, err
     rep = json.loads((tmp_path / "imgs.report.json").read_text())
     record = rep["generation"]["dgh"]
     assert record["store"] == {"kind": "disk", "reason": "requested", "folder": str(folder)}
     assert record["settings"]["amp"] == "bf16" and record["settings"]["channels_last"] is True
+    assert record["settings"]["checkpoint_every"] == 3
     assert torch.load(imgs, weights_only=True)["images"].shape == (6, 3, 16, 16)
     assert (folder / "state.pt").exists()
     (tmp_path / "afile").write_text("x")

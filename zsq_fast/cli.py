@@ -76,7 +76,8 @@ def _generate_command(args, report: RunReport, device: torch.device) -> int:
         src, args.num_images or 1024, args.method, device=device, seed=args.seed, precision=args.precision,
         iterations=args.iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
         per_class=args.per_class, checkpoint=args.checkpoint, progress=not args.no_progress and zd.is_main(),
-        report=report, stale_refresh=args.stale_refresh, store=args.store, channels_last=args.channels_last)
+        report=report, stale_refresh=args.stale_refresh, store=args.store, channels_last=args.channels_last,
+        extra=None if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every})
     from .generate import save_images
 
     # a sharded output is a folder named like the file it replaces: its report sits beside it, named alike
@@ -433,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="dgh", choices=GENERATORS, help="generator (default dgh)")
     _generator_args(g, "--iterations")
     g.add_argument("--checkpoint", help="checkpoint file (--store disk: the run folder): resume from it, save to it")
+    g.add_argument("--checkpoint-every", type=_positive, help="steps between checkpoints (default 50; --store disk: "
+                   "between syncs of the run folder)")
     g.add_argument("--out", required=True, help="images.pt (tensor) or a folder (PNGs)")
     g.set_defaults(func=cmd_generate)
 
