@@ -119,19 +119,19 @@ def test_dgh_paper_quantizes_only_the_block_output_call(images):
         assert torch.equal(q(images), ref(images))
 
 
-@pytest.mark.parametrize("cache", ["host", "recompute"])
-def test_brecq_learns_each_calls_scale(images, cache, monkeypatch):
+@pytest.mark.parametrize("cache,qdrop", [("host", False), ("recompute", True)])
+def test_brecq_learns_each_calls_scale(images, cache, qdrop, monkeypatch):
     # free activation scales (hw's powers of two move only when the exponent changes): each learned scale is
     # seen moving off its calibrated value, by its own amount
     monkeypatch.setitem(PRESETS, "hw", dataclasses.replace(PRESETS["hw"], pow2=False))
     start = quantize(_net(), images, "W4A4", preset="hw")
     q = quantize(_net(), images, "W4A4", preset="hw", method="brecq", iterations=40, batch_size=16, cache=cache,
-                 act_lr=0.05)
+                 act_lr=0.05, qdrop=qdrop)
     assert [u["name"] for u in q.quant_config["units"]][:2] == ["stem.0", "block"]
     moved = [float(_site_q(q, n).scale) / float(_site_q(start, n).scale) for n in ("block.relu", "block.relu@1")]
     assert all(abs(m - 1) > 1e-3 for m in moved) and abs(moved[0] - moved[1]) > 1e-3, moved
     ref = quantize(_net(separate=True), images, "W4A4", preset="hw", method="brecq", iterations=40, batch_size=16,
-                   cache=cache, act_lr=0.05)
+                   cache=cache, act_lr=0.05, qdrop=qdrop)
     assert float(_site_q(q, "block.relu@1").scale) == float(_site_q(ref, "block.relu2").scale)
     with torch.no_grad():
         assert torch.equal(q(images), ref(images))
@@ -151,18 +151,32 @@ class Shared(nn.Module):
         return self.fc(self.b(self.a(x)).mean((2, 3)))
 
 
-def test_calls_from_several_callers_share_one_quantizer_and_say_so(images, tmp_path):
+class Reused(nn.Module):
+    """A ReLU whose caller (the Sequential `unit`) runs twice per forward: a count per caller call would restart."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.unit = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.unit(self.unit(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("arch,act,reader", [(Shared, "a.1", "b.0"), (Reused, "unit.1", None)])
+def test_calls_that_cannot_be_counted_share_one_quantizer_and_say_so(images, tmp_path, arch, act, reader):
     torch.manual_seed(0)
-    model = Shared().eval()
-    q = quantize(model, images, "W4A4", preset="hw")
-    acts = [s for s in q.quant_config["sites"] if parse_site(s["name"])[0] == "a.1"]
-    assert [s["name"] for s in acts] == ["a.1"] and acts[0]["shared_calls"] == 2
-    hooks = [h for h in q.model.a[1]._forward_hooks.values() if isinstance(h, SiteHook)]
-    assert len(hooks) == 1 and hooks[0].per_call == [_site_q(q, "a.1")]
-    assert q.quant_config["layers"]["b.0"]["input_from"] == "a.1"
+    q = quantize(arch().eval(), images, "W4A4", preset="hw")
+    acts = [s for s in q.quant_config["sites"] if parse_site(s["name"])[0] == act]
+    assert [s["name"] for s in acts] == [act] and acts[0]["shared_calls"] == 2 and "calls" not in acts[0]
+    hooks = [h for h in q.model.get_submodule(act)._forward_hooks.values() if isinstance(h, SiteHook)]
+    assert len(hooks) == 1 and hooks[0].per_call == [_site_q(q, act)]
+    if reader is not None:
+        assert q.quant_config["layers"][reader]["input_from"] == act
     save_quantized(q, tmp_path / "q.pt")
     with torch.no_grad():
-        assert torch.equal(load_quantized(tmp_path / "q.pt", Shared())(images), q(images))
+        assert torch.equal(load_quantized(tmp_path / "q.pt", arch())(images), q(images))
 
 
 def test_torchvision_resnet18_onnx_has_a_grid_per_relu_call(tmp_path):
