@@ -15,8 +15,8 @@ from torch import nn
 from .adaround import ReconConfig, reconstruct
 from .blocks import Unit, split_block
 from .cache import UnitData
-from .sites import parse_site
 from .calib_data import CalibData, Layout
+from .sites import parse_site
 
 
 def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], order: list[str],
