@@ -35,7 +35,7 @@ from .output import calibrate_output, output_unit
 from ..ops.checks import MAX_BITS, MIN_BITS
 from .presets import PRESETS, get_preset, parse_bits
 from .quantizer import Quantizer
-from .sites import SiteHook, Sites, attach, find_sites, only
+from .sites import Sites, attach, call_info, find_sites, only
 from .trace import trace_model
 
 METHODS = ("nearest", "adaround", "brecq")
@@ -137,9 +137,7 @@ def _share_input_quantizers(model: nn.Module, groups: list[list[str]], quantized
 def activation_quantizers(qmodel: QuantizedModel) -> list[dict]:
     """Every activation quantizer once (tensor, the layers reading it, grid, scale): what quant_config lists."""
     seen: dict[int, dict] = {}
-    for site in qmodel.quant_config.get("sites", []):
-        q = qmodel.model.get_submodule(site["name"])._forward_hooks
-        quant = next(h.quantizer for h in q.values() if isinstance(h, SiteHook))
+    for site, quant in zip(qmodel.quant_config.get("sites", []), qmodel.site_quantizers):  # same order
         seen[id(quant)] = {"tensor": f"output of {site['name']}", "readers": [], **_grid(quant)}
     for name, m in qmodel.model.named_modules():
         if isinstance(m, QUANT_LAYERS) and m.input_quantizer.enabled:
@@ -181,18 +179,18 @@ def _no_inplace(model: nn.Module) -> None:
 
 @torch.no_grad()
 def _observe_activations(model, names, data: CalibData, layout, batch_size, device, max_samples, generator,
-                         sites=()):
+                         found: Sites):
     """One pass of the float model over this rank's images: an ActObserver per layer input (by name), per
     site output (by name, in the second dict) and one for the network output; then each observer is
     reduced over the ranks (ranges max-reduced, samples gathered), so all ranks get the same scales."""
     obs = {n: ActObserver(max_samples, layout.total, generator) for n in names}
-    site_obs = {n: ActObserver(max_samples, layout.total, generator) for n in sites}
+    site_obs = {n: ActObserver(max_samples, layout.total, generator) for n in found.sites}
     out_obs = ActObserver(max_samples, layout.total, generator)
     handles = [model.get_submodule(n).register_forward_pre_hook(
         lambda m, args, n=n: _observe(obs[n], args[0], f"the input of layer {n!r}", batch)) for n in names]
     # not checked here: a non-finite site output reaches a layer's input (or the output), checked and named there
-    handles += [model.get_submodule(n).register_forward_hook(
-        lambda m, args, out, n=n: site_obs[n].observe(out, batch.start)) for n in sites]
+    handles += attach(model, {n: lambda out, n=n: site_obs[n].observe(out, batch.start) for n in found.sites},
+                      found.calls)
     batch = slice(0, 0)  # global indices of the batch running
     try:
         for i, images in data.batches(batch_size):
@@ -314,7 +312,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             elif pre.sites == "none":
                 found = only(found, [])
         obs, site_obs, out_obs = _observe_activations(fp, layer_names, data, layout, batch_size, device,
-                                                      act_samples, gen, found.sites)
+                                                      act_samples, gen, found)
         if progress is not None:
             progress(1, 1, {"stage": "calibrate"})
         q_inner = copy.deepcopy(fp)
@@ -352,7 +350,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             layers_cfg[name]["input"] = site_q[src].spec.to_dict()
             layers_cfg[name]["input_from"] = src
             layers_cfg[name]["input_prequantized"] = layer.input_prequantized
-        attach(q_inner, site_q)
+        attach(q_inner, site_q, found.calls)
         shared = _share_input_quantizers(q_inner, [g for g in tr.shared_inputs if g[0] not in found.fed_by],
                                          set(layer_names))
         for group in shared:
@@ -409,7 +407,9 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "bn_as_conv": orphans,  # BNs that could not be folded: quantized depthwise 1x1 convs (listed in layers)
         "layers": layers_cfg,
         "shared_inputs": shared,
-        "sites": [{"name": n, **q.spec.to_dict()} for n, q in site_q.items()],
+        # a module called more than once: "caller"/"calls" (a site per call, "name@k" for call k >= 1) or
+        # "shared_calls" (one quantizer for all its calls: sites.py says when)
+        "sites": [{"name": n, **q.spec.to_dict(), **call_info(found, n)} for n, q in site_q.items()],
         "input_bits": in_bits,
         "output": out_cfg,
         # how the output scale was chosen: "top1_preserving" (output.py) or the calibration method

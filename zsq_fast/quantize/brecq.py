@@ -16,6 +16,7 @@ from .adaround import ReconConfig, reconstruct
 from .blocks import Unit, split_block
 from .cache import UnitData
 from .calib_data import CalibData, Layout
+from .sites import parse_site
 
 
 def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], order: list[str],
@@ -51,7 +52,8 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
 
         layers = [qmodel.get_submodule(n) for n in unit.layers]
         # the unit's own output sites (hw: add operands, its output) are learned with it
-        inside = [q for n, q in (site_quantizers or {}).items() if n == unit.name or n.startswith(unit.name + ".")]
+        inside = [q for n, q in (site_quantizers or {}).items()
+                  if parse_site(n)[0] == unit.name or n.startswith(unit.name + ".")]
         post = output_quantizer[1] if output_quantizer is not None and output_quantizer[0] == unit.name else None
         loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=inside, layout=layout,
                            output_quantizer=post)

@@ -36,7 +36,7 @@ from .fold import bns_as_convs, set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
 from .onnx_qdq import DOMAIN, INT4_MIN_OPSET, MAX_OPSET, lower_qdq
 from .quantizer import Quantizer, QuantSpec
-from .sites import attach
+from .sites import attach, calls_from_config
 
 FORMAT = "zsq_fast.quantized"
 
@@ -90,14 +90,15 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
         for group in config.get("shared_inputs", []):  # one quantizer per tensor, as when it was made
             for name in group[1:]:
                 m.get_submodule(name).input_quantizer = m.get_submodule(group[0]).input_quantizer
-        sites = {sc["name"]: Quantizer(QuantSpec(**{k: v for k, v in sc.items() if k != "name"}), 1)
+        spec_keys = set(QuantSpec.__dataclass_fields__)
+        sites = {sc["name"]: Quantizer(QuantSpec(**{k: v for k, v in sc.items() if k in spec_keys}), 1)
                  for sc in config.get("sites", [])}
         for name, lc in config["layers"].items():
             if lc.get("input_from") is not None:
                 layer = m.get_submodule(name)
                 layer.input_quantizer = sites[lc["input_from"]]
                 layer.input_prequantized = lc.get("input_prequantized", True)
-        attach(m, sites)
+        attach(m, sites, calls_from_config(config.get("sites", [])))  # a site per call where it was made so
         out_cfg = config["output"]
         out_q = None
         if out_cfg.get("quantized"):

@@ -16,16 +16,26 @@ see module boundaries; one traced forward pass (BN already folded) tells, by ten
   quantizer as its input quantizer (one quantizer per tensor) instead of quantizing again. A layer that
   reads a reshaped view of it (torch.flatten of a pooled tensor) applies that same quantizer again: the
   values do not change (they are on its grid), and the exported graph's Gemm reads a DequantizeLinear.
-A module called more than once (torchvision's BasicBlock applies one ReLU module twice) has one site
-quantizer for all its calls. Functional ops (F.relu, +, torch.flatten) are invisible: their results are
-quantized where a module or a layer reads them.
+A module called more than once (torchvision's BasicBlock applies one ReLU module after bn1 and again after
+the residual add) makes a different tensor at each call: each call is a site of its own, named
+"layer1.0.relu" (call 0, the plain name, as older checkpoints have it), "layer1.0.relu@1", ... (site_name,
+parse_site). The hook counts the calls; the module that makes them (its caller: the innermost module running,
+seen in the trace) resets the count in a forward pre-hook, so a block reconstructed alone, a cached-input
+pass stopped half way or an ONNX trace all start at call 0. That needs one caller, called once per forward,
+making every call; otherwise (calls spread over several callers or over several calls of the caller), and
+for Conv2d/Linear layers and blocks (reconstructed alone, without their caller), the module keeps one site
+quantizer for all its calls, recorded as "shared_calls" in quant_config. Functional ops (F.relu, +,
+torch.flatten) are invisible: their results are quantized where a module or a layer reads them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..errors import FileFormatError, UnsupportedModelError
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU,
                nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish)
@@ -35,36 +45,124 @@ _LAYERS = (nn.Conv2d, nn.Linear)
 
 @dataclass
 class Sites:
-    sites: list[str] = field(default_factory=list)        # module names, in call order
+    sites: list[str] = field(default_factory=list)        # site names (site_name), in call order
     fed_by: dict[str, str] = field(default_factory=dict)  # layer name -> the site whose output it reads
     input_readers: list[str] = field(default_factory=list)  # layers reading the network input itself
     via_view: set[str] = field(default_factory=set)  # fed_by layers that read a reshaped view of the site output
     block_outputs: dict[str, str] = field(default_factory=dict)  # block -> the site that quantizes its output
+    calls: dict[str, tuple[str, int]] = field(default_factory=dict)  # module -> (its caller, calls): a site per call
+    shared_calls: dict[str, int] = field(default_factory=dict)  # module -> calls, all on one site quantizer
+
+
+def site_name(module: str, call: int) -> str:
+    """The site of `module`'s call `call` (0-based): the plain module name for call 0."""
+    return module if call == 0 else f"{module}@{call}"
+
+
+def parse_site(name: str) -> tuple[str, int]:
+    """(module name, call index) of a site name (the inverse of site_name)."""
+    module, at, k = name.rpartition("@")
+    if at and k.isdigit() and k == str(int(k)) and int(k) >= 1:
+        return module, int(k)
+    return name, 0
+
+
+def call_info(found: Sites, site: str) -> dict:
+    """What quant_config records about a site's module being called more than once."""
+    module, _ = parse_site(site)
+    if module in found.calls:
+        caller, n = found.calls[module]
+        return {"caller": caller, "calls": n}
+    if module in found.shared_calls:
+        return {"shared_calls": found.shared_calls[module]}
+    return {}
+
+
+def calls_from_config(entries: list[dict]) -> dict[str, tuple[str, int]]:
+    """Module -> (caller, calls) of the per-call sites listed in quant_config["sites"] (call_info's fields)."""
+    calls: dict[str, tuple[str, int]] = {}
+    for e in entries:
+        if "calls" in e:
+            module, k = parse_site(e["name"])
+            if not isinstance(e["calls"], int) or not 0 <= k < e["calls"] or not isinstance(e.get("caller"), str):
+                raise FileFormatError(f"site {e['name']!r}: malformed call record {e!r:.200}")
+            calls[module] = (e["caller"], e["calls"])
+    return calls
 
 
 def only(found: Sites, names) -> Sites:
     """The sites among `names` (e.g. those quantizing the block outputs), with the layers they feed."""
     keep = set(names)
     fed = {k: v for k, v in found.fed_by.items() if v in keep}
+    modules = {parse_site(n)[0] for n in keep}
     return Sites([n for n in found.sites if n in keep], fed, list(found.input_readers),
                  {n for n in found.via_view if n in fed},
-                 {b: s for b, s in found.block_outputs.items() if s in keep})
+                 {b: s for b, s in found.block_outputs.items() if s in keep},
+                 {m: c for m, c in found.calls.items() if m in modules},
+                 {m: c for m, c in found.shared_calls.items() if m in modules})
 
 
 class SiteHook:
-    """Forward hook that quantizes a module's output (an object, so deepcopy maps it to the copied quantizer)."""
+    """Forward hook applying per_call[k] to the output of the module's call k (one entry: to every call).
 
-    def __init__(self, quantizer: nn.Module):
-        self.quantizer = quantizer
+    An entry returning a tensor (a Quantizer) replaces the output; None (an observer) or a None entry (a call
+    that is not a site) leaves it. A plain object, so deepcopy maps it to the copied quantizers; CallReset,
+    registered on the caller, sets `calls` back to 0 at every call of the caller."""
+
+    def __init__(self, per_call: list[Callable | None], module: str):
+        self.per_call = list(per_call)
+        self.module = module
+        self.calls = 0
 
     def __call__(self, module, args, out):
-        return self.quantizer(out) if isinstance(out, torch.Tensor) else out
+        k, self.calls = self.calls, self.calls + 1
+        if len(self.per_call) == 1:
+            fn = self.per_call[0]
+        elif k < len(self.per_call):
+            fn = self.per_call[k]
+        else:
+            raise UnsupportedModelError(f"module {self.module!r} ran {k + 1} times in one call of its caller; the "
+                                        f"quantized model has a site per call for {len(self.per_call)} calls")
+        if fn is None or not isinstance(out, torch.Tensor):
+            return out
+        got = fn(out)
+        return out if got is None else got
 
 
-def attach(model: nn.Module, quantizers: dict[str, nn.Module]) -> None:
-    """Register a SiteHook per site (name -> Quantizer) on `model`'s modules."""
-    for name, q in quantizers.items():
-        model.get_submodule(name).register_forward_hook(SiteHook(q))
+class CallReset:
+    """Forward pre-hook on a caller: its per-call site hooks count their calls from 0 again."""
+
+    def __init__(self, hooks: list[SiteHook]):
+        self.hooks = hooks
+
+    def __call__(self, module, args):
+        for h in self.hooks:
+            h.calls = 0
+
+
+def attach(model: nn.Module, fns: dict[str, Callable], calls: dict[str, tuple[str, int]] | None = None) -> list:
+    """Register a SiteHook per site module on `model`, applying fns[site] (a Quantizer, or an observer) to the
+    output of that site's call; calls: module -> (caller, number of calls) for modules with a site per call
+    (Sites.calls), whose callers get a CallReset. Returns the hook handles."""
+    calls = calls or {}
+    per_module: dict[str, dict[int, Callable]] = {}
+    for name, fn in fns.items():
+        module, k = parse_site(name)
+        if k and module not in calls:
+            raise UnsupportedModelError(f"site {name!r} names call {k} of {module!r}, whose calls are not counted")
+        per_module.setdefault(module, {})[k] = fn
+    handles, resets = [], {}
+    for module, per in per_module.items():
+        if module in calls:
+            caller, n = calls[module]
+            hook = SiteHook([per.get(k) for k in range(n)], module)
+            resets.setdefault(caller, []).append(hook)
+        else:
+            hook = SiteHook([per[0]], module)
+        handles.append(model.get_submodule(module).register_forward_hook(hook))
+    for caller, hooks in resets.items():
+        handles.append(model.get_submodule(caller).register_forward_pre_hook(CallReset(hooks)))
+    return handles
 
 
 def _is_leaf(m: nn.Module) -> bool:
@@ -77,20 +175,33 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
 
     blocks: names of the residual blocks (reconstruction units); layers: the Conv2d/Linear being quantized."""
     keep: list[torch.Tensor] = []                          # keeps every seen tensor alive (ids stay unique)
-    producer: dict[int, str | None] = {}                   # id(tensor) -> module that made it
+    producer: dict[int, str | None] = {}                   # id(tensor) -> the call (site_name) that made it
     readers: dict[int, list[str]] = {}                     # id(tensor) -> leaf modules that read it
     inputs: dict[str, torch.Tensor] = {}                   # layer -> its input, first call
-    outputs: dict[str, int] = {}                           # module -> id(its output), first call
-    all_outputs: dict[str, set[int]] = {}                  # module -> id(its output) of every call
-    order: list[str] = []
+    outputs: dict[str, int] = {}                           # call -> id(its output)
+    order: list[str] = []                                  # calls, in the order they returned
     version: dict[int, int] = {}                           # id(tensor) -> its version when it was made
     changed: set[int] = set()                              # tensors modified in place (out += identity) before a read
-    inplace_leaves: set[str] = set()                       # leaves whose output a functional op changed in place
+    inplace_leaves: set[str] = set()                       # leaf calls whose output a functional op changed in place
+    running: list[tuple[str, int]] = []                    # (module, call index) of the forwards under way
+    n_calls: dict[str, int] = {}                           # module -> calls so far
+    callers: dict[str, set[str | None]] = {}               # module -> the innermost modules running when it was called
     handles = []
     block_set, layer_set = set(blocks), set(layers)
     # composite modules (not containers, not the model itself) whose output may be made by a functional op
     composites = {n for n, m in model.named_modules()
                   if n and not _is_leaf(m) and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))}
+
+    def enter(name):
+        def hook(m, args):
+            callers.setdefault(name, set()).add(running[-1][0] if running else None)
+            k = n_calls.get(name, 0)
+            n_calls[name] = k + 1
+            running.append((name, k))
+        return hook
+
+    def leave(m, args, out):
+        running.pop()
 
     def pre(name, mod):
         def hook(m, args):
@@ -110,12 +221,11 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
         def hook(m, args, out):
             if not isinstance(out, torch.Tensor):
                 return
+            call = site_name(name, running[-1][1])  # `leave` runs after this hook: this call is on top
             keep.append(out)
             version.setdefault(id(out), out._version)
-            all_outputs.setdefault(name, set()).add(id(out))
-            if name not in outputs:
-                outputs[name] = id(out)
-                order.append(name)
+            outputs[call] = id(out)
+            order.append(call)
             if isinstance(mod, PASS_THROUGH):
                 src = id(args[0]) if args and isinstance(args[0], torch.Tensor) else None
                 producer[id(out)] = producer.get(src) if src is not None else None
@@ -128,24 +238,49 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
                     # output is an add operand and gets its own site; the block's output is a new value
                     changed.add(id(out))
                     inplace_leaves.add(made)
-                producer[id(out)] = name
+                producer[id(out)] = call
         return hook
 
-    for name, mod in model.named_modules():
+    for name, mod in model.named_modules():  # hooks run in registration order: enter first, leave last
+        handles.append(mod.register_forward_pre_hook(enter(name)))
         if name:
             handles.append(mod.register_forward_pre_hook(pre(name, mod)))
             handles.append(mod.register_forward_hook(post(name, mod)))
+        handles.append(mod.register_forward_hook(leave))
     try:
         y = model(example)
     finally:
         for h in handles:
             h.remove()
+    # a module called more than once: a site per call where one caller, called once, makes all its calls
+    # (and the module is not a reconstruction unit run alone); else its calls share one site, as call 0
+    per_call, shared = {}, {}
+    for name, n in n_calls.items():
+        if n < 2 or not name:
+            continue
+        (caller, *others) = callers[name]
+        if (not others and caller is not None and n_calls.get(caller) == 1 and name not in layer_set
+                and name not in block_set and not isinstance(model.get_submodule(name), _LAYERS)):
+            per_call[name] = (caller, n)
+        else:
+            shared[name] = n
+    canon = {site_name(m, k): m for m, n in shared.items() for k in range(1, n)}
+    all_outputs: dict[str, set[int]] = {}                  # site -> id(its output) of every call it quantizes
+    first: dict[str, int] = {}
+    for call in order:
+        site = canon.get(call, call)
+        all_outputs.setdefault(site, set()).add(outputs[call])
+        first.setdefault(site, outputs[call])
+    outputs = first
+    order = list(first)
+    producer = {i: canon.get(p, p) for i, p in producer.items()}
+    inplace_leaves = {canon.get(c, c) for c in inplace_leaves}
     mods = dict(model.named_modules())
     out_id = id(y)
     sites: list[str] = []
     leaf_sites: set[int] = set()
     for name in order:
-        mod = mods[name]
+        mod = mods[parse_site(name)[0]]
         oid = outputs[name]
         if name in inplace_leaves:  # its output object became the block's (new) output: both are sites
             sites.append(name)
@@ -163,7 +298,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
         leaf_sites.add(oid)
     # blocks, and any other composite module whose output a functional op made (F.relu(x, inplace=True) in
     # GoogLeNet's BasicConv2d): its output is a new tensor that other ops read
-    for name in [b for b in order if b in block_set or b in composites]:
+    for name in [b for b in order if b in block_set or parse_site(b)[0] in composites]:
         oid = outputs.get(name)
         if oid is not None and oid != out_id and producer.get(oid) == name and oid not in leaf_sites:
             sites.append(name)
@@ -192,4 +327,6 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
                 via_view.add(layer)
     block_out = {b: producer.get(outputs[b]) for b in blocks
                  if b in outputs and producer.get(outputs[b]) in site_set}
-    return Sites(sites, fed_by, readers_of_input, via_view, block_out)
+    modules = {parse_site(n)[0] for n in sites}
+    return Sites(sites, fed_by, readers_of_input, via_view, block_out,
+                 {m: c for m, c in per_call.items() if m in modules}, {m: n for m, n in shared.items() if m in modules})
