@@ -331,3 +331,16 @@ def test_step_back_returns_the_folder_to_the_previous_step(tmp_path):
     images, rec = zsq_fast.generate(tiny(), 5, "dgh", 8, store="disk", checkpoint=run1, **kw)
     assert rec.resumed_from_step is None
     torch.testing.assert_close(images, ref, rtol=0, atol=0)
+
+
+def test_host_store_is_filled_block_by_block():
+    # the host/device store is filled from the seeded noise blocks in place (no whole-set copy beside it):
+    # the result equals the concatenated blocks, and blocks that do not cover the set are an error
+    from zsq_fast.generate.store import fill_store
+
+    blocks = [(slice(0, 3), torch.randn(3, 3, 4, 4)), (slice(3, 5), torch.randn(2, 3, 4, 4))]
+    store = fill_store((5, 3, 4, 4), blocks, torch.device("cpu"))
+    assert torch.equal(store.x, torch.cat([b for _, b in blocks]))
+    assert not store.exp_avg.any() and not store.exp_avg_sq.any()
+    with pytest.raises(ValueError, match="cover 3 of 5"):
+        fill_store((5, 3, 4, 4), blocks[:1], torch.device("cpu"))

@@ -28,7 +28,7 @@ from .losses import layer_weights
 from .optim import Plateau
 from .record import GenerationRecord
 from .run_folder import begin_step, end_step, open_run_folder, write_output
-from .store import ImageStore, choose_store, free_host_bytes, make_store
+from .store import ImageStore, choose_store, fill_store, free_host_bytes
 from .streaming import stream_of
 from .views import draw_views, margin_for
 
@@ -343,8 +343,7 @@ def build_run(model, s: Settings, device, store: str | None = None, folder=None,
             raise InvalidArgumentError(f"{too_big}, more than this machine has free; generate fewer images per "
                                        "call or use store='disk'")
         try:
-            x0 = torch.cat([x for _, x in initial_blocks()])
-            image_store = make_store(x0, torch.device("cpu") if kind == "host" else device)
+            image_store = fill_store(shape, initial_blocks(), torch.device("cpu") if kind == "host" else device)
         except (RuntimeError, MemoryError):  # the allocator's "not enough memory"
             raise InvalidArgumentError(f"{too_big}, more than this machine can allocate") from None
     else:

@@ -45,13 +45,21 @@ class ImageStore:
 
 def make_store(x0: torch.Tensor, location: torch.device) -> ImageStore:
     """Store x0 at `location`; host memory is pinned when a GPU will read it."""
-    x = x0.to(location, torch.float32).contiguous()
-    if x.device.type == "cpu" and torch.cuda.is_available():
-        x = x.pin_memory()
-    m = torch.zeros_like(x)
-    v = torch.zeros_like(x)
-    if x.is_pinned():
-        m, v = m.pin_memory(), v.pin_memory()
+    return fill_store(tuple(x0.shape), [(slice(0, x0.shape[0]), x0)], location)
+
+
+def fill_store(shape: tuple, blocks, location: torch.device) -> ImageStore:
+    """A store of `shape` at `location` filled from blocks ((slice, canvases) pairs covering it) one at a
+    time: no whole-set temporary beside the store (at 10^6 images that copy is gigabytes). Host memory is
+    pinned when a GPU will read it."""
+    pin = location.type == "cpu" and torch.cuda.is_available()
+    x, m, v = (torch.zeros(shape, dtype=torch.float32, device=location, pin_memory=pin) for _ in range(3))
+    filled = 0
+    for sl, block in blocks:
+        x[sl].copy_(block)
+        filled += sl.stop - sl.start
+    if filled != shape[0]:
+        raise ValueError(f"fill_store: blocks cover {filled} of {shape[0]} images")
     return ImageStore(x, m, v)
 
 
