@@ -34,6 +34,7 @@ from ..fileio import load_torch_file, write_atomic
 from ..validate import as_device, check_finite_images, check_finite_result, probe_forward
 from .fold import bns_as_convs, set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
+from .onnx_pools import exportable_adaptive_pools
 from .onnx_qdq import DOMAIN, INT4_MIN_OPSET, MAX_OPSET, lower_qdq
 from .quantizer import Quantizer, QuantSpec
 from .sites import attach, calls_from_config
@@ -201,7 +202,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, example_input: 
     probe_forward(qmodel, example_input, f"example_input of shape {tuple(example_input.shape)}")
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), exportable_adaptive_pools(qmodel, example_input):
         warnings.simplefilter("ignore")
         # the TorchScript exporter stops at opset 20; lower_qdq rewrites the graph to the requested opset
         torch.onnx.export(qmodel, (example_input,), buf, dynamo=False, opset_version=min(opset, 20),
