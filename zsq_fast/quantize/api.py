@@ -189,8 +189,9 @@ def _observe_activations(model, names, data: CalibData, layout, batch_size, devi
     handles = [model.get_submodule(n).register_forward_pre_hook(
         lambda m, args, n=n: _observe(obs[n], args[0], f"the input of layer {n!r}", batch)) for n in names]
     # not checked here: a non-finite site output reaches a layer's input (or the output), checked and named there
-    handles += attach(model, {n: lambda out, n=n: site_obs[n].observe(out, batch.start) for n in found.sites},
-                      found.calls)
+    # a site with a functional ReLU fused (sites.py) is calibrated on what the ReLU leaves: an unsigned grid
+    handles += attach(model, {n: lambda out, n=n: site_obs[n].observe(
+        torch.relu(out) if n in found.relu_fused else out, batch.start) for n in found.sites}, found.calls)
     batch = slice(0, 0)  # global indices of the batch running
     try:
         for i, images in data.batches(batch_size):
@@ -409,7 +410,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "shared_inputs": shared,
         # a module called more than once: "caller"/"calls" (a site per call, "name@k" for call k >= 1) or
         # "shared_calls" (one quantizer for all its calls: sites.py says when)
-        "sites": [{"name": n, **q.spec.to_dict(), **call_info(found, n)} for n, q in site_q.items()],
+        "sites": [{"name": n, **q.spec.to_dict(), **call_info(found, n),
+                   **({"relu_fused": True} if n in found.relu_fused else {})} for n, q in site_q.items()],
         "input_bits": in_bits,
         "output": out_cfg,
         # how the output scale was chosen: "top1_preserving" (output.py) or the calibration method

@@ -122,10 +122,21 @@ def lower_qdq(model, opset: int):
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[str]] = {}
+    readers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:
-            readers.setdefault(i, []).append(n.op_type)
+            readers.setdefault(i, []).append(n)
+
+    def read_by_moving_op(name):  # directly, or through a Relu/Identity (onnxruntime drops them)
+        return any(r.op_type in MOVING_OPS or (r.op_type in ("Relu", "Identity") and read_by_moving_op(r.output[0]))
+                   for r in readers.get(name, ()))
+
+    for n in graph.node:  # a ReLU of a grid that starts at 0 (a functional ReLU fused into its site) is the identity
+        src = producer.get(n.input[0]) if n.op_type == "Relu" else None
+        if src is not None and src.domain == DOMAIN and src.op_type == "QuantizeDequantize":
+            a = {at.name: helper.get_attribute_value(at) for at in src.attribute}
+            if a["qmin"] - a["zero_point"] >= 0:
+                n.op_type = "Identity"
     nodes = []
     lowered: set[str] = set()  # weight initializers already rewritten to their storage type
     for n in graph.node:
@@ -137,8 +148,7 @@ def lower_qdq(model, opset: int):
         bits = a["bits"]
         if n.op_type == "QuantizeDequantize":
             after_clip = n.input[0] in producer and producer[n.input[0]].op_type == "Clip"
-            moved = any(op in MOVING_OPS for op in readers.get(n.output[0], ()))
-            if bits < 4 or after_clip or moved:
+            if bits < 4 or after_clip or read_by_moving_op(n.output[0]):
                 bits = 8
         dtype, tmin, tmax = storage(bits, bool(a["signed"]), opset)
 
@@ -201,8 +211,10 @@ def lower_qdq(model, opset: int):
 
 
 # ops whose output values are some of their input's values (a channel split, a shuffle's reshape/transpose, a max
-# pool): their output is on the input's integer grid
-VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool")
+# pool) or 0, which every grid holds (a functional ReLU fused into the site before it, sites.py): their output is
+# on the input's integer grid
+VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool",
+            "Relu")
 DATA_OPS = ("Add", "Concat", "Conv", "Gemm", "MatMul", "Mul")
 # ops that onnxruntime 1.32 runs on the stored type (dropping the Q/DQ around them) without an INT4/UINT4 kernel;
 # Slice, Flatten and Reshape between 4-bit Q/DQ load and run (tests/test_torchvision_hw.py, test_onnx_export.py)

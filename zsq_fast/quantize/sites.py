@@ -24,8 +24,14 @@ seen in the trace) resets the count in a forward pre-hook, so a block reconstruc
 pass stopped half way or an ONNX trace all start at call 0. That needs one caller, called once per forward,
 making every call; otherwise (calls spread over several callers or over several calls of the caller), and
 for Conv2d/Linear layers and blocks (reconstructed alone, without their caller), the module keeps one site
-quantizer for all its calls, recorded as "shared_calls" in quant_config. Functional ops (F.relu, +,
-torch.flatten) are invisible: their results are quantized where a module or a layer reads them.
+quantizer for all its calls, recorded as "shared_calls" in quant_config. Functional ops (+, torch.flatten)
+are invisible to module hooks: their results are quantized where a module or a layer reads them. One is
+seen (a TorchFunctionMode over the trace): a functional ReLU (F.relu, torch.relu, Tensor.relu, in place or
+not) that is the only reader of a site's output. The ReLU is then fused into that site, as an integer
+kernel fuses it into the requantization: the site's grid is unsigned (a grid starting at 0 clamps exactly
+as the ReLU does, so the ReLU changes nothing after it) and the layers reading the ReLU's output use the
+site's quantizer (Sites.relu_fused); otherwise the site would be quantized signed and the ReLU's output a
+second time, unsigned, by each layer reading it.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import FileFormatError, UnsupportedModelError
 
@@ -52,6 +59,7 @@ class Sites:
     block_outputs: dict[str, str] = field(default_factory=dict)  # block -> the site that quantizes its output
     calls: dict[str, tuple[str, int]] = field(default_factory=dict)  # module -> (its caller, calls): a site per call
     shared_calls: dict[str, int] = field(default_factory=dict)  # module -> calls, all on one site quantizer
+    relu_fused: set[str] = field(default_factory=set)  # sites whose output only a functional ReLU reads
 
 
 def site_name(module: str, call: int) -> str:
@@ -99,7 +107,8 @@ def only(found: Sites, names) -> Sites:
                  {n for n in found.via_view if n in fed},
                  {b: s for b, s in found.block_outputs.items() if s in keep},
                  {m: c for m, c in found.calls.items() if m in modules},
-                 {m: c for m, c in found.shared_calls.items() if m in modules})
+                 {m: c for m, c in found.shared_calls.items() if m in modules},
+                 {n for n in found.relu_fused if n in keep})
 
 
 class SiteHook:
@@ -169,6 +178,55 @@ def _is_leaf(m: nn.Module) -> bool:
     return next(iter(m.children()), None) is None
 
 
+_RELUS = {torch.nn.functional.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+
+
+def _tensors_in(args) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out += [t for t in a if isinstance(t, torch.Tensor)]
+    return out
+
+
+class _FunctionalReads(TorchFunctionMode):
+    """Records the torch functions that the model's own code calls (not those inside a leaf module's forward):
+    reads[id(t)] = indices of the calls that read tensor t; relus = (index, id(input), output) for each ReLU.
+    An in-place ReLU on a module's output that nothing changed before is its own write, not an in-place add:
+    `version` (find_sites' record of each output's version when it was made) is moved past it."""
+
+    def __init__(self, in_leaf: Callable[[], bool], keep: list, version: dict[int, int]):
+        super().__init__()
+        self.in_leaf, self.keep, self.version = in_leaf, keep, version
+        self.reads: dict[int, list[int]] = {}
+        self.relus: list[tuple[int, int, torch.Tensor]] = []
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.in_leaf():
+            return func(*args, **kwargs)
+        ins = _tensors_in(list(args) + list(kwargs.values()))
+        before = ins[0]._version if ins else 0
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and _tensors_in(out)):
+            k, self.n = self.n, self.n + 1
+            for t in ins:
+                self.keep.append(t)
+                self.reads.setdefault(id(t), []).append(k)
+            if func in _RELUS and ins and isinstance(out, torch.Tensor):
+                src = id(ins[0])
+                if out is ins[0]:  # in place
+                    if self.version.get(src) != before:
+                        return out  # changed before (an in-place add): not a site's plain output
+                    self.version[src] = out._version
+                self.keep.append(out)
+                self.relus.append((k, src, out))
+        return out
+
+
 @torch.no_grad()
 def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layers: list[str]) -> Sites:
     """The sites of `model` (BN folded, eval mode) for one forward pass of `example` (see the module docstring).
@@ -183,6 +241,10 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     version: dict[int, int] = {}                           # id(tensor) -> its version when it was made
     changed: set[int] = set()                              # tensors modified in place (out += identity) before a read
     inplace_leaves: set[str] = set()                       # leaf calls whose output a functional op changed in place
+    passes: list[tuple[int, int]] = []                     # (id(out), id(in)) of pass-through modules, in order
+    read_at: dict[int, list[int]] = {}                     # id(tensor) -> reads.n when a (non pass-through) leaf read it
+    mods = dict(model.named_modules())
+    reads = _FunctionalReads(lambda: bool(running) and _is_leaf(mods[running[-1][0]]), keep, version)
     running: list[tuple[str, int]] = []                    # (module, call index) of the forwards under way
     n_calls: dict[str, int] = {}                           # module -> calls so far
     callers: dict[str, set[str | None]] = {}               # module -> the innermost modules running when it was called
@@ -213,6 +275,8 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
                 return
             if _is_leaf(mod):
                 readers.setdefault(id(args[0]), []).append(name)
+                if not isinstance(mod, PASS_THROUGH):
+                    read_at.setdefault(id(args[0]), []).append(reads.n)  # after the functional calls so far
             if name in layer_set:
                 inputs.setdefault(name, args[0])
         return hook
@@ -229,6 +293,8 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             if isinstance(mod, PASS_THROUGH):
                 src = id(args[0]) if args and isinstance(args[0], torch.Tensor) else None
                 producer[id(out)] = producer.get(src) if src is not None else None
+                if src is not None and src != id(out):
+                    passes.append((id(out), src))
             elif _is_leaf(mod) or name in block_set or name in composites:
                 made = producer.get(id(out))
                 if made is not None and not _is_leaf(mod) and version.get(id(out)) == out._version:
@@ -248,7 +314,8 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             handles.append(mod.register_forward_hook(post(name, mod)))
         handles.append(mod.register_forward_hook(leave))
     try:
-        y = model(example)
+        with reads:
+            y = model(example)
     finally:
         for h in handles:
             h.remove()
@@ -275,7 +342,6 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     order = list(first)
     producer = {i: canon.get(p, p) for i, p in producer.items()}
     inplace_leaves = {canon.get(c, c) for c in inplace_leaves}
-    mods = dict(model.named_modules())
     out_id = id(y)
     sites: list[str] = []
     leaf_sites: set[int] = set()
@@ -305,6 +371,10 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     rank = {n: i for i, n in enumerate(order)}
     sites.sort(key=lambda n: rank[n])
     site_set = set(sites)
+    relu_fused = _fuse_functional_relus(site_set, all_outputs, producer, read_at, reads, changed, out_id)
+    for out, src in passes:  # pass-through modules after a fused ReLU (eval Dropout, Identity)
+        if producer.get(out) is None and producer.get(src) is not None:
+            producer[out] = producer[src]
     # a layer reads a site's output directly, or a view of it (torch.flatten of a pooled tensor)
     site_storage = {}
     for t in keep:
@@ -323,10 +393,34 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             src = site_storage.get((x.untyped_storage().data_ptr(), x.numel()))
         if src in site_set:
             fed_by[layer] = src
-            if id(x) not in all_outputs.get(src, ()):  # through nn.Flatten or torch.flatten: another object
+            # through nn.Flatten or torch.flatten (another object), or a fused functional ReLU (the graph has a Relu
+            # between the site and the layer: the layer's Q/DQ keeps it off the float edges)
+            if id(x) not in all_outputs.get(src, ()) or src in relu_fused:
                 via_view.add(layer)
     block_out = {b: producer.get(outputs[b]) for b in blocks
                  if b in outputs and producer.get(outputs[b]) in site_set}
     modules = {parse_site(n)[0] for n in sites}
     return Sites(sites, fed_by, readers_of_input, via_view, block_out,
-                 {m: c for m, c in per_call.items() if m in modules}, {m: n for m, n in shared.items() if m in modules})
+                 {m: c for m, c in per_call.items() if m in modules}, {m: n for m, n in shared.items() if m in modules},
+                 relu_fused)
+
+
+def _fuse_functional_relus(sites: set[str], all_outputs, producer, read_at, reads: _FunctionalReads,
+                           changed, out_id) -> set[str]:
+    """The sites whose output (one call's) a functional ReLU alone reads: no module and no other op (before
+    the ReLU, for an in-place one). A non-in-place ReLU's output is credited to the site (producer), so the
+    layers reading it are fed by the site (and apply its quantizer again: a view of its values)."""
+    fused = set()
+    for k, src, out in reads.relus:
+        site = producer.get(src)
+        if site not in sites or all_outputs.get(site) != {src} or src in changed or src == out_id:
+            continue
+        inplace = id(out) == src
+        if [j for j in read_at.get(src, []) if j <= k or not inplace]:
+            continue  # a module reads the value before the ReLU (or, not in place, the value it leaves)
+        if [j for j in reads.reads.get(src, []) if j < k or (j > k and not inplace)]:
+            continue  # another op reads it
+        if not inplace:
+            producer[id(out)] = site
+        fused.add(site)
+    return fused
