@@ -127,3 +127,31 @@ def test_torchvision_googlenet_w4a4_in_place_relus_fused_and_exact_in_onnxruntim
     assert float_edges(onnx.load(str(path))) == []
     r = zsq_fast.evaluate_onnx(path, x, reference=q, threads=1)
     assert r["agreement"] == 100.0 and r["max_logit_diff_steps"] == 0.0, r
+
+
+class PreActNet(nn.Module):
+    """A pre-activation residual: BN -> F.relu -> conv on the block input (the BN cannot be folded: a quantized
+    depthwise 1x1 conv, fold.py), the block input also read by the residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.bn, self.c1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.c0(x)
+        return self.fc(torch.flatten(self.pool(x + self.c1(F.relu(self.bn(x)))), 1))
+
+
+def test_bn_as_conv_then_functional_relu_is_one_unsigned_site():
+    torch.manual_seed(0)
+    m = PreActNet().train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(8, 3, 8, 8))
+    q = zsq_fast.quantize(m.eval(), torch.randn(16, 3, 8, 8), "W4A4", preset="hw")
+    assert q.quant_config["bn_as_conv"] == ["bn"]
+    sites = _sites(q)
+    assert sites["bn"]["signed"] is False and sites["bn"]["relu_fused"] is True
+    assert sites["c0"]["signed"] is True and "relu_fused" not in sites["c0"]  # the add reads it too
+    assert q.quant_config["layers"]["c1"]["input_from"] == "bn"
