@@ -243,9 +243,9 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     inplace_leaves: set[str] = set()                       # leaf calls whose output a functional op changed in place
     passes: list[tuple[int, int]] = []                     # (id(out), id(in)) of pass-through modules, in order
     read_at: dict[int, list[int]] = {}                     # id(tensor) -> reads.n when a (non pass-through) leaf read it
+    running: list[tuple[str, int]] = []                    # (module, call index) of the forwards under way
     mods = dict(model.named_modules())
     reads = _FunctionalReads(lambda: bool(running) and _is_leaf(mods[running[-1][0]]), keep, version)
-    running: list[tuple[str, int]] = []                    # (module, call index) of the forwards under way
     n_calls: dict[str, int] = {}                           # module -> calls so far
     callers: dict[str, set[str | None]] = {}               # module -> the innermost modules running when it was called
     handles = []
