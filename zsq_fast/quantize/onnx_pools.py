@@ -26,12 +26,15 @@ def _out_size(m: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
 def _input_sizes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int]]:
     """Spatial input size of every adaptive pool on `example` (one forward)."""
     seen: dict[str, tuple[int, int]] = {}
+    pools = [(n, m) for n, m in model.named_modules() if isinstance(m, _ADAPTIVE)]
+    if not pools:
+        return seen  # no forward needed
 
     def record(name):
         def hook(mod, args):
             seen.setdefault(name, tuple(args[0].shape[-2:]))  # returns None: the input is left alone
         return hook
-    handles = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if isinstance(m, _ADAPTIVE)]
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in pools]
     try:
         with torch.no_grad():
             model(example)

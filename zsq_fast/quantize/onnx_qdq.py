@@ -127,8 +127,8 @@ def lower_qdq(model, opset: int):
         for i in n.input:
             readers.setdefault(i, []).append(n)
 
-    def read_by_moving_op(name):  # directly, or through a Relu/Identity (onnxruntime drops them)
-        return any(r.op_type in MOVING_OPS or (r.op_type in ("Relu", "Identity") and read_by_moving_op(r.output[0]))
+    def read_by_moving_op(name):  # directly, or through an Identity (onnxruntime drops it)
+        return any(r.op_type in MOVING_OPS or (r.op_type == "Identity" and read_by_moving_op(r.output[0]))
                    for r in readers.get(name, ()))
 
     for n in graph.node:  # a ReLU of a grid that starts at 0 (a functional ReLU fused into its site) is the identity
@@ -211,10 +211,9 @@ def lower_qdq(model, opset: int):
 
 
 # ops whose output values are some of their input's values (a channel split, a shuffle's reshape/transpose, a max
-# pool) or 0, which every grid holds (a functional ReLU fused into the site before it, sites.py): their output is
-# on the input's integer grid
-VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool",
-            "Relu")
+# pool; a functional ReLU fused into its site, written as Identity by lower_qdq): their output is on the input's
+# integer grid
+VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool")
 DATA_OPS = ("Add", "Concat", "Conv", "Gemm", "MatMul", "Mul")
 # ops that onnxruntime 1.32 runs on the stored type (dropping the Q/DQ around them) without an INT4/UINT4 kernel;
 # Slice, Flatten and Reshape between 4-bit Q/DQ load and run (tests/test_torchvision_hw.py, test_onnx_export.py)

@@ -393,9 +393,8 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             src = site_storage.get((x.untyped_storage().data_ptr(), x.numel()))
         if src in site_set:
             fed_by[layer] = src
-            # through nn.Flatten or torch.flatten (another object), or a fused functional ReLU (the graph has a Relu
-            # between the site and the layer: the layer's Q/DQ keeps it off the float edges)
-            if id(x) not in all_outputs.get(src, ()) or src in relu_fused:
+            # through nn.Flatten or torch.flatten, or a fused functional ReLU not in place: another object
+            if id(x) not in all_outputs.get(src, ()):
                 via_view.add(layer)
     block_out = {b: producer.get(outputs[b]) for b in blocks
                  if b in outputs and producer.get(outputs[b]) in site_set}
@@ -416,9 +415,9 @@ def _fuse_functional_relus(sites: set[str], all_outputs, producer, read_at, read
         if site not in sites or all_outputs.get(site) != {src} or src in changed or src == out_id:
             continue
         inplace = id(out) == src
-        if [j for j in read_at.get(src, []) if j <= k or not inplace]:
+        if any(j <= k or not inplace for j in read_at.get(src, [])):
             continue  # a module reads the value before the ReLU (or, not in place, the value it leaves)
-        if [j for j in reads.reads.get(src, []) if j < k or (j > k and not inplace)]:
+        if any(j < k or (j > k and not inplace) for j in reads.reads.get(src, [])):
             continue  # another op reads it
         if not inplace:
             producer[id(out)] = site
