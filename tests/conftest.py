@@ -51,6 +51,16 @@ def write_tiny_digits(d: Path, n_images: int) -> Path:
     return d
 
 
+def bn_statistics_from_noise(model, shape, passes: int = 3):
+    """`model` in eval mode with BN running statistics from `passes` train-mode forwards of torch.randn(shape)
+    (global generator): random weights, and BN layers with statistics to fold and to match."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            model(torch.randn(*shape))
+    return model.eval()
+
+
 def randomize_bn(model, weight: bool = True):
     """BN statistics (and affine parameters) away from 0/1, so folding and quantization have work to do;
     returns the model in eval mode. The draws come from torch's global generator, in module order."""

@@ -9,6 +9,7 @@ import zsq_fast
 from zsq_fast.errors import UnsupportedModelError
 from zsq_fast.quantize.fold import bn_as_conv
 from zsq_fast.quantize.trace import trace_model
+from conftest import bn_statistics_from_noise
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -31,11 +32,7 @@ class PreActBlock(nn.Module):
 
 def _with_bn_statistics(model, size):
     torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, size, size))
-    return model.eval()
+    return bn_statistics_from_noise(model, (8, 3, size, size))
 
 
 def _preact_net():

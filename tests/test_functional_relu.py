@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zsq_fast
+from conftest import bn_statistics_from_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -46,11 +47,7 @@ class FunctionalNet(nn.Module):
 
 def _net(relu, also_read=""):
     torch.manual_seed(0)
-    m = FunctionalNet(relu, also_read).train()
-    with torch.no_grad():
-        for _ in range(3):
-            m(torch.randn(8, 3, 8, 8))
-    return m.eval()
+    return bn_statistics_from_noise(FunctionalNet(relu, also_read), (8, 3, 8, 8))
 
 
 def _sites(q):
@@ -110,11 +107,7 @@ def test_torchvision_googlenet_w4a4_in_place_relus_fused_and_exact_in_onnxruntim
     pytest.importorskip("onnxruntime")
     from zsq_fast.quantize.onnx_qdq import float_edges
     torch.manual_seed(0)
-    m = tv.googlenet(num_classes=10, aux_logits=False, init_weights=True).train()
-    with torch.no_grad():
-        for _ in range(3):
-            m(torch.randn(8, 3, 32, 32))
-    m.eval()
+    m = bn_statistics_from_noise(tv.googlenet(num_classes=10, aux_logits=False, init_weights=True), (8, 3, 32, 32))
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     q = zsq_fast.quantize(m, x, "W4A4", preset="hw")
     fused = [s for s in q.quant_config["sites"] if s.get("relu_fused")]
@@ -145,11 +138,8 @@ class PreActNet(nn.Module):
 
 def test_bn_as_conv_then_functional_relu_is_one_unsigned_site():
     torch.manual_seed(0)
-    m = PreActNet().train()
-    with torch.no_grad():
-        for _ in range(3):
-            m(torch.randn(8, 3, 8, 8))
-    q = zsq_fast.quantize(m.eval(), torch.randn(16, 3, 8, 8), "W4A4", preset="hw")
+    m = bn_statistics_from_noise(PreActNet(), (8, 3, 8, 8))
+    q = zsq_fast.quantize(m, torch.randn(16, 3, 8, 8), "W4A4", preset="hw")
     assert q.quant_config["bn_as_conv"] == ["bn"]
     sites = _sites(q)
     assert sites["bn"]["signed"] is False and sites["bn"]["relu_fused"] is True

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import zsq_fast
+from conftest import bn_statistics_from_noise
 from zsq_fast.errors import UnsupportedModelError
 from zsq_fast.quantize.onnx_pools import exportable_adaptive_pools
 
@@ -30,11 +31,7 @@ class TinyVGG(nn.Module):
 
 def _trained(model):
     torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, 8, 8))
-    return model.eval()
+    return bn_statistics_from_noise(model, (8, 3, 8, 8))
 
 
 @pytest.mark.parametrize("size,pooled", [((1, 1), (7, 7)), ((2, 4), (4, 2)), ((2, 6), (6, 3)), ((3, 5), (3, 5))])

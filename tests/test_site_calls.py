@@ -13,6 +13,7 @@ import zsq_fast
 from zsq_fast.quantize import load_quantized, quantize, save_quantized
 from zsq_fast.quantize.presets import PRESETS
 from zsq_fast.quantize.sites import SiteHook, parse_site, site_name
+from conftest import bn_statistics_from_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -186,12 +187,7 @@ def test_torchvision_resnet18_onnx_has_a_grid_per_relu_call(tmp_path):
     from zsq_fast.quantize.onnx_qdq import float_edges
 
     torch.manual_seed(0)
-    model = tv.resnet18(num_classes=10)
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, 3, 32, 32))
-    model.eval()
+    model = bn_statistics_from_noise(tv.resnet18(num_classes=10), (8, 3, 32, 32), passes=2)
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     q = zsq_fast.quantize(model, x, "W8A8", preset="hw")
     relu_sites = [s["name"] for s in q.quant_config["sites"] if parse_site(s["name"])[0].endswith("relu")]

@@ -6,6 +6,7 @@ import torch
 
 import zsq_fast
 from zsq_fast.quantize.onnx_qdq import float_edges
+from conftest import bn_statistics_from_noise
 
 tv = pytest.importorskip("torchvision.models")
 onnx = pytest.importorskip("onnx")
@@ -19,12 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def _with_bn_statistics(name: str):
     torch.manual_seed(0)
-    m = getattr(tv, name)(num_classes=10)
-    m.train()
-    with torch.no_grad():
-        for _ in range(3):
-            m(torch.randn(8, 3, SIZE, SIZE))
-    return m.eval()
+    return bn_statistics_from_noise(getattr(tv, name)(num_classes=10), (8, 3, SIZE, SIZE))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5"])
