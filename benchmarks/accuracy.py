@@ -82,6 +82,8 @@ def parse_args(argv=None):
                    help="autocast of the generators' forward passes (statistics and optimizer stay fp32)")
     p.add_argument("--channels-last", action="store_true", help="generate in channels_last memory format")
     p.add_argument("--batch-size", type=int, default=32, help="BRECQ batch size")
+    p.add_argument("--qdrop", type=float, default=0.0,
+                   help="QDrop probability during reconstruction (0: off, BRECQ as published)")
     p.add_argument("--eval-limit", type=int, help="first N images of cifar10_test_exact1017 only")
     p.add_argument("--agreement-limit", type=int, help="first N images of cifar10_test only")
     p.add_argument("--threads", type=int, help="torch threads (CPU); recorded with the figures")
@@ -114,7 +116,7 @@ def resolve_settings(args, device) -> dict:
         "rows": rows, "main_column": args.main_column, "extra_columns": cols,
         "extra_rows": [r for r in args.extra_rows.split(",") if r in rows],
         "seeded_rows": [r for r in args.seeded_rows.split(",") if r],
-        "batch_size": args.batch_size, "chunk_size": args.chunk_size, "device": str(device),
+        "batch_size": args.batch_size, "qdrop": args.qdrop, "chunk_size": args.chunk_size, "device": str(device),
         "gen_precision": args.gen_precision, "channels_last": args.channels_last,
         "threads": torch.get_num_threads(),
     }
@@ -172,7 +174,8 @@ def run_model(name: str, args, cfg: dict, out: dict, report: RunReport) -> dict:
         t0 = time.perf_counter()
         q = run_quantize(src, calib, bits=bits, preset=preset, method="brecq", device=device, seed=seed,
                          precision="fp32", iterations=cfg["recon_iterations"], batch_size=cfg["batch_size"],
-                         progress=progress, report=None, extra={"lr": cfg["recon_lr"]})
+                         progress=progress, report=None, extra={"lr": cfg["recon_lr"],
+                                                                 "qdrop": cfg.get("qdrop", 0.0)})
         t_quant = time.perf_counter() - t0
         top1 = evaluate(q, exact, device=device)["top1"]
         agree = 100 * agreement(predict_logits(q, jpeg, device=device), ref_jpeg)
@@ -210,6 +213,11 @@ def _gen_format(cfg: dict) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def _qdrop_format(cfg: dict) -> str:
+    """', QDrop p = P' where reconstruction used QDrop; '' otherwise."""
+    return f", QDrop p = {cfg['qdrop']:g}" if cfg.get("qdrop") else ""
+
+
 def markdown(results: dict) -> str:
     out = ["## Accuracy: CIFAR-10 (benchmarks/accuracy.py)", "",
            "Cell: top-1 % on cifar10_test_exact1017 (exact pixels), mean ± sd over the n seeds where n > 1; "
@@ -223,8 +231,8 @@ def markdown(results: dict) -> str:
         out += [f"### {name} (float top-1 {r['float_top1']:.2f} %)", "",
                 f"Setting `{cfg['setting']}`: {cfg['n_images']} calibration images, {cfg['gen_iterations']} "
                 f"generation iterations{_gen_format(cfg)}, {cfg['recon_iterations']} BRECQ iterations per unit (Adam lr "
-                f"{cfg['recon_lr']:g} on V, batch {cfg['batch_size']}), {seeds_text}, evaluation on {r['n_eval']} "
-                f"images, device {cfg['device']}, {cfg['threads']} thread(s).", "",
+                f"{cfg['recon_lr']:g} on V, batch {cfg['batch_size']}{_qdrop_format(cfg)}), {seeds_text}, "
+                f"evaluation on {r['n_eval']} images, device {cfg['device']}, {cfg['threads']} thread(s).", "",
                 "| calibration | n | " + " | ".join(c.replace(":", " ") for c in cols) + " | calibration s |",
                 "| --- | ---: |" + " ---: |" * (len(cols) + 1)]
         for row in cfg["rows"]:

@@ -72,3 +72,26 @@ def test_generation_precision_is_applied_and_labelled(shared_data, tmp_path, mon
         torch.set_num_threads(n)
     assert seen == {"precision": "bf16", "channels_last": True}
     assert "generation iterations (bf16 autocast, channels_last)" in out.read_text()
+
+
+def test_qdrop_reaches_quantize_and_is_labelled(shared_data, tmp_path, monkeypatch):
+    acc = _accuracy()
+    seen = []
+    real_quantize = acc.run_quantize
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["extra"]["qdrop"])
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(acc, "run_quantize", spy)
+    out = tmp_path / "acc.md"
+    n = torch.get_num_threads()
+    try:
+        acc.main(["--setting", "smoke", "--models", "resnet20", "--rows", "real", "--seeds", "0",
+                  "--extra-columns", "", "--qdrop", "0.5", "--eval-limit", "20", "--agreement-limit", "20",
+                  "--data", str(shared_data), "--out", str(out), "--no-progress", "--threads", "1"])
+    finally:
+        torch.set_num_threads(n)
+    assert seen == [0.5]
+    assert "batch 32, QDrop p = 0.5)" in out.read_text()
+    assert acc.resolve_settings(acc.parse_args([]), torch.device("cpu"))["qdrop"] == 0.0
