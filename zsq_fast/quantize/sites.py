@@ -211,7 +211,8 @@ class _FunctionalReads(TorchFunctionMode):
         ins = _tensors_in(list(args) + list(kwargs.values()))
         before = ins[0]._version if ins else 0
         out = func(*args, **kwargs)
-        if isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and _tensors_in(out)):
+        # None: an indexed assignment (buf[:, k:] = t) reads t too
+        if out is None or isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and _tensors_in(out)):
             k, self.n = self.n, self.n + 1
             for t in ins:
                 self.keep.append(t)
@@ -222,6 +223,8 @@ class _FunctionalReads(TorchFunctionMode):
                     if self.version.get(src) != before:
                         return out  # changed before (an in-place add): not a site's plain output
                     self.version[src] = out._version
+                else:  # so that a later in-place change of the ReLU's output (y += skip) is seen
+                    self.version.setdefault(id(out), out._version)
                 self.keep.append(out)
                 self.relus.append((k, src, out))
         return out
@@ -267,6 +270,10 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
 
     def pre(name, mod):
         def hook(m, args):
+            if _is_leaf(mod) and not isinstance(mod, PASS_THROUGH):  # every argument (Add()(a, b)), not just args[0]
+                for t in _tensors_in(list(args)):
+                    keep.append(t)
+                    read_at.setdefault(id(t), []).append(reads.n)  # after the functional calls so far
             if not args or not isinstance(args[0], torch.Tensor):
                 return
             keep.append(args[0])
@@ -275,8 +282,6 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
                 return
             if _is_leaf(mod):
                 readers.setdefault(id(args[0]), []).append(name)
-                if not isinstance(mod, PASS_THROUGH):
-                    read_at.setdefault(id(args[0]), []).append(reads.n)  # after the functional calls so far
             if name in layer_set:
                 inputs.setdefault(name, args[0])
         return hook
@@ -292,9 +297,12 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             order.append(call)
             if isinstance(mod, PASS_THROUGH):
                 src = id(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+                if src in changed:  # changed in place since its producer made it: not that site's values
+                    src = None
                 producer[id(out)] = producer.get(src) if src is not None else None
                 if src is not None and src != id(out):
                     passes.append((id(out), src))
+                    read_at.setdefault(src, []).append(reads.n)  # a view (nn.Flatten) reads it
             elif _is_leaf(mod) or name in block_set or name in composites:
                 made = producer.get(id(out))
                 if made is not None and not _is_leaf(mod) and version.get(id(out)) == out._version:
@@ -379,7 +387,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     site_storage = {}
     for t in keep:
         name = producer.get(id(t))
-        if name in site_set and outputs.get(name) == id(t):
+        if name in site_set and outputs.get(name) == id(t) and id(t) not in changed:
             site_storage[(t.untyped_storage().data_ptr(), t.numel())] = name
     ex_key = (example.untyped_storage().data_ptr(), example.numel())
     readers_of_input = [n for n, x in inputs.items()
