@@ -233,6 +233,16 @@ def test_asymmetric_range_covers_data():
 
 
 # ---------------------------------------------------------------- reconstruction
+def test_observer_sample_is_not_changed_by_later_in_place_ops():
+    from zsq_fast.quantize.calibrate import ActObserver
+    obs = ActObserver(64, 4, torch.Generator().manual_seed(0))  # 16 per image: every element of a (4, 2, 2) image
+    act = torch.randn(4, 4, 2, 2)
+    obs.observe(act)
+    kept = obs.samples[0].clone()
+    act.relu_()  # the model changes its activation in place after the observer's hook
+    assert torch.equal(obs.samples[0], kept) and kept.min() < 0
+
+
 def test_beta_schedule():
     cfg = ReconConfig(iterations=100)
     assert beta_schedule(0, 100, cfg) is None and beta_schedule(19, 100, cfg) is None

@@ -145,6 +145,8 @@ class ActObserver:
             base = (self.offsets * m).long().to(x.device)
             image = torch.arange(first_index, first_index + x.shape[0], device=x.device).view(-1, 1)
             x = x.gather(1, (base + image * self._STRIDE) % m)
+        else:  # x may be the activation itself: an in-place op after the hook (out += identity) would change it
+            x = x.clone()
         self.samples.append(x.reshape(-1))
 
     def reduce(self) -> None:
