@@ -10,7 +10,7 @@ import zsq_fast
 from test_generate import tiny
 from zsq_fast.generate import api, dgh, fdda
 from zsq_fast.generate.context import forward, output_images, see
-from zsq_fast.generate.losses import bn_loss, odsl, std_from_var
+from zsq_fast.generate.losses import bn_loss, odsl
 from zsq_fast.generate.optim import Plateau
 from zsq_fast.generate.views import draw_views
 
@@ -63,7 +63,8 @@ def test_fdda_deep_layers_follow_the_reference_count():
 
 def test_fdda_gradient_is_the_whole_set_bn_loss_plus_batch_averaged_class_terms():
     """L = 0.2 L_BN(all N images, mixed labels) + sum_b |b|/N (0.5 CE_b + 0.9 L_D,b + 0.01 L_C,b),
-    L_C, L_D averaged over the deep layers; labels skip classes (n < classes)."""
+    L_C, L_D averaged over the deep layers; labels skip classes (n < classes). L_BN on variances, as the
+    FDDA code (MSE(var, running_var)), not on the standard deviations dgh matches."""
     model, run = _fdda_run(n_images=3, classes=5, chunk_size=4)
     run.state.update(noise_mean_std=0.0, noise_var_std=0.0)  # L_D == L_C: no random draw to replay
     w, centers, labels = run.state["weights"], run.state["centers"], run.state["labels"]
@@ -73,9 +74,9 @@ def test_fdda_gradient_is_the_whole_set_bn_loss_plus_batch_averaged_class_terms(
         losses = fdda.fdda_gradients(run, None, lambda sl, x, g, m, v: grads[sl].copy_(g))
         x = run.store.x.clone().requires_grad_(True)
         acts, logits = forward(run, see(run, x, None))
-        stats = [(a.double().mean((0, 2, 3)), std_from_var(a.double().var((0, 2, 3), unbiased=False)))
-                 for a in acts]
-        loss = w["bn"] * bn_loss(stats, run.targets, run.weights, run.lambda_sigma)
+        stats = [(a.double().mean((0, 2, 3)), a.double().var((0, 2, 3), unbiased=False)) for a in acts]
+        var_targets = [(mu, sigma.square()) for mu, sigma in run.targets]
+        loss = w["bn"] * bn_loss(stats, var_targets, run.weights, run.lambda_sigma)
         for k, sl in run.state["batches"]:
             ce = F.cross_entropy(logits[sl], labels[sl])
             center = sum((acts[1 + l][sl].mean((0, 2, 3)) - centers.mean[l][k]).square().mean()
@@ -86,8 +87,21 @@ def test_fdda_gradient_is_the_whole_set_bn_loss_plus_batch_averaged_class_terms(
     assert ref.abs().max() > 0
     torch.testing.assert_close(grads, ref.float(), rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     assert losses["total"] == pytest.approx(float(loss.detach()), rel=1e-5)
-    assert losses["bn"] == pytest.approx(float(bn_loss(stats, run.targets, run.weights, run.lambda_sigma).detach()),
+    assert losses["bn"] == pytest.approx(float(bn_loss(stats, var_targets, run.weights, run.lambda_sigma).detach()),
                                          rel=1e-6)
+
+
+def test_fdda_lr_schedule_watches_the_total_without_the_distortion_noise():
+    """The plateau schedule gets L with L_C in place of L_D: L_D's centres are redrawn every step, and that
+    noise alone cut the lr. With the noise on, the reported total moves; the scheduled value does not."""
+    _, run = _fdda_run(n_images=4, classes=5, chunk_size=4)
+    w = run.state["weights"]
+    with run.capture:
+        draws = [fdda.fdda_gradients(run, None, lambda *a: None) for _ in range(3)]  # images unchanged
+    for d in draws:
+        assert d["schedule"] == pytest.approx(d["total"] + w["distort"] * (d["center"] - d["distort"]), rel=1e-9)
+    assert len({round(d["total"], 9) for d in draws}) == 3  # the noisy total differs from draw to draw
+    assert all(d["schedule"] == pytest.approx(draws[0]["schedule"], rel=1e-6) for d in draws)
 
 
 def test_odsl_weight_is_in_batch_mean_units():

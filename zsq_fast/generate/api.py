@@ -477,7 +477,7 @@ def _generate_in(model, s: Settings, device, real_images, real_labels, checkpoin
                 losses = step_fn(run, views)
             except zd.DistributedError as e:
                 raise heart.failed("generation step", step, e) from e
-            run.plateau.step(losses["total"])
+            run.plateau.step(losses.get("schedule", losses["total"]))
             history.append({"step": step, "lr": lr_used, **losses})
             _exit_for_test(step, "commit")
             if disk:  # every step: images are updated in place, the state must follow them

@@ -171,13 +171,21 @@ class WholeSetBN:
                    for a, t, gm, gv in zip(acts, self.totals, self.grad_mean, self.grad_var))
 
 
-def whole_set_bn(run: Run, images_of_chunk, what: str, weight: float = 1.0) -> WholeSetBN:
-    """L_BN over all N images (streamed, merged exactly) and its gradient w.r.t. the global statistics."""
+def whole_set_bn(run: Run, images_of_chunk, what: str, weight: float = 1.0, spread: str = "std") -> WholeSetBN:
+    """L_BN over all N images (streamed, merged exactly) and its gradient w.r.t. the global statistics.
+
+    spread: "std" matches sigma to sqrt(running_var) (DGH, MCT); "var" matches the variance to running_var
+    (the GDFQ/FDDA code's MSE(var, running_var))."""
     totals = whole_set_stats(run, images_of_chunk)
     means = [t.mean.detach().clone().requires_grad_(True) for t in totals]
     variances = [t.var.detach().clone().requires_grad_(True) for t in totals]
-    terms = bn_terms([(mu, std_from_var(var)) for mu, var in zip(means, variances)],
-                     run.targets, run.weights, run.lambda_sigma)
+    if spread == "var":
+        stats, targets = list(zip(means, variances)), [(mu, sigma.square()) for mu, sigma in run.targets]
+    elif spread == "std":
+        stats, targets = [(mu, std_from_var(var)) for mu, var in zip(means, variances)], run.targets
+    else:
+        raise ValueError(f"spread must be 'std' or 'var', got {spread!r}")
+    terms = bn_terms(stats, targets, run.weights, run.lambda_sigma)
     loss = sum(terms)
     check_finite(run, loss, what)
     grads = torch.autograd.grad(weight * loss if weight != 1.0 else loss, means + variances)

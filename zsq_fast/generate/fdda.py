@@ -7,9 +7,11 @@ c_b, and a step minimizes
 
     L = 0.2 L_BN(whole set) + sum_b |b|/N ( 0.5 CE(f(x_b), c_b) + 0.9 L_D,b + 0.01 L_C,b )
 
-L_C,b: batch statistics -> c_b's centers, L_D,b: -> noisy centers N(c^mu, 0.5^2), N(c^{sigma^2}, 1.0^2)
-redrawn every step; both averaged over the deep BN layers (from floor((L+1)/2) - 2 on, as the FDDA
-code's start_layer). The FDDA code applies L_BN (and a CE) to a batch of random mixed labels and
+L_BN,l = ||mu_hat_l - running_mean_l||^2 / C_l + ||sigma_hat^2_l - running_var_l||^2 / C_l (variances, as
+the FDDA code's BNS loss; dgh and bns match standard deviations). L_C,b: batch statistics -> c_b's
+centers, L_D,b: -> noisy centers N(c^mu, 0.5^2), N(c^{sigma^2}, 1.0^2) redrawn every step; both averaged
+over the deep BN layers (from floor((L+1)/2) - 2 on, as the FDDA code's start_layer). The lr schedule
+watches the total with L_C in place of L_D (the noise alone would trigger reduce-on-plateau cuts). The FDDA code applies L_BN (and a CE) to a batch of random mixed labels and
 L_C, L_D (and a CE) to a separate single-class batch: the BN running statistics describe data of all
 classes, and matching them on one class's batch would pull against L_C. Here every image has one
 label, so L_BN is computed on the statistics of all N images (every class) with dgh's exact
@@ -131,7 +133,7 @@ def fdda_gradients(run: Run, views, on_grad) -> dict:
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     # pass 1: L_BN on the statistics of the whole (mixed-label) set, and its gradient w.r.t. them
     bn = whole_set_bn(run, lambda sl, canvas: see(run, canvas, vsl(sl)), "the fdda BN loss",
-                      weight=w["bn"])
+                      weight=w["bn"], spread="var")
     # BNS-distorted targets, redrawn every step from the run's generator
     def noise(t: torch.Tensor, std: float) -> torch.Tensor:
         return std * torch.randn(t.shape, generator=run.generator).to(t.device)
@@ -158,4 +160,7 @@ def fdda_gradients(run: Run, views, on_grad) -> dict:
             out[name] += float(val.detach()) * frac
     out.update(reduce_sums({k: out[k] for k in ("ce", "center", "distort")}))  # over the ranks
     out["total"] = w["bn"] * out["bn"] + sum(w[name] * out[name] for name in ("ce", "center", "distort"))
+    # reduce-on-plateau watches the total without L_D's fresh noise (E[L_D] = L_C + a constant): the noise
+    # alone would cut the lr
+    out["schedule"] = out["total"] + w["distort"] * (out["center"] - out["distort"])
     return {**out, **bn_group_losses(bn.terms)}
