@@ -243,6 +243,21 @@ def test_observer_sample_is_not_changed_by_later_in_place_ops():
     assert torch.equal(obs.samples[0], kept) and kept.min() < 0
 
 
+def test_qdrop_mask_and_mix():
+    from zsq_fast.quantize.quantizer import qdrop_mask, qdrop_mix
+    x = torch.randn(6, 3, 4, 4)
+    torch.manual_seed(3)
+    whole = qdrop_mask(x, 0.5, (6, torch.arange(6)))  # the batch held whole: no gather
+    torch.manual_seed(3)
+    part = qdrop_mask(x[[1, 4]], 0.5, (6, torch.tensor([1, 4])))  # a rank holding rows 1 and 4 of it
+    assert torch.equal(part, whole[[1, 4]]) and 0.3 < whole.float().mean() < 0.7
+    a, b = torch.randn(6, 3, 4, 4, requires_grad=True), torch.randn(6, 3, 4, 4, requires_grad=True)
+    mixed = qdrop_mix(whole, a, b)
+    torch.testing.assert_close(mixed, torch.where(whole, a, b), rtol=0, atol=1e-6)
+    mixed.sum().backward()
+    assert torch.equal(a.grad, whole.float()) and torch.equal(b.grad, 1 - whole.float())
+
+
 def test_beta_schedule():
     cfg = ReconConfig(iterations=100)
     assert beta_schedule(0, 100, cfg) is None and beta_schedule(19, 100, cfg) is None

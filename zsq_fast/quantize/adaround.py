@@ -24,7 +24,7 @@ from torch import nn
 from .. import distributed
 from .cache import UnitData
 from .calib_data import Layout
-from .quantizer import qdrop_mask
+from .quantizer import qdrop_mask, qdrop_mix
 
 
 # BRECQ's Adam rates for its 20000 iterations per unit: 1e-3 on V; activation scales (LSQ) as a relative step.
@@ -132,7 +132,7 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
             b = data.get(local)
             x = b["x_q"]
             if cfg.qdrop > 0:  # QDrop on the unit's input: mix the quantized-prefix and float inputs
-                x = torch.where(qdrop_mask(x, cfg.qdrop, rows), b["x_fp"], x)
+                x = qdrop_mix(qdrop_mask(x, cfg.qdrop, rows), b["x_fp"], x)
             for q in act:
                 q.drop_rows = rows
             beta = beta_schedule(t, cfg.iterations, cfg)

@@ -45,7 +45,16 @@ def qdrop_mask(x: torch.Tensor, p: float, rows: tuple[int, torch.Tensor] | None 
     if rows is None:
         return torch.rand_like(x) < p
     n, pos = rows
-    return torch.rand((n, *x.shape[1:]), dtype=x.dtype, device=x.device)[pos.to(x.device)] < p
+    draw = torch.rand((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    if pos.numel() == n and torch.equal(pos.cpu(), torch.arange(n)):  # x holds the whole batch: no gather copy
+        return draw < p
+    return draw[pos.to(x.device)] < p
+
+
+def qdrop_mix(keep_float: torch.Tensor, x_float: torch.Tensor, x_quant: torch.Tensor) -> torch.Tensor:
+    """torch.where(keep_float, x_float, x_quant), written as arithmetic: the same values up to one rounding
+    and the same gradients (mask, 1 - mask), at a third of where's time on CPU (measured, 2-core EPYC)."""
+    return x_quant + keep_float * (x_float - x_quant)
 
 
 class Quantizer(nn.Module):
@@ -118,7 +127,7 @@ class Quantizer(nn.Module):
         x_hat = fake_quantize(x, self._scale_for_forward(), None if sp.symmetric else self.zero_point, bits=sp.bits,
                               signed=sp.signed, axis=sp.axis, power_of_two=sp.pow2)
         if self.drop_prob > 0:  # QDrop (Wei et al. 2022): element-wise, keep the float value with prob p
-            x_hat = torch.where(qdrop_mask(x, self.drop_prob, self.drop_rows), x, x_hat)
+            x_hat = qdrop_mix(qdrop_mask(x, self.drop_prob, self.drop_rows), x, x_hat)
         return x_hat
 
     def extra_repr(self) -> str:
