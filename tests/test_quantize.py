@@ -10,6 +10,7 @@ from torch import nn
 
 import zsq_fast
 from zsq_fast.models.cifar_resnet import BasicBlock as CifarBlock
+from zsq_fast.models.cifar_resnet import CifarResNet
 from zsq_fast.quantize import QuantizedModel, load_quantized, quantize, save_quantized
 from zsq_fast.quantize.adaround import ReconConfig, beta_schedule
 from zsq_fast.quantize.blocks import find_units
@@ -389,3 +390,19 @@ def test_top_level_api_is_callable(net, images):
     q = zsq_fast.quantize(net, images, "W8A8")
     assert isinstance(q, QuantizedModel) and all(m.rounding == "frozen" for m in q.modules()
                                                   if isinstance(m, QUANT_LAYERS))
+
+
+def test_hw_qdrop_caches_agree_when_a_layer_reads_a_view_of_a_site():
+    """pool -> torch.flatten -> fc: fc reads a view of the pool site and applies its quantizer again. The fc unit
+    used to learn that scale (LSQ + QDrop), on a host cache whose input was on the grid already, while the
+    recompute cache re-ran the pool with QDrop on: the two caches gave different models."""
+    torch.manual_seed(0)
+    model = randomize_bn(CifarResNet(8).eval())
+    images = torch.rand(32, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    out, units = {}, {}
+    for cache in ("host", "recompute"):
+        q = quantize(model, images, "W4A4", preset="hw", method="brecq", iterations=20, batch_size=8, cache=cache,
+                     act_lr=0.05, qdrop=0.5)
+        out[cache], units[cache] = q(images).detach(), [u["loss"] for u in q.quant_config["units"]]
+    assert units["recompute"] == pytest.approx(units["host"], rel=1e-4)
+    torch.testing.assert_close(out["recompute"], out["host"], atol=1e-5, rtol=0)

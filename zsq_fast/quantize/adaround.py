@@ -91,7 +91,7 @@ def _sum_over_ranks(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Ten
 
 def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,
                 generator: torch.Generator, on_step=None, site_quantizers=(), layout: Layout | None = None,
-                output_quantizer=None) -> float:
+                output_quantizer=None, outside_sites=()) -> float:
     """Learn the rounding of `layers` (inside `unit`) so that unit(x_q) matches the float target.
 
     Leaves every layer with hard rounding (h = 1[V >= 0]); returns the last reconstruction loss.
@@ -99,14 +99,18 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
     output quantizers inside the unit (hw), learned with LSQ like the layers' input quantizers.
     layout: where data's images sit in the whole set across the ranks (None: a single process).
     output_quantizer: the network output's quantizer when this unit makes the logits: the loss is on the quantized
-    logits, its scale held (output.py says why).
+    logits, its scale held (output.py says why). outside_sites: the site quantizers of other units; a layer
+    reading a view of one (pool -> flatten -> fc) applies it again but does not learn it: its cached input is
+    on that grid already (LSQ would see no error), and the recompute cache's prefix would run it learning.
     """
     layout = layout or Layout(data.n, 0, (data.n,))
     vs = [layer.init_adaround() for layer in layers]
     opt_v = torch.optim.Adam(vs, lr=cfg.lr)
     # a quantizer shared by layers reading one tensor is learned once
     # inputs that arrive quantized (a site outside the unit) are not the unit's to learn
-    own = [layer.input_quantizer for layer in layers if not getattr(layer, "input_prequantized", False)]
+    outside = {id(q) for q in outside_sites}
+    own = [layer.input_quantizer for layer in layers
+           if not getattr(layer, "input_prequantized", False) and id(layer.input_quantizer) not in outside]
     act = list({id(q): q for q in [*own, *site_quantizers] if q.enabled}.values())
     opt_s = None
     params = list(vs)
