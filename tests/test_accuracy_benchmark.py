@@ -51,25 +51,31 @@ def test_smoke_setting_runs_and_writes_the_table(shared_data, tmp_path):
     assert all(v > 0 for v in res["final_bn_loss"].values())
 
 
+def _spy_and_run(acc, monkeypatch, name, record, args, data, out):
+    """Run accuracy.main(smoke + args) with acc.<name> wrapped so that record(kwargs) sees each call."""
+    real = getattr(acc, name)
+
+    def spy(*a, **kwargs):
+        record(kwargs)
+        return real(*a, **kwargs)
+
+    monkeypatch.setattr(acc, name, spy)
+    n = torch.get_num_threads()
+    try:
+        acc.main(["--setting", "smoke", "--models", "resnet20", "--seeds", "0", "--extra-columns", "",
+                  "--eval-limit", "20", "--agreement-limit", "20", "--data", str(data), "--out", str(out),
+                  "--no-progress", "--threads", "1", *args])
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_generation_precision_is_applied_and_labelled(shared_data, tmp_path, monkeypatch):
     acc = _accuracy()
     seen = {}
-    real_generate = acc.run_generate
-
-    def spy(*args, **kwargs):
-        seen.update(precision=kwargs["precision"], channels_last=kwargs["channels_last"])
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(acc, "run_generate", spy)
     out = tmp_path / "acc.md"
-    n = torch.get_num_threads()
-    try:
-        acc.main(["--setting", "smoke", "--models", "resnet20", "--rows", "dgh_exact", "--seeds", "0",
-                  "--extra-columns", "", "--gen-precision", "bf16", "--channels-last", "--eval-limit", "20",
-                  "--agreement-limit", "20", "--data", str(shared_data), "--out", str(out), "--no-progress",
-                  "--threads", "1"])
-    finally:
-        torch.set_num_threads(n)
+    _spy_and_run(acc, monkeypatch, "run_generate",
+                 lambda kw: seen.update(precision=kw["precision"], channels_last=kw["channels_last"]),
+                 ["--rows", "dgh_exact", "--gen-precision", "bf16", "--channels-last"], shared_data, out)
     assert seen == {"precision": "bf16", "channels_last": True}
     assert "generation iterations (bf16 autocast, channels_last)" in out.read_text()
 
@@ -77,21 +83,9 @@ def test_generation_precision_is_applied_and_labelled(shared_data, tmp_path, mon
 def test_qdrop_reaches_quantize_and_is_labelled(shared_data, tmp_path, monkeypatch):
     acc = _accuracy()
     seen = []
-    real_quantize = acc.run_quantize
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["extra"]["qdrop"])
-        return real_quantize(*args, **kwargs)
-
-    monkeypatch.setattr(acc, "run_quantize", spy)
     out = tmp_path / "acc.md"
-    n = torch.get_num_threads()
-    try:
-        acc.main(["--setting", "smoke", "--models", "resnet20", "--rows", "real", "--seeds", "0",
-                  "--extra-columns", "", "--qdrop", "0.5", "--eval-limit", "20", "--agreement-limit", "20",
-                  "--data", str(shared_data), "--out", str(out), "--no-progress", "--threads", "1"])
-    finally:
-        torch.set_num_threads(n)
+    _spy_and_run(acc, monkeypatch, "run_quantize", lambda kw: seen.append(kw["extra"]["qdrop"]),
+                 ["--rows", "real", "--qdrop", "0.5"], shared_data, out)
     assert seen == [0.5]
     assert "batch 32, QDrop p = 0.5)" in out.read_text()
     assert acc.resolve_settings(acc.parse_args([]), torch.device("cpu"))["qdrop"] == 0.0
