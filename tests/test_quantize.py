@@ -248,7 +248,7 @@ def test_qdrop_mask_and_mix():
     from zsq_fast.quantize.quantizer import qdrop_mask, qdrop_mix
     x = torch.randn(6, 3, 4, 4)
     torch.manual_seed(3)
-    whole = qdrop_mask(x, 0.5, (6, torch.arange(6)))  # the batch held whole: no gather
+    whole = qdrop_mask(x, 0.5, (6, torch.arange(6)))  # one process holding the whole batch
     torch.manual_seed(3)
     part = qdrop_mask(x[[1, 4]], 0.5, (6, torch.tensor([1, 4])))  # a rank holding rows 1 and 4 of it
     assert torch.equal(part, whole[[1, 4]]) and 0.3 < whole.float().mean() < 0.7

@@ -11,8 +11,9 @@ L_BN,l = ||mu_hat_l - running_mean_l||^2 / C_l + ||sigma_hat^2_l - running_var_l
 the FDDA code's BNS loss; dgh and bns match standard deviations). L_C,b: batch statistics -> c_b's
 centers, L_D,b: -> noisy centers N(c^mu, 0.5^2), N(c^{sigma^2}, 1.0^2) redrawn every step; both averaged
 over the deep BN layers (from floor((L+1)/2) - 2 on, as the FDDA code's start_layer). The lr schedule
-watches the total with L_C in place of L_D (the noise alone would trigger reduce-on-plateau cuts). The FDDA code applies L_BN (and a CE) to a batch of random mixed labels and
-L_C, L_D (and a CE) to a separate single-class batch: the BN running statistics describe data of all
+watches the total with L_C in place of L_D (the noise alone would trigger reduce-on-plateau cuts). The
+FDDA code applies L_BN (and a CE) to a batch of random mixed labels and L_C, L_D (and a CE) to a separate
+single-class batch: the BN running statistics describe data of all
 classes, and matching them on one class's batch would pull against L_C. Here every image has one
 label, so L_BN is computed on the statistics of all N images (every class) with dgh's exact
 whole-set machinery and its gradient injected per batch. The |b|/N weights give CE, L_C and L_D the

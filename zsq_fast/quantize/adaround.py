@@ -91,7 +91,7 @@ def _sum_over_ranks(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Ten
 
 def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,
                 generator: torch.Generator, on_step=None, site_quantizers=(), layout: Layout | None = None,
-                output_quantizer=None, outside_sites=()) -> float:
+                output_quantizer=None, model_sites=()) -> float:
     """Learn the rounding of `layers` (inside `unit`) so that unit(x_q) matches the float target.
 
     Leaves every layer with hard rounding (h = 1[V >= 0]); returns the last reconstruction loss.
@@ -99,18 +99,19 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
     output quantizers inside the unit (hw), learned with LSQ like the layers' input quantizers.
     layout: where data's images sit in the whole set across the ranks (None: a single process).
     output_quantizer: the network output's quantizer when this unit makes the logits: the loss is on the quantized
-    logits, its scale held (output.py says why). outside_sites: the site quantizers of other units; a layer
-    reading a view of one (pool -> flatten -> fc) applies it again but does not learn it: its cached input is
-    on that grid already (LSQ would see no error), and the recompute cache's prefix would run it learning.
+    logits, its scale held (output.py says why). model_sites: every site quantizer of the model; a layer reading
+    a view of one (pool -> flatten -> fc) applies it again but learns it only as one of the unit's own
+    site_quantizers: another unit's site is on its cached input's grid already (LSQ would see no error), and
+    the recompute cache's prefix would run it learning.
     """
     layout = layout or Layout(data.n, 0, (data.n,))
     vs = [layer.init_adaround() for layer in layers]
     opt_v = torch.optim.Adam(vs, lr=cfg.lr)
     # a quantizer shared by layers reading one tensor is learned once
     # inputs that arrive quantized (a site outside the unit) are not the unit's to learn
-    outside = {id(q) for q in outside_sites}
+    sites = {id(q) for q in model_sites}
     own = [layer.input_quantizer for layer in layers
-           if not getattr(layer, "input_prequantized", False) and id(layer.input_quantizer) not in outside]
+           if not getattr(layer, "input_prequantized", False) and id(layer.input_quantizer) not in sites]
     act = list({id(q): q for q in [*own, *site_quantizers] if q.enabled}.values())
     opt_s = None
     params = list(vs)
@@ -132,7 +133,9 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
             weight = 1.0 / idx.numel()
             if pos.numel() == 0:  # none here: run one image at weight 0 so the QDrop draws stay in step
                 pos, local, weight = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 0.0
-            rows = (idx.numel(), pos)
+            # this process holds the whole batch in order: masks drawn for x itself (the same draws, no gather)
+            whole = pos.numel() == idx.numel() and torch.equal(pos, torch.arange(idx.numel()))
+            rows = None if whole else (idx.numel(), pos)
             b = data.get(local)
             x = b["x_q"]
             if cfg.qdrop > 0:  # QDrop on the unit's input: mix the quantized-prefix and float inputs

@@ -55,9 +55,8 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
         inside = [q for n, q in (site_quantizers or {}).items()
                   if parse_site(n)[0] == unit.name or n.startswith(unit.name + ".")]
         post = output_quantizer[1] if output_quantizer is not None and output_quantizer[0] == unit.name else None
-        outside = [q for q in (site_quantizers or {}).values() if all(q is not i for i in inside)]
         loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=inside, layout=layout,
-                           output_quantizer=post, outside_sites=outside)
+                           output_quantizer=post, model_sites=list((site_quantizers or {}).values()))
         done.append({"name": unit.name, "kind": unit.kind, "layers": list(unit.layers), "loss": loss})
         del data
     return done

@@ -45,10 +45,7 @@ def qdrop_mask(x: torch.Tensor, p: float, rows: tuple[int, torch.Tensor] | None 
     if rows is None:
         return torch.rand_like(x) < p
     n, pos = rows
-    draw = torch.rand((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    if pos.numel() == n and torch.equal(pos.cpu(), torch.arange(n)):  # x holds the whole batch: no gather copy
-        return draw < p
-    return draw[pos.to(x.device)] < p
+    return torch.rand((n, *x.shape[1:]), dtype=x.dtype, device=x.device)[pos.to(x.device)] < p
 
 
 def qdrop_mix(keep_float: torch.Tensor, x_float: torch.Tensor, x_quant: torch.Tensor) -> torch.Tensor:
