@@ -6,8 +6,8 @@ variables V_l
 with Adam, where f_q uses w_hat_l = s (clamp(floor(w/s) + h(V_l) + z) - z) from the fused op
 zsq_fast.ops.adaround_quantize. The regularizer is off for the first 20 % of the iterations (warm-up);
 then beta decays linearly from 20 to 2. At the end every weight is rounded by h = 1[V >= 0].
-Optionally (BRECQ) the units' activation scales are learned with LSQ, and QDrop keeps activations
-float element-wise with probability p.
+Optionally (BRECQ) the units' activation scales are learned with LSQ (their rate cosine-annealed to 0, as in
+BRECQ's and QDrop's code), and QDrop keeps activations float element-wise with probability p.
 
 Under a process group every rank draws the same global batch of indices (same seed) and computes the
 loss on the part it holds, weighted by 1/B of the global batch; the gradients of V and of the activation
@@ -55,6 +55,7 @@ class ReconConfig:
     beta_end: float = 2.0
     learn_act_scale: bool = False  # LSQ on the unit's activation scales
     act_lr: float = 4e-4          # relative step per iteration of each activation scale (Quantizer.learning_rate)
+    act_lr_schedule: str = "cosine"  # act_lr annealed to 0 over the iterations (BRECQ, QDrop); "constant"
     qdrop: float = 0.0            # QDrop probability (0 = off)
 
 
@@ -91,7 +92,7 @@ def _sum_over_ranks(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Ten
 
 def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,
                 generator: torch.Generator, on_step=None, site_quantizers=(), layout: Layout | None = None,
-                output_quantizer=None, model_sites=()) -> float:
+                output_quantizer=None, model_sites=(), tail: nn.Module | None = None) -> float:
     """Learn the rounding of `layers` (inside `unit`) so that unit(x_q) matches the float target.
 
     Leaves every layer with hard rounding (h = 1[V >= 0]); returns the last reconstruction loss.
@@ -103,6 +104,8 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
     a view of one (pool -> flatten -> fc) applies it again but learns it only as one of the unit's own
     site_quantizers: another unit's site is on its cached input's grid already (LSQ would see no error), and
     the recompute cache's prefix would run it learning.
+    tail: the activation module fused into a layer unit, run on its output (its site quantizer, a forward hook,
+    is among site_quantizers); data's targets are that activation's float output.
     """
     layout = layout or Layout(data.n, 0, (data.n,))
     vs = [layer.init_adaround() for layer in layers]
@@ -120,6 +123,9 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
         groups = [{"params": [q.start_learning()], "lr": q.learning_rate(cfg.act_lr)} for q in act]
         params += [g["params"][0] for g in groups]
         opt_s = torch.optim.Adam(groups)
+        # annealed to 0 as BRECQ and QDrop do: the scales settle (a pow2 exponent stops flipping at a boundary)
+        sched_s = (torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=cfg.iterations, eta_min=0.0)
+                   if cfg.act_lr_schedule == "cosine" else None)
     for q in act:
         q.drop_prob = cfg.qdrop
     last = float("nan")
@@ -146,6 +152,8 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
             for layer in layers:
                 layer.beta = cfg.beta_start if beta is None else beta
             out = unit(x)
+            if tail is not None:
+                out = tail(out)
             if output_quantizer is not None:
                 out = output_quantizer(out)
             rec = per_sample_loss(out, b["y_fp"]).sum() * weight  # this rank's share of the batch mean
@@ -160,6 +168,8 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
             opt_v.step()
             if opt_s is not None:
                 opt_s.step()
+                if sched_s is not None:
+                    sched_s.step()
                 for q in act:
                     if q.log2_scale is None:
                         q.scale.data.clamp_(min=1e-8)

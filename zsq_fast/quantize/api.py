@@ -381,7 +381,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             last = None if out_q is None else output_unit(fp, [u.name for u in units], probe)
             units_done = reconstruct_model(q_inner, fp, units, tr.order, data, recon, device=device,
                                            cache=cache, generator=gen, progress=progress, site_quantizers=site_q,
-                                           layout=layout, output_quantizer=None if last is None else (last, out_q))
+                                           layout=layout, output_quantizer=None if last is None else (last, out_q),
+                                           fused_act=found.fused_act)
             if ranked:  # the logits changed with the rounding
                 calibrate_output(q_inner, fp, data, layout, out_q, batch_size=batch_size, device=device)
         for m in [*q_inner.modules(), *site_q.values()]:
@@ -419,7 +420,9 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "float_modules": sorted(skip),
         # Conv2d/Linear that did not run on the calibration batch stay float (e.g. an unused head)
         "not_run": sorted(n for n, m in q_inner.named_modules() if isinstance(m, _QUANTIZABLE)),
-        "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"]} for u in units_done],
+        "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"],
+                   **({"with_activation": u["with_activation"]} if "with_activation" in u else {})}
+                  for u in units_done],
     }
     qmodel = QuantizedModel(q_inner, out_q, config, list(site_q.values())).eval()
     if distributed.active():  # the ranks agree already; rank 0's values make it exact

@@ -4,6 +4,9 @@ Each unit's input comes from the already-quantized prefix (x_q), its target from
 (y_fp = f_fp(x_fp)); see cache.py for how those are fetched per batch and adaround.py for the loop.
 Units are residual blocks (blocks.py) for method="brecq" and single layers for method="adaround".
 A block whose call is not one tensor in / one tensor out falls back to its layers, one by one.
+A layer unit with an activation fused into it (hw: the stem's conv -> ReLU, whose ReLU output is the site) is
+reconstructed with that activation, as BRECQ's layer reconstruction includes the activation function: the
+target is the float activation's output and the activation's site quantizer is learned with the layer.
 """
 from __future__ import annotations
 
@@ -22,10 +25,12 @@ from .sites import parse_site
 def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], order: list[str],
                       images: CalibData, cfg: ReconConfig, *, device: torch.device, cache: str,
                       generator: torch.Generator, progress=None, site_quantizers: dict | None = None,
-                      layout: Layout | None = None, output_quantizer: tuple[str, nn.Module] | None = None) -> list[dict]:
+                      layout: Layout | None = None, output_quantizer: tuple[str, nn.Module] | None = None,
+                      fused_act: dict[str, str] | None = None) -> list[dict]:
     """Reconstruct every unit in turn; returns [{name, kind, layers, loss}] for the units done.
     images: this rank's shard, placed in the whole set by layout (None: a single process).
-    output_quantizer: (unit name, the network output's quantizer): that unit's loss is on its quantized output."""
+    output_quantizer: (unit name, the network output's quantizer): that unit's loss is on its quantized output.
+    fused_act: layer -> the site of the activation fused into it (Sites.fused_act)."""
     todo = deque(units)
     done: list[dict] = []
     n_total = len(units)
@@ -33,9 +38,14 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
     while todo:
         unit = todo.popleft()
         q_unit, fp_unit = qmodel.get_submodule(unit.name), fpmodel.get_submodule(unit.name)
+        act = (fused_act or {}).get(unit.name) if unit.kind == "layer" else None
+        if act is not None and act not in (site_quantizers or {}):
+            act = None
+        tail = None if act is None else parse_site(act)[0]
         try:
             data = UnitData(qmodel, q_unit, fpmodel, fp_unit, images, batch_size=cfg.batch_size,
-                            device=device, mode=cache, need_fp_input=cfg.qdrop > 0)
+                            device=device, mode=cache, need_fp_input=cfg.qdrop > 0,
+                            fp_out=None if tail is None else fpmodel.get_submodule(tail))
         except TypeError:
             if unit.kind != "block":
                 raise
@@ -53,10 +63,12 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
         layers = [qmodel.get_submodule(n) for n in unit.layers]
         # the unit's own output sites (hw: add operands, its output) are learned with it
         inside = [q for n, q in (site_quantizers or {}).items()
-                  if parse_site(n)[0] == unit.name or n.startswith(unit.name + ".")]
+                  if parse_site(n)[0] == unit.name or n.startswith(unit.name + ".") or n == act]
         post = output_quantizer[1] if output_quantizer is not None and output_quantizer[0] == unit.name else None
         loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=inside, layout=layout,
-                           output_quantizer=post, model_sites=list((site_quantizers or {}).values()))
-        done.append({"name": unit.name, "kind": unit.kind, "layers": list(unit.layers), "loss": loss})
+                           output_quantizer=post, model_sites=list((site_quantizers or {}).values()),
+                           tail=None if tail is None else qmodel.get_submodule(tail))
+        done.append({"name": unit.name, "kind": unit.kind, "layers": list(unit.layers), "loss": loss,
+                     **({} if act is None else {"with_activation": act})})
         del data
     return done

@@ -3,7 +3,8 @@
 For a unit U the loop needs, for a batch of calibration images:
   x_q   U's input in the quantized model (the already-quantized prefix),
   x_fp  U's input in the float model (for QDrop's input mixing),
-  y_fp  U's output in the float model (the reconstruction target).
+  y_fp  U's output in the float model (the reconstruction target; for a layer with a fused activation, the
+        activation's output: fp_out).
 cache="host"      computed once for all images, kept in host memory (pinned when the device is a GPU),
                   copied to the device per batch: device memory depends on the batch size only.
 cache="device"    computed once, kept on the device (fastest; needs room for the whole set).
@@ -37,8 +38,10 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, want_output: bool):
-    """(input, output or None) of `unit` when `model` runs on `images`."""
+def capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, want_output: bool,
+            out_module: nn.Module | None = None):
+    """(input, output or None) of `unit` when `model` runs on `images`; out_module: take the output of that
+    module instead (the activation fused into a layer: the pair is one unit)."""
     got: dict[str, torch.Tensor] = {}
 
     def pre(mod, args, kwargs):
@@ -56,7 +59,7 @@ def capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, want_output
 
     handles = [unit.register_forward_pre_hook(pre, with_kwargs=True)]
     if want_output:
-        handles.append(unit.register_forward_hook(post))
+        handles.append((out_module or unit).register_forward_hook(post))
     try:
         model(images)
     except _Stop:
@@ -94,11 +97,12 @@ class UnitData:
 
     def __init__(self, qmodel: nn.Module, q_unit: nn.Module, fpmodel: nn.Module, fp_unit: nn.Module,
                  images: CalibData, *, batch_size: int, device: torch.device, mode: str = "host",
-                 need_fp_input: bool = False):
+                 need_fp_input: bool = False, fp_out: nn.Module | None = None):
         if mode not in MODES:
             raise InvalidArgumentError(f"cache must be one of {MODES}, got {mode!r}")
         self.qmodel, self.q_unit, self.fpmodel, self.fp_unit = qmodel, q_unit, fpmodel, fp_unit
         self.images, self.device, self.mode, self.need_fp_input = images, device, mode, need_fp_input
+        self.fp_out = fp_out
         self.n = images.n
         self.store: dict[str, torch.Tensor] = {}
         if mode != "recompute":
@@ -109,7 +113,7 @@ class UnitData:
     def _compute(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         imgs = imgs.to(self.device, non_blocking=True)
         x_q, _ = capture(self.qmodel, self.q_unit, imgs, want_output=False)
-        x_fp, y_fp = capture(self.fpmodel, self.fp_unit, imgs, want_output=True)
+        x_fp, y_fp = capture(self.fpmodel, self.fp_unit, imgs, want_output=True, out_module=self.fp_out)
         out = {"x_q": x_q, "y_fp": y_fp}
         if self.need_fp_input:
             out["x_fp"] = x_fp

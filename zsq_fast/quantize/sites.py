@@ -60,6 +60,7 @@ class Sites:
     calls: dict[str, tuple[str, int]] = field(default_factory=dict)  # module -> (its caller, calls): a site per call
     shared_calls: dict[str, int] = field(default_factory=dict)  # module -> calls, all on one site quantizer
     relu_fused: set[str] = field(default_factory=set)  # sites whose output only a functional ReLU reads
+    fused_act: dict[str, str] = field(default_factory=dict)  # layer -> the site of the one activation fused into it
 
 
 def site_name(module: str, call: int) -> str:
@@ -108,7 +109,8 @@ def only(found: Sites, names) -> Sites:
                  {b: s for b, s in found.block_outputs.items() if s in keep},
                  {m: c for m, c in found.calls.items() if m in modules},
                  {m: c for m, c in found.shared_calls.items() if m in modules},
-                 {n for n in found.relu_fused if n in keep})
+                 {n for n in found.relu_fused if n in keep},
+                 {k: v for k, v in found.fused_act.items() if v in keep})
 
 
 class SiteHook:
@@ -238,6 +240,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     keep: list[torch.Tensor] = []                          # keeps every seen tensor alive (ids stay unique)
     producer: dict[int, str | None] = {}                   # id(tensor) -> the call (site_name) that made it
     readers: dict[int, list[str]] = {}                     # id(tensor) -> leaf modules that read it
+    read_calls: dict[int, list[str]] = {}                  # id(tensor) -> those leaf modules' calls (site_name)
     inputs: dict[str, torch.Tensor] = {}                   # layer -> its input, first call
     outputs: dict[str, int] = {}                           # call -> id(its output)
     order: list[str] = []                                  # calls, in the order they returned
@@ -282,6 +285,8 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
                 return
             if _is_leaf(mod):
                 readers.setdefault(id(args[0]), []).append(name)
+                if not isinstance(mod, PASS_THROUGH):  # `enter` ran first: this call is on top
+                    read_calls.setdefault(id(args[0]), []).append(site_name(name, running[-1][1]))
             if name in layer_set:
                 inputs.setdefault(name, args[0])
         return hook
@@ -353,6 +358,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     out_id = id(y)
     sites: list[str] = []
     leaf_sites: set[int] = set()
+    fused_call: dict[str, str] = {}                        # layer -> the one activation call reading its output
     for name in order:
         mod = mods[parse_site(name)[0]]
         oid = outputs[name]
@@ -367,6 +373,8 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             # a folded BN is an Identity: it returns the same tensor object, so the activation reads it too
             rd = [mods[r] for r in readers.get(oid, []) if not isinstance(mods[r], PASS_THROUGH)]
             if rd and oid not in changed and all(isinstance(r, ACTIVATIONS) for r in rd):
+                if len(read_calls.get(oid, [])) == 1:
+                    fused_call[name] = read_calls[oid][0]
                 continue  # fused: the activation's output is the site
         sites.append(name)
         leaf_sites.add(oid)
@@ -407,9 +415,13 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     block_out = {b: producer.get(outputs[b]) for b in blocks
                  if b in outputs and producer.get(outputs[b]) in site_set}
     modules = {parse_site(n)[0] for n in sites}
+    # a layer run once whose activation is a site of a module run once: BRECQ reconstructs the pair as one unit
+    fused_act = {layer: act for layer, act in fused_call.items()
+                 if act in site_set and parse_site(layer)[0] in layer_set and n_calls.get(layer) == 1
+                 and n_calls.get(parse_site(act)[0]) == 1}
     return Sites(sites, fed_by, readers_of_input, via_view, block_out,
                  {m: c for m, c in per_call.items() if m in modules}, {m: n for m, n in shared.items() if m in modules},
-                 relu_fused)
+                 relu_fused, fused_act)
 
 
 def _fuse_functional_relus(sites: set[str], all_outputs, producer, read_at, reads: _FunctionalReads,
