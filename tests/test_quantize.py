@@ -406,3 +406,101 @@ def test_hw_qdrop_caches_agree_when_a_layer_reads_a_view_of_a_site():
         out[cache], units[cache] = q(images).detach(), [u["loss"] for u in q.quant_config["units"]]
     assert units["recompute"] == pytest.approx(units["host"], rel=1e-4)
     torch.testing.assert_close(out["recompute"], out["host"], atol=1e-5, rtol=0)
+
+
+def _folded(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    import copy
+    model = copy.deepcopy(model)
+    fold_bn(model, trace_model(model, x[:1]).bn_pairs)
+    return model
+
+
+def test_hw_sites_record_the_activation_fused_into_a_layer():
+    """conv -> (folded BN) -> ReLU module: the ReLU's output is the conv's site; a layer whose output two
+    activation calls read (one module called twice) has no single fused activation."""
+
+    class TwoReads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.ReLU()
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.head(self.act(y) + self.act(-y))
+
+    from zsq_fast.quantize.sites import find_sites
+    x = torch.randn(2, 3, 8, 8)
+    q = quantize(CifarResNet(8).eval(), x, "W8A8", preset="hw")
+    names = [s["name"] for s in q.quant_config["sites"]]
+    assert "relu" in names and "conv1" not in names
+    found = find_sites(_folded(CifarResNet(8).eval(), x), x, ["layer1.0", "layer2.0", "layer3.0"],
+                       ["conv1", "linear"])
+    assert found.fused_act == {"conv1": "relu"}
+    found = find_sites(TwoReads().eval(), x, [], ["conv", "head"])
+    assert "conv" not in found.fused_act and "conv" not in found.sites
+
+
+def test_brecq_reconstructs_a_layer_with_its_fused_activation(monkeypatch):
+    """BRECQ's layer reconstruction includes the activation: the stem's target is the float ReLU output and the
+    ReLU's site scale (hw) is among the scales learned with it (no unit learned it before). Host and recompute
+    caches agree."""
+    import sys
+    brecq = sys.modules["zsq_fast.quantize.brecq"]
+    real = brecq.reconstruct
+    seen = {}
+
+    def spy(unit, layers, data, cfg, gen, *args, **kw):
+        seen.setdefault(id(unit), (kw.get("tail"), [id(q) for q in kw["site_quantizers"]],
+                                   data.get(torch.arange(data.n))["y_fp"]))
+        return real(unit, layers, data, cfg, gen, *args, **kw)
+
+    monkeypatch.setattr(brecq, "reconstruct", spy)
+    torch.manual_seed(0)
+    model = randomize_bn(CifarResNet(8).eval())
+    images = torch.rand(32, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for cache in ("host", "recompute"):
+        seen.clear()
+        q = quantize(model, images, "W4A4", preset="hw", method="brecq", iterations=40, batch_size=8, cache=cache,
+                     act_lr=0.1)
+        assert q.quant_config["units"][0] == {**q.quant_config["units"][0], "name": "conv1",
+                                              "with_activation": "relu"}
+        assert all("with_activation" not in u for u in q.quant_config["units"][1:])
+        relu_q = q.site_quantizers[[s["name"] for s in q.quant_config["sites"]].index("relu")]
+        tail, learned, y_fp = seen[id(q.model.conv1)]
+        assert tail is q.model.relu and id(relu_q) in learned
+        fp = _folded(model, images)
+        torch.testing.assert_close(y_fp, fp.relu(fp.conv1(images)))  # the target is after the activation
+        out[cache] = q(images).detach()
+    torch.testing.assert_close(out["recompute"], out["host"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_activation_scale_rate_is_cosine_annealed(monkeypatch, net, images, schedule):
+    """BRECQ and QDrop anneal the LSQ rate of the activation scales to 0 (CosineAnnealingLR), the default;
+    "constant" keeps it."""
+    import dataclasses
+    import sys
+    brecq = sys.modules["zsq_fast.quantize.brecq"]
+    real = brecq.reconstruct
+    monkeypatch.setattr(brecq, "reconstruct", lambda unit, layers, data, cfg, *a, **kw: real(
+        unit, layers, data, dataclasses.replace(cfg, act_lr_schedule=schedule), *a, **kw))
+    rates = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, closure=None):
+            if all(p.numel() == 1 for g in self.param_groups for p in g["params"]):  # the scales' optimizer
+                rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+    q = quantize(net, images, "W4A4", preset="hw", method="brecq", iterations=10, batch_size=16, act_lr=0.02)
+    assert q.quant_config["reconstruction"]["act_lr_schedule"] == "cosine"  # the default
+    per_unit = [rates[i:i + 10] for i in range(0, len(rates), 10)]
+    assert len(per_unit) == 5 and all(len(u) == 10 for u in per_unit)
+    for unit in per_unit:
+        first = unit[0]
+        want = [first * (1 + math.cos(math.pi * t / 10)) / 2 if schedule == "cosine" else first for t in range(10)]
+        assert unit == pytest.approx(want, rel=1e-6)

@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=_rate(False), help="Adam lr on the rounding variables (default 1e-3 x 20000 / "
                                                     "iterations, at least 1e-3)")
     r.add_argument("--act-lr", type=_rate(False), help="activation-scale step per iteration, relative to the scale "
-                                                        "(default 4e-4 x 20000 / iterations, at least 4e-4)")
+                                                        "(default 4e-4 x 20000 / iterations, at least 4e-4; cosine-annealed to 0)")
     r.add_argument("--reg-weight", type=_rate(True), help="rounding regularizer weight lambda (default 0.01)")
     r.add_argument("--input-bits", type=_positive,
                    help="bits of the network input's grid (default: the preset's; hw: 8, as images are)")

@@ -31,7 +31,8 @@ not) that is the only reader of a site's output. The ReLU is then fused into tha
 kernel fuses it into the requantization: the site's grid is unsigned (a grid starting at 0 clamps exactly
 as the ReLU does, so the ReLU changes nothing after it) and the layers reading the ReLU's output use the
 site's quantizer (Sites.relu_fused); otherwise the site would be quantized signed and the ReLU's output a
-second time, unsigned, by each layer reading it.
+second time, unsigned, by each layer reading it. Sites.fused_act names, for a layer run once whose output one
+activation module call alone reads, that activation's site: BRECQ reconstructs the pair as one unit.
 """
 from __future__ import annotations
 
