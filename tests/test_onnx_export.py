@@ -237,3 +237,34 @@ def test_real_resnet20_w4a4_export_is_what_was_measured(shared_data, tmp_path):
     r = zsq_fast.evaluate_onnx(tmp_path / "r20.onnx", test, reference=q, threads=1)
     assert r["agreement"] >= 99.9 and r["max_logit_diff_steps"] <= 1.0, r  # bit-exact on the dev machine
     assert r["top1"] > 60
+
+
+AVX2_ONLY = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 ssse3 avx avx2 fma\n"
+
+
+def test_int8_saturation_is_detected_from_the_cpu_flags():
+    from zsq_fast.onnx_eval import int8_saturates
+    assert int8_saturates(AVX2_ONLY, "x86_64")
+    assert not int8_saturates(AVX2_ONLY.replace("avx2", "avx2 avx512f avx512_vnni"), "x86_64")
+    assert not int8_saturates(AVX2_ONLY.replace("avx2", "avx2 avx_vnni"), "AMD64")
+    assert not int8_saturates(AVX2_ONLY, "aarch64")  # ARM accumulates int8 dot products in int32
+    assert int8_saturates("processor\t: 0\n", "x86_64")  # no flags line: assume the worst
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_exact_int8_option_and_its_report(net, calib, test_images, tmp_path, exact):
+    """W8A8 on onnxruntime's integer kernels: with the exact-int8 option the export matches the fake-quant model on
+    every CPU (on an AVX2-only x86 CPU the plain defaults saturate, and the report then says what they compute)."""
+    from zsq_fast.onnx_eval import EXACT_INT8, int8_saturates
+    q = quantize(net, calib, "W8A8", preset="hw")
+    path = tmp_path / "q.onnx"
+    _export(q, path)
+    r = zsq_fast.evaluate_onnx(path, test_images[:256], reference=q, threads=1, exact_int8=exact)
+    assert (EXACT_INT8[0] in r["runtime"]) == exact and ("default_options" in r) == exact
+    if exact:
+        assert r["agreement"] == 100.0 and r["max_logit_diff_steps"] <= 1.0, r
+        assert set(r["default_options"]) == {"agreement", "max_abs_logit_diff", "max_logit_diff_steps"}
+    elif not int8_saturates():
+        assert r["agreement"] >= 99.5 and r["max_logit_diff_steps"] <= 1.0, r
+    auto = zsq_fast.evaluate_onnx(path, test_images[:256], reference=q, threads=1)
+    assert ("default_options" in auto) == int8_saturates()

@@ -262,7 +262,8 @@ def _eval_pair(float_model, qmodel, data: ImageSet, args, device) -> dict:
 
 
 def _eval_onnx(path: str, qmodel, data, args) -> dict:
-    """evaluate_onnx (onnxruntime, default session options) with the fake-quant model as the reference."""
+    """evaluate_onnx (onnxruntime, default session options; exact int8 where this CPU would saturate) with the
+    fake-quant model as the reference."""
     from .onnx_eval import evaluate_onnx
 
     r = evaluate_onnx(path, data, reference=qmodel, batch_size=args.batch_size_eval, progress=not args.no_progress)
@@ -278,7 +279,13 @@ def _onnx_line(r: dict) -> str:
         steps = r.get("max_logit_diff_steps")
         parts.append(f"max logit diff {r['max_abs_logit_diff']:.4g}" + (f" ({steps:g} steps)" if steps is not None
                                                                         else ""))
-    return f"onnx ({r['runtime']}) on {r['n']} images: " + ", ".join(parts or ["no labels, no reference"])
+    line = f"onnx ({r['runtime']}) on {r['n']} images: " + ", ".join(parts or ["no labels, no reference"])
+    if "default_options" in r:  # this CPU saturates int8 sums unless the session says otherwise
+        d = r["default_options"]
+        steps = d.get("max_logit_diff_steps")
+        line += (f"; without that option on this CPU: agreement {d['agreement']:.2f}%, max logit diff "
+                 f"{d['max_abs_logit_diff']:.4g}" + (f" ({steps:g} steps)" if steps is not None else ""))
+    return line
 
 
 def _metrics_line(m: dict) -> str:
