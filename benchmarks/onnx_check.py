@@ -1,8 +1,9 @@
 """Real check of the ONNX export: CIFAR-10 ResNets, hw preset, nearest rounding, real calibration images.
 
 For each model and bit width: quantize (first N images of ../shared/data/cifar10_train_subset.npz), export to
-ONNX, run it through onnxruntime (CPU) with graph optimizations disabled and with the default options (what
-users run), and print top-1 on cifar10_test_exact1017.npz, arg-max agreement with the fake-quant model and
+ONNX, run it through onnxruntime (CPU) with graph optimizations disabled, with the default options (what
+users run) and with the default options plus session.x64quantprecision=1 (exact int8 kernels on an x86 CPU
+without VNNI, where the defaults saturate; zsq_fast.onnx_eval says why), and print top-1 on cifar10_test_exact1017.npz, arg-max agreement with the fake-quant model and
 the largest logit difference (also in output quantization steps).
 
     python benchmarks/onnx_check.py [--data ../shared/data] [--models resnet20,resnet56] [--bits W8A8,W4A8,W4A4]
@@ -26,6 +27,7 @@ import onnxruntime as ort  # noqa: E402
 import zsq_fast  # noqa: E402
 from zsq_fast.data import load_images_for  # noqa: E402
 from zsq_fast.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO  # noqa: E402
+from zsq_fast.onnx_eval import EXACT_INT8, int8_saturates  # noqa: E402
 
 
 def load_npz(path: Path, n: int | None = None):
@@ -33,11 +35,17 @@ def load_npz(path: Path, n: int | None = None):
     return data.take(torch.arange(data.n))
 
 
-def run_onnx(path: str, x: torch.Tensor, optimize: bool, threads: int) -> np.ndarray:
+MODES = {"disabled": (False, False), "default (ENABLE_ALL)": (True, False),
+         f"default + {EXACT_INT8[0]}": (True, True)}
+
+
+def run_onnx(path: str, x: torch.Tensor, optimize: bool, threads: int, exact_int8: bool = False) -> np.ndarray:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if exact_int8:
+        opts.add_session_config_entry(*EXACT_INT8)
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
 
 
@@ -71,16 +79,18 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 path = str(Path(tmp) / "q.onnx")
                 zsq_fast.export_onnx(q, path, x[:1], opset=args.opset)
-                for optimize in (False, True):
-                    out = run_onnx(path, x, optimize, args.threads)
+                for mode, (optimize, exact) in MODES.items():
+                    out = run_onnx(path, x, optimize, args.threads, exact)
                     diff = float(np.abs(out - ref).max())
-                    rows.append((name, bits, "default (ENABLE_ALL)" if optimize else "disabled",
+                    rows.append((name, bits, mode,
                                  100 * (out.argmax(1) == y).mean(), 100 * (ref.argmax(1) == y).mean(),
                                  100 * (out.argmax(1) == ref.argmax(1)).mean(), diff, diff / step))
             print(f"done {name} {bits}", flush=True)
     print(f"\nCIFAR-10, hw preset, nearest rounding, mse calibration, {calib.shape[0]} real calibration images "
           f"(cifar10_train_subset), {x.shape[0]} test images (cifar10_test_exact1017), ONNX opset {args.opset}, "
-          f"onnxruntime {ort.__version__} CPUExecutionProvider, torch and onnxruntime threads={args.threads}\n")
+          f"onnxruntime {ort.__version__} CPUExecutionProvider, torch and onnxruntime threads={args.threads}; "
+          f"this CPU {'saturates' if int8_saturates() else 'does not saturate'} int8 pair sums (x86 without "
+          "VNNI)\n")
     print("| model | export | onnxruntime graph optimizations | top-1 (onnxruntime) | top-1 (fake-quant) | "
           "argmax agreement | max abs logit diff (output steps) |")
     print("|---|---|---|---:|---:|---:|---:|")
