@@ -251,20 +251,24 @@ def test_int8_saturation_is_detected_from_the_cpu_flags():
     assert int8_saturates("processor\t: 0\n", "x86_64")  # no flags line: assume the worst
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_exact_int8_option_and_its_report(net, calib, test_images, tmp_path, exact):
+def test_exact_int8_option_and_its_report(net, calib, test_images, tmp_path, monkeypatch):
     """W8A8 on onnxruntime's integer kernels: with the exact-int8 option the export matches the fake-quant model on
-    every CPU (on an AVX2-only x86 CPU the plain defaults saturate, and the report then says what they compute)."""
-    from zsq_fast.onnx_eval import EXACT_INT8, int8_saturates
+    every CPU; the report then also gives what the plain default options compute on this CPU (on an AVX2-only
+    x86 CPU they saturate), the same as a plain run."""
+    import zsq_fast.onnx_eval as onnx_eval
     q = quantize(net, calib, "W8A8", preset="hw")
     path = tmp_path / "q.onnx"
     _export(q, path)
-    r = zsq_fast.evaluate_onnx(path, test_images[:256], reference=q, threads=1, exact_int8=exact)
-    assert (EXACT_INT8[0] in r["runtime"]) == exact and ("default_options" in r) == exact
-    if exact:
-        assert r["agreement"] == 100.0 and r["max_logit_diff_steps"] <= 1.0, r
-        assert set(r["default_options"]) == {"agreement", "max_abs_logit_diff", "max_logit_diff_steps"}
-    elif not int8_saturates():
-        assert r["agreement"] >= 99.5 and r["max_logit_diff_steps"] <= 1.0, r
-    auto = zsq_fast.evaluate_onnx(path, test_images[:256], reference=q, threads=1)
-    assert ("default_options" in auto) == int8_saturates()
+    x = test_images[:256]
+    exact = zsq_fast.evaluate_onnx(path, x, reference=q, threads=1, exact_int8=True)
+    plain = zsq_fast.evaluate_onnx(path, x, reference=q, threads=1, exact_int8=False)
+    assert exact["agreement"] == 100.0 and exact["max_logit_diff_steps"] <= 1.0, exact
+    assert onnx_eval.EXACT_INT8[0] in exact["runtime"] and "asked for" in exact["runtime"]
+    assert "default_options" not in plain and onnx_eval.EXACT_INT8[0] not in plain["runtime"]
+    assert exact["default_options"] == {k: plain[k] for k in ("agreement", "max_abs_logit_diff",
+                                                              "max_logit_diff_steps")}
+    if not onnx_eval.int8_saturates():
+        assert plain["agreement"] >= 99.5 and plain["max_logit_diff_steps"] <= 1.0, plain
+    monkeypatch.setattr(onnx_eval, "int8_saturates", lambda: True)  # what an AVX2-only CPU gets without asking
+    auto = zsq_fast.evaluate_onnx(path, x[:32], reference=q, threads=1)
+    assert "no VNNI" in auto["runtime"] and "default_options" in auto

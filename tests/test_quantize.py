@@ -416,19 +416,17 @@ def _folded(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def test_hw_sites_record_the_activation_fused_into_a_layer():
-    """conv -> (folded BN) -> ReLU module: the ReLU's output is the conv's site; a layer whose output two
-    activation calls read (one module called twice) has no single fused activation."""
+    """conv -> (folded BN) -> ReLU module: the ReLU's output is the conv's site, and BRECQ may reconstruct the pair
+    as one unit only when that activation call is the only reader of the conv's output."""
 
-    class TwoReads(nn.Module):
-        def __init__(self):
+    class Head(nn.Module):
+        def __init__(self, combine):
             super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.act = nn.ReLU()
-            self.head = nn.Conv2d(4, 2, 1)
+            self.conv, self.act, self.act2 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.ReLU()
+            self.flat, self.head, self.combine = nn.Flatten(), nn.Conv2d(4, 2, 1), combine
 
         def forward(self, x):
-            y = self.conv(x)
-            return self.head(self.act(y) + self.act(-y))
+            return self.head(self.combine(self, self.conv(x)))
 
     from zsq_fast.quantize.sites import find_sites
     x = torch.randn(2, 3, 8, 8)
@@ -438,8 +436,13 @@ def test_hw_sites_record_the_activation_fused_into_a_layer():
     found = find_sites(_folded(CifarResNet(8).eval(), x), x, ["layer1.0", "layer2.0", "layer3.0"],
                        ["conv1", "linear"])
     assert found.fused_act == {"conv1": "relu"}
-    found = find_sites(TwoReads().eval(), x, [], ["conv", "head"])
-    assert "conv" not in found.fused_act and "conv" not in found.sites
+    cases = {"only reader": (lambda m, y: m.act(y), {"conv": "act"}),
+             "two activation modules": (lambda m, y: m.act(y) + m.act2(y), {}),
+             "one module called twice": (lambda m, y: m.act(y) + m.act(y), {}),
+             "a functional op reads it too": (lambda m, y: m.act(y) + y, {}),
+             "a view reads it too": (lambda m, y: m.act(y) + m.flat(y).view_as(y), {})}
+    for case, (combine, want) in cases.items():
+        assert find_sites(Head(combine).eval(), x, [], ["conv", "head"]).fused_act == want, case
 
 
 def test_brecq_reconstructs_a_layer_with_its_fused_activation(monkeypatch):
@@ -497,10 +500,13 @@ def test_activation_scale_rate_is_cosine_annealed(monkeypatch, net, images, sche
 
     monkeypatch.setattr(torch.optim, "Adam", Recording)
     q = quantize(net, images, "W4A4", preset="hw", method="brecq", iterations=10, batch_size=16, act_lr=0.02)
-    assert q.quant_config["reconstruction"]["act_lr_schedule"] == "cosine"  # the default
+    if schedule == "cosine":
+        assert q.quant_config["reconstruction"]["act_lr_schedule"] == "cosine"  # the default
     per_unit = [rates[i:i + 10] for i in range(0, len(rates), 10)]
     assert len(per_unit) == 5 and all(len(u) == 10 for u in per_unit)
     for unit in per_unit:
         first = unit[0]
         want = [first * (1 + math.cos(math.pi * t / 10)) / 2 if schedule == "cosine" else first for t in range(10)]
         assert unit == pytest.approx(want, rel=1e-6)
+    with pytest.raises(zsq_fast.errors.InvalidArgumentError, match="act_lr_schedule"):
+        ReconConfig(act_lr_schedule="cos")

@@ -103,7 +103,7 @@ def evaluate_onnx(path: str | os.PathLike, data: ImageSet | torch.Tensor, *, ref
     logits = predict_onnx(session, data, batch_size=batch_size, progress=progress)
     if labels is None and isinstance(data, ImageSet):
         labels = data.labels
-    result: dict = {"n": logits.shape[0], "runtime": _runtime(exact)}
+    result: dict = {"n": logits.shape[0], "runtime": _runtime(exact, detected=exact_int8 is None)}
     if labels is not None:
         labels = torch.as_tensor(labels)
         if labels.shape != (logits.shape[0],):
@@ -155,9 +155,9 @@ def _tensor_set(x: torch.Tensor) -> ImageSet:
     return ImageSet(x.shape[0], None, "tensor", lambda i: x[i])
 
 
-def _runtime(exact_int8: bool = False) -> str:
+def _runtime(exact_int8: bool = False, detected: bool = False) -> str:
     import onnxruntime as ort
 
-    extra = (f" + {EXACT_INT8[0]}={EXACT_INT8[1]} (this x86 CPU has no VNNI: the default int8 kernels saturate)"
-             if exact_int8 else "")
+    why = " (this x86 CPU has no VNNI: the default int8 kernels saturate)" if detected else " (asked for)"
+    extra = f" + {EXACT_INT8[0]}={EXACT_INT8[1]}{why}" if exact_int8 else ""
     return f"onnxruntime {ort.__version__} CPUExecutionProvider, default session options{extra}"

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..errors import InvalidArgumentError
 from .cache import UnitData
 from .calib_data import Layout
 from .quantizer import qdrop_mask, qdrop_mix
@@ -32,13 +33,15 @@ REFERENCE_ITERATIONS = 20000
 REFERENCE_LR = 1e-3
 REFERENCE_ACT_LR = 4e-4
 MAX_RATE_FACTOR = 100.0
+ACT_LR_SCHEDULES = ("cosine", "constant")
 
 
 def default_rates(iterations: int) -> tuple[float, float]:
     """(lr on V, act_lr) for `iterations` per unit: BRECQ's rates times 20000 / iterations (at most 100x, never
     below BRECQ's). Adam moves each variable by about lr per step, so lr * iterations -- how far V and log2 s
     can travel -- stays what BRECQ's schedule allows: at 2000 iterations V gets 1e-2, enough to cross from a
-    fractional part to a hard 0/1 (at 1e-3 it barely leaves its start), and an activation exponent can move.
+    fractional part to a hard 0/1 (at 1e-3 it barely leaves its start), and an activation exponent can move
+    (act_lr is cosine-annealed, as in BRECQ: its mean over the run is half of it, also as in BRECQ).
     benchmarks/recon_convergence.py measures it (RESULTS.md)."""
     factor = min(MAX_RATE_FACTOR, max(1.0, REFERENCE_ITERATIONS / iterations))
     return REFERENCE_LR * factor, REFERENCE_ACT_LR * factor
@@ -57,6 +60,10 @@ class ReconConfig:
     act_lr: float = 4e-4          # relative step per iteration of each activation scale (Quantizer.learning_rate)
     act_lr_schedule: str = "cosine"  # act_lr annealed to 0 over the iterations (BRECQ, QDrop); "constant"
     qdrop: float = 0.0            # QDrop probability (0 = off)
+
+    def __post_init__(self):
+        if self.act_lr_schedule not in ACT_LR_SCHEDULES:
+            raise InvalidArgumentError(f"act_lr_schedule must be one of {ACT_LR_SCHEDULES}, got {self.act_lr_schedule!r}")
 
 
 def beta_schedule(t: int, total: int, cfg: ReconConfig) -> float | None:

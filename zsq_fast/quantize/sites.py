@@ -374,7 +374,9 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             # a folded BN is an Identity: it returns the same tensor object, so the activation reads it too
             rd = [mods[r] for r in readers.get(oid, []) if not isinstance(mods[r], PASS_THROUGH)]
             if rd and oid not in changed and all(isinstance(r, ACTIVATIONS) for r in rd):
-                if len(read_calls.get(oid, [])) == 1:
+                # the activation is its only reader: no functional op (y + act(y)), no view (nn.Flatten)
+                if (len(read_calls.get(oid, [])) == 1 and not reads.reads.get(oid)
+                        and not any(src == oid for _, src in passes)):
                     fused_call[name] = read_calls[oid][0]
                 continue  # fused: the activation's output is the site
         sites.append(name)
@@ -416,10 +418,12 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     block_out = {b: producer.get(outputs[b]) for b in blocks
                  if b in outputs and producer.get(outputs[b]) in site_set}
     modules = {parse_site(n)[0] for n in sites}
-    # a layer run once whose activation is a site of a module run once: BRECQ reconstructs the pair as one unit
+    # a layer run once whose activation is a site of a module run once, outside every block (a block unit learns
+    # the sites inside it): BRECQ reconstructs the pair as one unit
     fused_act = {layer: act for layer, act in fused_call.items()
                  if act in site_set and parse_site(layer)[0] in layer_set and n_calls.get(layer) == 1
-                 and n_calls.get(parse_site(act)[0]) == 1}
+                 and n_calls.get(parse_site(act)[0]) == 1
+                 and not any(act == b or act.startswith(b + ".") for b in blocks)}
     return Sites(sites, fed_by, readers_of_input, via_view, block_out,
                  {m: c for m, c in per_call.items() if m in modules}, {m: n for m, n in shared.items() if m in modules},
                  relu_fused, fused_act)
