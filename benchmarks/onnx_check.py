@@ -3,8 +3,9 @@
 For each model and bit width: quantize (first N images of ../shared/data/cifar10_train_subset.npz), export to
 ONNX, run it through onnxruntime (CPU) with graph optimizations disabled, with the default options (what
 users run) and with the default options plus session.x64quantprecision=1 (exact int8 kernels on an x86 CPU
-without VNNI, where the defaults saturate; zsq_fast.onnx_eval says why), and print top-1 on cifar10_test_exact1017.npz, arg-max agreement with the fake-quant model and
-the largest logit difference (also in output quantization steps).
+without VNNI, where the defaults saturate; zsq_fast.onnx_eval says why), and print top-1 on
+cifar10_test_exact1017.npz, arg-max agreement with the fake-quant model and the largest logit difference (also
+in output quantization steps).
 
     python benchmarks/onnx_check.py [--data ../shared/data] [--models resnet20,resnet56] [--bits W8A8,W4A8,W4A4]
                                     [--calib 256] [--opset 21] [--threads 1]

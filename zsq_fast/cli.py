@@ -275,17 +275,18 @@ def _eval_onnx(path: str, qmodel, data, args) -> dict:
 def _onnx_line(r: dict) -> str:
     parts = [f"top1 {r['top1']:.2f}%"] if "top1" in r else []
     if "agreement" in r:
-        parts.append(f"argmax agreement with the fake-quant model {r['agreement']:.2f}%")
-        steps = r.get("max_logit_diff_steps")
-        parts.append(f"max logit diff {r['max_abs_logit_diff']:.4g}" + (f" ({steps:g} steps)" if steps is not None
-                                                                        else ""))
+        parts.append(f"argmax agreement with the fake-quant model {_diff_text(r)}")
     line = f"onnx ({r['runtime']}) on {r['n']} images: " + ", ".join(parts or ["no labels, no reference"])
     if "default_options" in r:  # this CPU saturates int8 sums unless the session says otherwise
-        d = r["default_options"]
-        steps = d.get("max_logit_diff_steps")
-        line += (f"; without that option on this CPU: agreement {d['agreement']:.2f}%, max logit diff "
-                 f"{d['max_abs_logit_diff']:.4g}" + (f" ({steps:g} steps)" if steps is not None else ""))
+        line += f"; without that option on this CPU: agreement {_diff_text(r['default_options'])}"
     return line
+
+
+def _diff_text(r: dict) -> str:
+    """'A%, max logit diff D (S steps)' of an evaluate_onnx comparison."""
+    steps = r.get("max_logit_diff_steps")
+    return (f"{r['agreement']:.2f}%, max logit diff {r['max_abs_logit_diff']:.4g}"
+            + (f" ({steps:g} steps)" if steps is not None else ""))
 
 
 def _metrics_line(m: dict) -> str:
@@ -464,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=_rate(False), help="Adam lr on the rounding variables (default 1e-3 x 20000 / "
                                                     "iterations, at least 1e-3)")
     r.add_argument("--act-lr", type=_rate(False), help="activation-scale step per iteration, relative to the scale "
-                                                        "(default 4e-4 x 20000 / iterations, at least 4e-4; cosine-annealed to 0)")
+                                                        "(default 4e-4 x 20000 / iterations, at least 4e-4; "
+                                                        "cosine-annealed to 0)")
     r.add_argument("--reg-weight", type=_rate(True), help="rounding regularizer weight lambda (default 0.01)")
     r.add_argument("--input-bits", type=_positive,
                    help="bits of the network input's grid (default: the preset's; hw: 8, as images are)")

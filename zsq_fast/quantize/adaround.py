@@ -63,7 +63,8 @@ class ReconConfig:
 
     def __post_init__(self):
         if self.act_lr_schedule not in ACT_LR_SCHEDULES:
-            raise InvalidArgumentError(f"act_lr_schedule must be one of {ACT_LR_SCHEDULES}, got {self.act_lr_schedule!r}")
+            raise InvalidArgumentError(f"act_lr_schedule must be one of {ACT_LR_SCHEDULES}, "
+                                       f"got {self.act_lr_schedule!r}")
 
 
 def beta_schedule(t: int, total: int, cfg: ReconConfig) -> float | None:

@@ -240,8 +240,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     blocks: names of the residual blocks (reconstruction units); layers: the Conv2d/Linear being quantized."""
     keep: list[torch.Tensor] = []                          # keeps every seen tensor alive (ids stay unique)
     producer: dict[int, str | None] = {}                   # id(tensor) -> the call (site_name) that made it
-    readers: dict[int, list[str]] = {}                     # id(tensor) -> leaf modules that read it
-    read_calls: dict[int, list[str]] = {}                  # id(tensor) -> those leaf modules' calls (site_name)
+    readers: dict[int, list[str]] = {}                     # id(tensor) -> calls (site_name) of leaves that read it
     inputs: dict[str, torch.Tensor] = {}                   # layer -> its input, first call
     outputs: dict[str, int] = {}                           # call -> id(its output)
     order: list[str] = []                                  # calls, in the order they returned
@@ -284,10 +283,8 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             if id(args[0]) in version and args[0]._version != version[id(args[0])]:
                 changed.add(id(args[0]))  # a functional op (an in-place add) read it first
                 return
-            if _is_leaf(mod):
-                readers.setdefault(id(args[0]), []).append(name)
-                if not isinstance(mod, PASS_THROUGH):  # `enter` ran first: this call is on top
-                    read_calls.setdefault(id(args[0]), []).append(site_name(name, running[-1][1]))
+            if _is_leaf(mod) and not isinstance(mod, PASS_THROUGH):  # `enter` ran first: this call is on top
+                readers.setdefault(id(args[0]), []).append(site_name(name, running[-1][1]))
             if name in layer_set:
                 inputs.setdefault(name, args[0])
         return hook
@@ -372,12 +369,11 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             continue  # decided below, after the leaves
         if isinstance(mod, _LAYERS):
             # a folded BN is an Identity: it returns the same tensor object, so the activation reads it too
-            rd = [mods[r] for r in readers.get(oid, []) if not isinstance(mods[r], PASS_THROUGH)]
-            if rd and oid not in changed and all(isinstance(r, ACTIVATIONS) for r in rd):
+            calls = readers.get(oid, [])
+            if calls and oid not in changed and all(isinstance(mods[parse_site(c)[0]], ACTIVATIONS) for c in calls):
                 # the activation is its only reader: no functional op (y + act(y)), no view (nn.Flatten)
-                if (len(read_calls.get(oid, [])) == 1 and not reads.reads.get(oid)
-                        and not any(src == oid for _, src in passes)):
-                    fused_call[name] = read_calls[oid][0]
+                if len(calls) == 1 and not reads.reads.get(oid) and not any(src == oid for _, src in passes):
+                    fused_call[name] = calls[0]
                 continue  # fused: the activation's output is the site
         sites.append(name)
         leaf_sites.add(oid)
