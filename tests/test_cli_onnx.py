@@ -43,6 +43,33 @@ def test_quantize_onnx_without_eval_data_uses_the_calibration_images(tiny, tmp_p
     assert "top1" not in r
 
 
+def test_onnx_int8_choice_sets_the_session_option_and_skips_the_second_pass(tiny, tmp_path, capsys, monkeypatch):
+    """--onnx-int8 exact / plain: one pass with or without the exact-int8 option; auto on a CPU that saturates
+    (simulated) adds the plain options' pass."""
+    import zsq_fast.onnx_eval as onnx_eval
+    q, qx = tmp_path / "q.pt", tmp_path / "q.onnx"
+    code, _, err = _run(capsys, "quantize", *_model(tiny), "--images", tiny / "data.npz", "--bits", "W8A8",
+                        "--method", "nearest", "--out", q, "--onnx", qx, "--onnx-int8", "plain")
+    assert code == 0, err
+    assert onnx_eval.EXACT_INT8[0] not in json.loads((tmp_path / "q.report.json").read_text())["metrics"]["onnx"][
+        "runtime"]
+    monkeypatch.setattr(onnx_eval, "int8_saturates", lambda: True)
+    got = {}
+    for choice in ("exact", "plain", "auto"):
+        report = tmp_path / f"{choice}.json"
+        code, out, err = _run(capsys, "eval", *_model(tiny), "--quantized", q, "--onnx", qx, "--data",
+                              tiny / "data.npz", "--onnx-int8", choice, "--report", report)
+        assert code == 0, err
+        got[choice] = json.loads(report.read_text())["metrics"]["onnx"]
+        assert ("without that option on this CPU" in out) == (choice == "auto"), out
+    assert onnx_eval.EXACT_INT8[0] in got["exact"]["runtime"] and "asked for" in got["exact"]["runtime"]
+    assert onnx_eval.EXACT_INT8[0] not in got["plain"]["runtime"]
+    assert "no VNNI" in got["auto"]["runtime"] and "default_options" in got["auto"]
+    assert "default_options" not in got["exact"] and "default_options" not in got["plain"]
+    assert got["auto"]["agreement"] == got["exact"]["agreement"]
+    assert got["auto"]["default_options"]["agreement"] == got["plain"]["agreement"]
+
+
 def test_eval_onnx_bad_file_is_one_error_line(tiny, tmp_path, capsys):
     (tmp_path / "bad.onnx").write_bytes(b"\x00garbage")
     for path, expected in ((tmp_path / "bad.onnx", "onnxruntime cannot load"),

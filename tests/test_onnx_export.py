@@ -267,6 +267,8 @@ def test_exact_int8_option_and_its_report(net, calib, test_images, tmp_path, mon
     assert "default_options" not in plain and onnx_eval.EXACT_INT8[0] not in plain["runtime"]
     assert exact["default_options"] == {k: plain[k] for k in ("agreement", "max_abs_logit_diff",
                                                               "max_logit_diff_steps")}
+    single = zsq_fast.evaluate_onnx(path, x, reference=q, threads=1, exact_int8=True, compare_default_options=False)
+    assert single == {k: v for k, v in exact.items() if k != "default_options"}  # one pass, same numbers
     if not onnx_eval.int8_saturates():
         assert plain["agreement"] >= 99.5 and plain["max_logit_diff_steps"] <= 1.0, plain
     monkeypatch.setattr(onnx_eval, "int8_saturates", lambda: True)  # what an AVX2-only CPU gets without asking

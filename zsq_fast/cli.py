@@ -262,14 +262,24 @@ def _eval_pair(float_model, qmodel, data: ImageSet, args, device) -> dict:
 
 
 def _eval_onnx(path: str, qmodel, data, args) -> dict:
-    """evaluate_onnx (onnxruntime, default session options; exact int8 where this CPU would saturate) with the
-    fake-quant model as the reference."""
+    """evaluate_onnx (onnxruntime, default session options; exact int8 as --onnx-int8 says) with the fake-quant
+    model as the reference; only 'auto' also runs the plain options when it set the exact ones."""
     from .onnx_eval import evaluate_onnx
 
-    r = evaluate_onnx(path, data, reference=qmodel, batch_size=args.batch_size_eval, progress=not args.no_progress)
+    exact = {"auto": None, "exact": True, "plain": False}[args.onnx_int8]
+    r = evaluate_onnx(path, data, reference=qmodel, batch_size=args.batch_size_eval, progress=not args.no_progress,
+                      exact_int8=exact, compare_default_options=exact is None)
     r["data"] = data.settings() if isinstance(data, ImageSet) else {"source": "calibration images",
                                                                     "n": int(data.shape[0])}
     return r
+
+
+def _onnx_int8_arg(parser) -> None:
+    parser.add_argument("--onnx-int8", choices=("auto", "exact", "plain"), default="auto",
+                        help="onnxruntime's int8 kernels for the --onnx check: exact (session option "
+                             "session.x64quantprecision=1), plain (the default options), or auto (default): exact "
+                             "on an x86 CPU without VNNI, whose default kernels saturate, plus a second pass "
+                             "with the plain options to report what they compute")
 
 
 def _onnx_line(r: dict) -> str:
@@ -475,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--qdrop alone: 0.5; default off)")
     q.add_argument("--out", required=True, help="quantized model file (.pt)")
     q.add_argument("--onnx", help="also export ONNX (QuantizeLinear/DequantizeLinear) here")
+    _onnx_int8_arg(q)
     q.add_argument("--eval", help="evaluate float and quantized on this data afterwards")
     q.add_argument("--eval-limit", type=_positive, help="evaluate on the first N images only")
     q.add_argument("--batch-size-eval", type=_positive, default=256)
@@ -485,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantized", help="quantized model file from `zsq-fast quantize` (float model: --model)")
     e.add_argument("--onnx", help="also run this ONNX export through onnxruntime (default session options): top-1 "
                                   "and agreement with the --quantized fake-quant model")
+    _onnx_int8_arg(e)
     e.add_argument("--data", required=True, help=".npz (x uint8 NHWC, y), ImageFolder, or image folder")
     e.add_argument("--limit", type=_positive, help="first N images only")
     e.add_argument("--batch-size-eval", "--batch-size", type=_positive, default=256, dest="batch_size_eval")

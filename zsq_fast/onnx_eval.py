@@ -89,14 +89,15 @@ def predict_onnx(session, data: ImageSet | torch.Tensor, *, batch_size: int = 25
 def evaluate_onnx(path: str | os.PathLike, data: ImageSet | torch.Tensor, *, reference: nn.Module | None = None,
                   reference_logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                   batch_size: int = 256, threads: int | None = None, progress: bool = False,
-                  exact_int8: bool | None = None) -> dict:
+                  exact_int8: bool | None = None, compare_default_options: bool = True) -> dict:
     """Run `path` through onnxruntime (default options) on `data`.
 
     Returns {'n', 'top1', 'top5' (with labels), 'agreement' (% of images whose arg-max equals the
     reference's), 'max_abs_logit_diff', 'max_logit_diff_steps' (in units of the reference's output
     quantization step, when it has one), 'runtime'}. `reference` is typically the QuantizedModel that was
     exported. exact_int8 (None: where int8_saturates()): the session sets EXACT_INT8; with a reference the
-    result also has 'default_options', the agreement and logit difference of the plain default options.
+    result also has 'default_options', the agreement and logit difference of the plain default options (a
+    second pass over the data; compare_default_options=False skips it).
     """
     exact = int8_saturates() if exact_int8 is None else bool(exact_int8)
     session = onnx_session(path, threads, exact)
@@ -119,7 +120,7 @@ def evaluate_onnx(path: str | os.PathLike, data: ImageSet | torch.Tensor, *, ref
     if reference_logits is not None:
         step = _output_step(reference)
         result.update(_compare(logits, reference_logits, step))
-        if exact:  # what a deployment without the option computes on this CPU
+        if exact and compare_default_options:  # what a deployment without the option computes on this CPU
             plain = predict_onnx(onnx_session(path, threads, False), data, batch_size=batch_size, progress=progress)
             result["default_options"] = _compare(plain, reference_logits, step)
     return result
