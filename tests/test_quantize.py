@@ -259,6 +259,61 @@ def test_qdrop_mask_and_mix():
     assert torch.equal(a.grad, whole.float()) and torch.equal(b.grad, 1 - whole.float())
 
 
+def test_qdrop_drops_a_tensor_once_per_step_however_many_readers_apply_the_quantizer():
+    """Within a reconstruction step (drop_memo set), a second reader of the same tensor (one quantizer shared by
+    two layers) gets the first reader's output, and a reader of a view of that output (torch.flatten) gets its
+    input back: one mask per tensor, as QDrop draws one per activation. Without the memo each call draws its own;
+    after an in-place change the view is a new value and is quantized again."""
+    from zsq_fast.quantize.quantizer import QuantSpec, Quantizer
+    q = Quantizer(QuantSpec(4, signed=True))
+    q.set_params(torch.tensor([0.25]))
+    q.drop_prob = 0.5
+    x = torch.randn(8, 6, 1, 1)
+    a, b = q(x), q(x)
+    assert not torch.equal(a, b)  # no memo: two masks
+    q.drop_memo = []
+    y = q(x)
+    assert q(x) is y and len(q.drop_memo) == 1
+    flat = y.flatten(1)
+    assert q(flat) is flat and len(q.drop_memo) == 1
+    z = y.clone().flatten(1)  # the same values in another tensor: quantized (and dropped) again
+    q(z)
+    assert len(q.drop_memo) == 2
+    x.mul_(3.0)  # changed in place: not the tensor quantized before
+    assert q(x) is not y and len(q.drop_memo) == 3
+    y.mul_(3.0)  # nor is a view of the changed output this step's output any more
+    q(y.flatten(1))
+    assert len(q.drop_memo) == 4
+
+
+def test_qdrop_memo_only_while_reconstructing(images):
+    """academic: the downsample conv and conv1 of a block read one tensor through one input quantizer; QDrop's
+    per-step memo is set by the loop and cleared after it."""
+    tv = pytest.importorskip("torchvision.models.resnet")
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), tv.BasicBlock(8, 16, stride=2, downsample=ds),
+                                        nn.Flatten(), nn.Linear(16 * 16, 3)))
+    seen = []
+    from zsq_fast.quantize import quantizer as qmod
+    real_forward = qmod.Quantizer.forward
+
+    def spy(self, x):
+        if self.drop_prob > 0:
+            seen.append(self.drop_memo is not None)
+        return real_forward(self, x)
+
+    qmod.Quantizer.forward = spy
+    try:
+        q = quantize(model, images, "W4A4", preset="academic", method="brecq", iterations=3, batch_size=8, qdrop=0.5)
+    finally:
+        qmod.Quantizer.forward = real_forward
+    assert seen and all(seen)
+    shared = [m.input_quantizer for n, m in q.model.named_modules() if n in ("1.conv1", "1.downsample.0")]
+    assert len(shared) == 2 and shared[0] is shared[1]
+    assert all(m.drop_memo is None and m.drop_prob == 0 for m in q.modules() if isinstance(m, qmod.Quantizer))
+
+
 def test_beta_schedule():
     cfg = ReconConfig(iterations=100)
     assert beta_schedule(0, 100, cfg) is None and beta_schedule(19, 100, cfg) is None

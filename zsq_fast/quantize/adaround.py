@@ -156,6 +156,7 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
                 x = qdrop_mix(qdrop_mask(x, cfg.qdrop, rows), b["x_fp"], x)
             for q in act:
                 q.drop_rows = rows
+                q.drop_memo = [] if cfg.qdrop > 0 else None
             beta = beta_schedule(t, cfg.iterations, cfg)
             for layer in layers:
                 layer.beta = cfg.beta_start if beta is None else beta
@@ -195,6 +196,7 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
         for q in act:
             q.drop_prob = 0.0
             q.drop_rows = None
+            q.drop_memo = None
             if opt_s is not None:
                 q.stop_learning()
     return last

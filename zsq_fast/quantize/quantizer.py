@@ -54,6 +54,14 @@ def qdrop_mix(keep_float: torch.Tensor, x_float: torch.Tensor, x_quant: torch.Te
     return x_quant + keep_float * (x_float - x_quant)
 
 
+def _view_of(x: torch.Tensor, out: torch.Tensor, version: int) -> bool:
+    """x holds exactly out's values as made: the same storage, offset and size, and no in-place change since
+    (views share one version counter; the memo keeps out alive, so its storage cannot have been reused)."""
+    return (x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+            and x.storage_offset() == out.storage_offset() and x.numel() == out.numel()
+            and x._version == version and x.is_contiguous() and out.is_contiguous())
+
+
 class Quantizer(nn.Module):
     """Fake-quantizes its input with (scale, zero_point); QDrop keeps each element float with prob drop_prob."""
 
@@ -66,6 +74,9 @@ class Quantizer(nn.Module):
         self.drop_prob = 0.0
         self.log2_scale: torch.Tensor | None = None  # the learned exponent while LSQ runs (pow2 grids)
         self.drop_rows: tuple[int, torch.Tensor] | None = None  # QDrop's rows of the global batch (qdrop_mask)
+        # QDrop's (input, output) pairs of this reconstruction step (a list the loop renews every step; None
+        # outside it): one tensor is dropped once however many of its readers apply this quantizer
+        self.drop_memo: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None  # (x, x_hat, x_hat's version)
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
         """Set the scale and zero point. Their values are not read per step by the ops (that would sync a GPU):
@@ -120,11 +131,19 @@ class Quantizer(nn.Module):
         if torch.onnx.is_in_onnx_export():
             from .onnx_qdq import qdq_activation  # the ONNX graph gets QuantizeLinear/DequantizeLinear
             return qdq_activation(x, self)
+        if self.drop_prob > 0 and self.drop_memo is not None:
+            for src, out, version in self.drop_memo:
+                if x is src and x._version == version:  # a second reader of the tensor (a quantizer shared by
+                    return out                          # two layers): one mask
+                if _view_of(x, out, version):  # a reader of a view of this step's output (torch.flatten)
+                    return x
         sp = self.spec
         x_hat = fake_quantize(x, self._scale_for_forward(), None if sp.symmetric else self.zero_point, bits=sp.bits,
                               signed=sp.signed, axis=sp.axis, power_of_two=sp.pow2)
         if self.drop_prob > 0:  # QDrop (Wei et al. 2022): element-wise, keep the float value with prob p
             x_hat = qdrop_mix(qdrop_mask(x, self.drop_prob, self.drop_rows), x, x_hat)
+            if self.drop_memo is not None:
+                self.drop_memo.append((x, x_hat, x_hat._version))
         return x_hat
 
     def extra_repr(self) -> str:
