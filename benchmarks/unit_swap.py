@@ -36,22 +36,28 @@ from zsq_fast.data import load_images_for  # noqa: E402
 from zsq_fast.evaluate import agreement, predict_logits  # noqa: E402
 from zsq_fast.models.zoo import load_model  # noqa: E402
 from zsq_fast.pipeline import run_quantize  # noqa: E402
+from zsq_fast.quantize.sites import parse_site  # noqa: E402
 from zsq_fast.report import seed_everything  # noqa: E402
 
 
 def unit_keys(qmodel, unit: dict) -> list[str]:
-    """The state-dict entries that a unit's reconstruction set: its layers' (model.<unit>.*), its sites' and,
-    for the last unit, the output quantizer's."""
+    """The state-dict entries that a unit's reconstruction set: its layers' (model.<unit>.*) and its sites' (as
+    brecq.py picks them). A layer reading another unit's site holds that site's quantizer as its input quantizer,
+    which the state dict lists under the layer too: those entries are left to the site's own unit. The output
+    quantizer is set after every unit (calibrate_output): no unit's."""
     name, act = unit["name"], unit.get("with_activation")
     sites = {str(i) for i, s in enumerate(qmodel.quant_config.get("sites", []))
-             if s["name"] == name or s["name"].startswith(name + ".") or s["name"] == act}
+             if parse_site(s["name"])[0] == name or s["name"].startswith(name + ".") or s["name"] == act}
+    state = qmodel.state_dict()
+    foreign = {state[k].data_ptr() for k in state
+               if k.startswith("site_quantizers.") and k.split(".")[1] not in sites}
     keys = []
-    for k in qmodel.state_dict():
+    for k, v in state.items():
         parts = k.split(".")
-        if k.startswith(f"model.{name}.") or (parts[0] == "site_quantizers" and parts[1] in sites):
+        if parts[0] == "site_quantizers" and parts[1] in sites:
             keys.append(k)
-    if unit is qmodel.quant_config["units"][-1]:
-        keys += [k for k in qmodel.state_dict() if k.startswith("output_quantizer.")]
+        elif k.startswith(f"model.{name}.") and v.data_ptr() not in foreign:
+            keys.append(k)
     return keys
 
 
@@ -68,6 +74,7 @@ def swapped(target, donor, keys: list[str]):
 def unit_outputs(model, names: list[str], x: torch.Tensor, batch: int = 250) -> dict[str, torch.Tensor]:
     """Every named module's output on x (float32, CPU)."""
     got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    calls = -(-x.shape[0] // batch)
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: got[n].append(o.detach().float()))
              for n in names]
     try:
@@ -77,6 +84,9 @@ def unit_outputs(model, names: list[str], x: torch.Tensor, batch: int = 250) -> 
     finally:
         for h in hooks:
             h.remove()
+    for n, v in got.items():
+        if len(v) != calls:
+            raise SystemExit(f"{n} ran {len(v)} times for {calls} batches: one output per forward is needed")
     return {n: torch.cat(v) for n, v in got.items()}
 
 
@@ -146,14 +156,17 @@ def main(argv=None) -> int:
         upto = 100 * agreement(predict_logits(swapped(free, real, prefix), test_set), ref)
         rows.append({"unit": u["name"], "swap_one": one, "swap_prefix": upto,
                      **{k: v[u["name"]] for k, v in err.items()}})
-    rest = [k for k in free.state_dict() if k not in set(prefix)]  # sites of no unit (the pool's)
+    state = free.state_dict()
+    covered = {state[k].data_ptr() for k in prefix}  # a site's quantizer is also listed under its readers
+    rest = [k for k in state if state[k].data_ptr() not in covered]  # set by no unit: the pool's site, the output
     whole = 100 * agreement(predict_logits(swapped(free, real, prefix + rest), test_set), ref)
     if abs(whole - base["real"]) > 1e-9:
         raise SystemExit(f"swapping every entry gave {whole:.2f}, not the real-data model's {base['real']:.2f}")
     site_names = [s["name"] for s in free.quant_config.get("sites", [])]
+    site_ptrs = {state[k].data_ptr() for k in rest if k.startswith("site_quantizers.")}
     rest_names = sorted({site_names[int(k.split(".")[1])] if k.startswith("site_quantizers.") else k.rsplit(".", 1)[0]
-                         for k in rest})
-    rows.append({"unit": f"rest (sites of no unit: {', '.join(rest_names) or 'none'})",
+                         for k in rest if k.startswith("site_quantizers.") or state[k].data_ptr() not in site_ptrs})
+    rows.append({"unit": f"rest (set by no unit: {', '.join(rest_names) or 'none'})",
                  "swap_one": 100 * agreement(predict_logits(swapped(free, real, rest), test_set), ref),
                  "swap_prefix": whole, **{k: float("nan") for k in err}})
     result = {"args": vars(args), "agreement": base, "units": rows, "seconds": round(time.perf_counter() - t0, 1),

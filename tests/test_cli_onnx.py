@@ -68,6 +68,9 @@ def test_onnx_int8_choice_sets_the_session_option_and_skips_the_second_pass(tiny
     assert "default_options" not in got["exact"] and "default_options" not in got["plain"]
     assert got["auto"]["agreement"] == got["exact"]["agreement"]
     assert got["auto"]["default_options"]["agreement"] == got["plain"]["agreement"]
+    code, _, err = _run(capsys, "eval", *_model(tiny), "--quantized", q, "--data", tiny / "data.npz",
+                        "--onnx-int8", "exact")  # without --onnx: nothing to choose kernels for
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "give --onnx too" in err, err
 
 
 def test_eval_onnx_bad_file_is_one_error_line(tiny, tmp_path, capsys):

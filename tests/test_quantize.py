@@ -268,22 +268,25 @@ def test_qdrop_drops_a_tensor_once_per_step_however_many_readers_apply_the_quant
     q = Quantizer(QuantSpec(4, signed=True))
     q.set_params(torch.tensor([0.25]))
     q.drop_prob = 0.5
-    x = torch.randn(8, 6, 1, 1)
+    x = torch.randn(8, 6, 1, 1).relu_()  # made in place: its version is not 0
     a, b = q(x), q(x)
     assert not torch.equal(a, b)  # no memo: two masks
     q.drop_memo = []
     y = q(x)
     assert q(x) is y and len(q.drop_memo) == 1
+    w = q(torch.randn(8, 6, 1, 1))
+    w.add_(1.0)  # a first reader that changed the output in place: the second reader is not given it
+    assert q(w) is not w and len(q.drop_memo) == 3
     flat = y.flatten(1)
-    assert q(flat) is flat and len(q.drop_memo) == 1
+    assert q(flat) is flat and len(q.drop_memo) == 3
     z = y.clone().flatten(1)  # the same values in another tensor: quantized (and dropped) again
     q(z)
-    assert len(q.drop_memo) == 2
+    assert len(q.drop_memo) == 4
     x.mul_(3.0)  # changed in place: not the tensor quantized before
-    assert q(x) is not y and len(q.drop_memo) == 3
+    assert q(x) is not y and len(q.drop_memo) == 5
     y.mul_(3.0)  # nor is a view of the changed output this step's output any more
     q(y.flatten(1))
-    assert len(q.drop_memo) == 4
+    assert len(q.drop_memo) == 6
 
 
 def test_qdrop_memo_only_while_reconstructing(images):
@@ -294,14 +297,19 @@ def test_qdrop_memo_only_while_reconstructing(images):
     ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), tv.BasicBlock(8, 16, stride=2, downsample=ds),
                                         nn.Flatten(), nn.Linear(16 * 16, 3)))
-    seen = []
+    seen, hits = [], []
     from zsq_fast.quantize import quantizer as qmod
     real_forward = qmod.Quantizer.forward
 
     def spy(self, x):
-        if self.drop_prob > 0:
-            seen.append(self.drop_memo is not None)
-        return real_forward(self, x)
+        if self.drop_prob <= 0:
+            return real_forward(self, x)
+        seen.append(self.drop_memo is not None)
+        n = len(self.drop_memo or [])
+        out = real_forward(self, x)
+        if self.drop_memo is not None and len(self.drop_memo) == n:
+            hits.append(id(self))
+        return out
 
     qmod.Quantizer.forward = spy
     try:
@@ -311,6 +319,7 @@ def test_qdrop_memo_only_while_reconstructing(images):
     assert seen and all(seen)
     shared = [m.input_quantizer for n, m in q.model.named_modules() if n in ("1.conv1", "1.downsample.0")]
     assert len(shared) == 2 and shared[0] is shared[1]
+    assert hits == [id(shared[0])] * 3  # the block's 3 steps: its second reader reused the first's mask
     assert all(m.drop_memo is None and m.drop_prob == 0 for m in q.modules() if isinstance(m, qmod.Quantizer))
 
 

@@ -18,7 +18,7 @@ import torch
 
 from . import distributed as zd
 from .data import ImageSet, load_images_for, random_subset
-from .errors import MissingFileError, ZsqFastError
+from .errors import InvalidArgumentError, MissingFileError, ZsqFastError
 from .evaluate import evaluate, predict_logits
 from .models.zoo import LoadedModel, load_model
 from .pipeline import (GENERATORS, PRESETS, ROUNDINGS, Progress, UsageError,  # noqa: F401 (re-exported)
@@ -181,6 +181,7 @@ def _quantize(args) -> int:
         args.no_progress = args.no_progress or not zd.is_main()
     parse_bits(args.bits)
     _check_output(args.out)
+    _check_onnx_int8(args)
     recon = {k: v for k, v in (("lr", args.lr), ("act_lr", args.act_lr), ("reg_weight", args.reg_weight),
                                ("qdrop", args.qdrop)) if v is not None}
     if recon and args.method == "nearest":
@@ -282,6 +283,12 @@ def _onnx_int8_arg(parser) -> None:
                              "with the plain options to report what they compute")
 
 
+def _check_onnx_int8(args) -> None:
+    if args.onnx_int8 != "auto" and not args.onnx:
+        raise InvalidArgumentError(f"--onnx-int8 {args.onnx_int8} chooses the kernels of the --onnx check; "
+                                   "give --onnx too")
+
+
 def _onnx_line(r: dict) -> str:
     parts = [f"top1 {r['top1']:.2f}%"] if "top1" in r else []
     if "agreement" in r:
@@ -312,6 +319,7 @@ def _metrics_line(m: dict) -> str:
 
 def cmd_eval(args) -> int:
     report, device = _start(args, "eval")
+    _check_onnx_int8(args)
     if args.onnx and not os.path.isfile(args.onnx):  # fail before the long evaluations
         raise FileNotFoundError(f"ONNX model not found: {args.onnx}")
     with report.timed("load_model"):
@@ -494,8 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="top-1/top-5 of a float or quantized model, agreement with the float model")
     _common(e)
     e.add_argument("--quantized", help="quantized model file from `zsq-fast quantize` (float model: --model)")
-    e.add_argument("--onnx", help="also run this ONNX export through onnxruntime (default session options): top-1 "
-                                  "and agreement with the --quantized fake-quant model")
+    e.add_argument("--onnx", help="also run this ONNX export through onnxruntime (default session options, int8 "
+                                  "kernels as --onnx-int8 says): top-1 and agreement with the --quantized "
+                                  "fake-quant model")
     _onnx_int8_arg(e)
     e.add_argument("--data", required=True, help=".npz (x uint8 NHWC, y), ImageFolder, or image folder")
     e.add_argument("--limit", type=_positive, help="first N images only")

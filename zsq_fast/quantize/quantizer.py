@@ -76,7 +76,7 @@ class Quantizer(nn.Module):
         self.drop_rows: tuple[int, torch.Tensor] | None = None  # QDrop's rows of the global batch (qdrop_mask)
         # QDrop's (input, output) pairs of this reconstruction step (a list the loop renews every step; None
         # outside it): one tensor is dropped once however many of its readers apply this quantizer
-        self.drop_memo: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None  # (x, x_hat, x_hat's version)
+        self.drop_memo: list[tuple[torch.Tensor, int, torch.Tensor, int]] | None = None  # (x, version, x_hat, version)
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
         """Set the scale and zero point. Their values are not read per step by the ops (that would sync a GPU):
@@ -132,10 +132,11 @@ class Quantizer(nn.Module):
             from .onnx_qdq import qdq_activation  # the ONNX graph gets QuantizeLinear/DequantizeLinear
             return qdq_activation(x, self)
         if self.drop_prob > 0 and self.drop_memo is not None:
-            for src, out, version in self.drop_memo:
-                if x is src and x._version == version:  # a second reader of the tensor (a quantizer shared by
-                    return out                          # two layers): one mask
-                if _view_of(x, out, version):  # a reader of a view of this step's output (torch.flatten)
+            for src, src_version, out, out_version in self.drop_memo:
+                # a second reader of the tensor (a quantizer shared by two layers), both unchanged: one mask
+                if x is src and x._version == src_version and out._version == out_version:
+                    return out
+                if _view_of(x, out, out_version):  # a reader of a view of this step's output (torch.flatten)
                     return x
         sp = self.spec
         x_hat = fake_quantize(x, self._scale_for_forward(), None if sp.symmetric else self.zero_point, bits=sp.bits,
@@ -143,7 +144,7 @@ class Quantizer(nn.Module):
         if self.drop_prob > 0:  # QDrop (Wei et al. 2022): element-wise, keep the float value with prob p
             x_hat = qdrop_mix(qdrop_mask(x, self.drop_prob, self.drop_rows), x, x_hat)
             if self.drop_memo is not None:
-                self.drop_memo.append((x, x_hat, x_hat._version))
+                self.drop_memo.append((x, x._version, x_hat, x_hat._version))
         return x_hat
 
     def extra_repr(self) -> str:
