@@ -36,18 +36,17 @@ from zsq_fast.data import load_images_for  # noqa: E402
 from zsq_fast.evaluate import agreement, predict_logits  # noqa: E402
 from zsq_fast.models.zoo import load_model  # noqa: E402
 from zsq_fast.pipeline import run_quantize  # noqa: E402
-from zsq_fast.quantize.sites import parse_site  # noqa: E402
+from zsq_fast.quantize.brecq import unit_owns_site  # noqa: E402
 from zsq_fast.report import seed_everything  # noqa: E402
 
 
 def unit_keys(qmodel, unit: dict) -> list[str]:
-    """The state-dict entries that a unit's reconstruction set: its layers' (model.<unit>.*) and its sites' (as
-    brecq.py picks them). A layer reading another unit's site holds that site's quantizer as its input quantizer,
+    """The state-dict entries that a unit's reconstruction set: its layers' (model.<unit>.*) and its sites (as
+    brecq.unit_owns_site). A layer reading another unit's site holds that site's quantizer as its input quantizer,
     which the state dict lists under the layer too: those entries are left to the site's own unit. The output
     quantizer is set after every unit (calibrate_output): no unit's."""
     name, act = unit["name"], unit.get("with_activation")
-    sites = {str(i) for i, s in enumerate(qmodel.quant_config.get("sites", []))
-             if parse_site(s["name"])[0] == name or s["name"].startswith(name + ".") or s["name"] == act}
+    sites = {str(i) for i, s in enumerate(qmodel.quant_config.get("sites", [])) if unit_owns_site(name, s["name"], act)}
     state = qmodel.state_dict()
     foreign = {state[k].data_ptr() for k in state
                if k.startswith("site_quantizers.") and k.split(".")[1] not in sites}
@@ -129,15 +128,15 @@ def main(argv=None) -> int:
     lr = RECON_LR["long" if args.recon_iterations >= 10000 else "short"]
     ref = predict_logits(src.model, test_set)
     t0 = time.perf_counter()
-    models, calib = {}, {}
+    models, calib, base = {}, {}, {}
     for row in ("real", args.source):
         calib[row], _ = calibration(src, train, row, args.seed, cfg, progress=False)
         models[row] = run_quantize(src, calib[row], bits=args.bits, preset=args.preset, method="brecq",
                                    device=torch.device("cpu"), seed=args.seed, precision="fp32",
                                    iterations=args.recon_iterations, batch_size=32, progress=False, report=None,
                                    extra={"lr": lr, "qdrop": 0.0})
-        print(f"{row}: agreement {100 * agreement(predict_logits(models[row], test_set), ref):.2f} "
-              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        base[row] = 100 * agreement(predict_logits(models[row], test_set), ref)
+        print(f"{row}: agreement {base[row]:.2f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     real, free = models["real"], models[args.source]
     units = free.quant_config["units"]
     if [u["name"] for u in units] != [u["name"] for u in real.quant_config["units"]]:
@@ -146,8 +145,6 @@ def main(argv=None) -> int:
            "free_model_on_test": relative_errors(free, src.model, units, test),
            "real_model_on_own_calib": relative_errors(real, src.model, units, calib["real"]),
            "free_model_on_own_calib": relative_errors(free, src.model, units, calib[args.source])}
-    base = {"real": 100 * agreement(predict_logits(real, test_set), ref),
-            args.source: 100 * agreement(predict_logits(free, test_set), ref)}
     rows, prefix = [], []
     for u in units:
         keys = unit_keys(free, u)

@@ -22,6 +22,12 @@ from .calib_data import CalibData, Layout
 from .sites import parse_site
 
 
+def unit_owns_site(unit: str, site: str, fused_act: str | None = None) -> bool:
+    """Whether `unit` learns `site`'s quantizer: its own output sites (hw: add operands, its output), those of
+    modules inside it, and the site of the activation fused into it."""
+    return parse_site(site)[0] == unit or site.startswith(unit + ".") or site == fused_act
+
+
 def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], order: list[str],
                       images: CalibData, cfg: ReconConfig, *, device: torch.device, cache: str,
                       generator: torch.Generator, progress=None, site_quantizers: dict | None = None,
@@ -61,9 +67,7 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
                          {"stage": "reconstruct", "unit": name, "loss": loss_fn()})
 
         layers = [qmodel.get_submodule(n) for n in unit.layers]
-        # the unit's own output sites (hw: add operands, its output) are learned with it
-        inside = [q for n, q in (site_quantizers or {}).items()
-                  if parse_site(n)[0] == unit.name or n.startswith(unit.name + ".") or n == act]
+        inside = [q for n, q in (site_quantizers or {}).items() if unit_owns_site(unit.name, n, act)]
         post = output_quantizer[1] if output_quantizer is not None and output_quantizer[0] == unit.name else None
         loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=inside, layout=layout,
                            output_quantizer=post, model_sites=list((site_quantizers or {}).values()),
