@@ -42,11 +42,13 @@ from zsq_fast.report import seed_everything  # noqa: E402
 
 def unit_keys(qmodel, unit: dict) -> list[str]:
     """The state-dict entries that a unit's reconstruction set: its layers' (model.<unit>.*) and its sites (as
-    brecq.unit_owns_site). A layer reading another unit's site holds that site's quantizer as its input quantizer,
-    which the state dict lists under the layer too: those entries are left to the site's own unit. The output
-    quantizer is set after every unit (calibrate_output): no unit's."""
-    name, act = unit["name"], unit.get("with_activation")
-    sites = {str(i) for i, s in enumerate(qmodel.quant_config.get("sites", [])) if unit_owns_site(name, s["name"], act)}
+    brecq.unit_owns_site, and the input sites it learned: brecq.input_sites). A layer reading another unit's site
+    holds that site's quantizer as its input quantizer, which the state dict lists under the layer too: those
+    entries are left to the site's own unit. The output quantizer is set after every unit (calibrate_output): no
+    unit's."""
+    name, act, entry = unit["name"], unit.get("with_activation"), set(unit.get("input_sites", []))
+    sites = {str(i) for i, s in enumerate(qmodel.quant_config.get("sites", []))
+             if unit_owns_site(name, s["name"], act) or s["name"] in entry}
     state = qmodel.state_dict()
     foreign = {state[k].data_ptr() for k in state
                if k.startswith("site_quantizers.") and k.split(".")[1] not in sites}
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
                      **{k: v[u["name"]] for k, v in err.items()}})
     state = free.state_dict()
     covered = {state[k].data_ptr() for k in prefix}  # a site's quantizer is also listed under its readers
-    rest = [k for k in state if state[k].data_ptr() not in covered]  # set by no unit: the pool's site, the output
+    rest = [k for k in state if state[k].data_ptr() not in covered]  # set by no unit: the output quantizer
     whole = 100 * agreement(predict_logits(swapped(free, real, prefix + rest), test_set), ref)
     if abs(whole - base["real"]) > 1e-9:
         raise SystemExit(f"swapping every entry gave {whole:.2f}, not the real-data model's {base['real']:.2f}")

@@ -100,7 +100,8 @@ def _sum_over_ranks(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Ten
 
 def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: ReconConfig,
                 generator: torch.Generator, on_step=None, site_quantizers=(), layout: Layout | None = None,
-                output_quantizer=None, model_sites=(), tail: nn.Module | None = None) -> float:
+                output_quantizer=None, model_sites=(), tail: nn.Module | None = None,
+                input_sites=()) -> float:
     """Learn the rounding of `layers` (inside `unit`) so that unit(x_q) matches the float target.
 
     Leaves every layer with hard rounding (h = 1[V >= 0]); returns the last reconstruction loss.
@@ -114,6 +115,11 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
     the recompute cache's prefix would run it learning.
     tail: the activation module fused into a layer unit, run on its output (its site quantizer, a forward hook,
     is among site_quantizers); data's targets are that activation's float output.
+    input_sites: the quantizer of the site that is the unit's input, when the unit learns it (brecq.input_sites):
+    data's inputs are unrounded, it rounds them on the way in (every reader inside the unit, a shortcut too, gets
+    the rounded tensor, as in the model; a layer reading a view of it applies it again, a no-op on its grid) and is
+    learned like site_quantizers. QDrop then drops that tensor in the quantizer, as it does inside a unit, instead
+    of mixing in the float model's input.
     """
     layout = layout or Layout(data.n, 0, (data.n,))
     vs = [layer.init_adaround() for layer in layers]
@@ -123,7 +129,7 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
     sites = {id(q) for q in model_sites}
     own = [layer.input_quantizer for layer in layers
            if not getattr(layer, "input_prequantized", False) and id(layer.input_quantizer) not in sites]
-    act = list({id(q): q for q in [*own, *site_quantizers] if q.enabled}.values())
+    act = list({id(q): q for q in [*own, *site_quantizers, *input_sites] if q.enabled}.values())
     opt_s = None
     params = list(vs)
     if cfg.learn_act_scale and act:
@@ -152,11 +158,13 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
             rows = None if whole else (idx.numel(), pos)
             b = data.get(local)
             x = b["x_q"]
-            if cfg.qdrop > 0:  # QDrop on the unit's input: mix the quantized-prefix and float inputs
+            if cfg.qdrop > 0 and not input_sites:  # QDrop on the unit's input: mix the quantized-prefix and float inputs
                 x = qdrop_mix(qdrop_mask(x, cfg.qdrop, rows), b["x_fp"], x)
             for q in act:
                 q.drop_rows = rows
                 q.drop_memo = [] if cfg.qdrop > 0 else None
+            for q in input_sites:
+                x = q(x)
             beta = beta_schedule(t, cfg.iterations, cfg)
             for layer in layers:
                 layer.beta = cfg.beta_start if beta is None else beta

@@ -35,7 +35,7 @@ from .output import calibrate_output, output_unit
 from ..ops.checks import MAX_BITS, MIN_BITS
 from .presets import PRESETS, get_preset, parse_bits
 from .quantizer import Quantizer
-from .sites import Sites, attach, call_info, find_sites, only
+from .sites import Sites, attach, call_info, find_sites, only, parse_site
 from .trace import trace_model
 
 METHODS = ("nearest", "adaround", "brecq")
@@ -382,7 +382,9 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             units_done = reconstruct_model(q_inner, fp, units, tr.order, data, recon, device=device,
                                            cache=cache, generator=gen, progress=progress, site_quantizers=site_q,
                                            layout=layout, output_quantizer=None if last is None else (last, out_q),
-                                           fused_act=found.fused_act)
+                                           fused_act=found.fused_act,
+                                           reads={n: s for n, s in found.fed_by.items()
+                                                  if parse_site(s)[0] not in found.shared_calls})
             if ranked:  # the logits changed with the rounding
                 calibrate_output(q_inner, fp, data, layout, out_q, batch_size=batch_size, device=device)
         for m in [*q_inner.modules(), *site_q.values()]:
@@ -421,7 +423,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         # Conv2d/Linear that did not run on the calibration batch stay float (e.g. an unused head)
         "not_run": sorted(n for n, m in q_inner.named_modules() if isinstance(m, _QUANTIZABLE)),
         "units": [{"name": u["name"], "kind": u["kind"], "loss": u["loss"],
-                   **({"with_activation": u["with_activation"]} if "with_activation" in u else {})}
+                   **({"with_activation": u["with_activation"]} if "with_activation" in u else {}),
+                   **({"input_sites": u["input_sites"]} if "input_sites" in u else {})}
                   for u in units_done],
     }
     qmodel = QuantizedModel(q_inner, out_q, config, list(site_q.values())).eval()

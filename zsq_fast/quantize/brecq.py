@@ -7,6 +7,10 @@ A block whose call is not one tensor in / one tensor out falls back to its layer
 A layer unit with an activation fused into it (hw: the stem's conv -> ReLU, whose ReLU output is the site) is
 reconstructed with that activation, as BRECQ's layer reconstruction includes the activation function: the
 target is the float activation's output and the activation's site quantizer is learned with the layer.
+A site that no unit makes (hw: the pooling before the classifier; with layer units, a ReLU after a residual add)
+is learned by the first unit that reads it (input_sites): its input is fetched unrounded and the site's quantizer
+rounds it on the way in, so every site of the model that a layer reads is learned by some unit instead of keeping
+its calibrated scale.
 """
 from __future__ import annotations
 
@@ -28,18 +32,33 @@ def unit_owns_site(unit: str, site: str, fused_act: str | None = None) -> bool:
     return parse_site(site)[0] == unit or site.startswith(unit + ".") or site == fused_act
 
 
+def input_sites(unit: Unit, reads: dict[str, str], learned: set[str], fused_act: str | None = None) -> list[str]:
+    """The sites `unit` learns on its input: those its layers read (reads: layer -> site) that are not its own
+    (unit_owns_site) and that no unit before it learned (learned). In data-flow order a site's maker comes
+    before its readers, so such a site is made by no unit, and its first reader is the first unit to see how
+    its rounding changes the network."""
+    return sorted({reads[n] for n in unit.layers if n in reads and not unit_owns_site(unit.name, reads[n], fused_act)}
+                  - learned)
+
+
 def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], order: list[str],
                       images: CalibData, cfg: ReconConfig, *, device: torch.device, cache: str,
                       generator: torch.Generator, progress=None, site_quantizers: dict | None = None,
                       layout: Layout | None = None, output_quantizer: tuple[str, nn.Module] | None = None,
-                      fused_act: dict[str, str] | None = None) -> list[dict]:
-    """Reconstruct every unit in turn; returns [{name, kind, layers, loss}] for the units done.
+                      fused_act: dict[str, str] | None = None, reads: dict[str, str] | None = None) -> list[dict]:
+    """Reconstruct every unit in turn; returns [{name, kind, layers, loss}] for the units done (plus
+    with_activation and input_sites when it learned those).
     images: this rank's shard, placed in the whole set by layout (None: a single process).
     output_quantizer: (unit name, the network output's quantizer): that unit's loss is on its quantized output.
-    fused_act: layer -> the site of the activation fused into it (Sites.fused_act)."""
+    fused_act: layer -> the site of the activation fused into it (Sites.fused_act).
+    reads: layer -> the site it reads (Sites.fed_by) for the sites a reader may learn: one quantizer per site
+    (a module whose calls share one quantizer is left out: fetching its reader's input unrounded would unround
+    its earlier calls too)."""
     todo = deque(units)
     done: list[dict] = []
     n_total = len(units)
+    sites, reads = site_quantizers or {}, reads or {}
+    learned: set[str] = set()  # sites some unit has learned
     every = max(1, cfg.iterations // 100)
     while todo:
         unit = todo.popleft()
@@ -48,10 +67,16 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
         if act is not None and act not in (site_quantizers or {}):
             act = None
         tail = None if act is None else parse_site(act)[0]
+        entry = [s for s in input_sites(unit, reads, learned, act) if s in sites]
+        if len(entry) > 1:  # one input tensor has one site: several mean the reads reach past the unit's input
+            entry = []
         try:
+            # a unit learning its input site drops that tensor in the site's quantizer (QDrop), not by mixing in
+            # the float model's input
             data = UnitData(qmodel, q_unit, fpmodel, fp_unit, images, batch_size=cfg.batch_size,
-                            device=device, mode=cache, need_fp_input=cfg.qdrop > 0,
-                            fp_out=None if tail is None else fpmodel.get_submodule(tail))
+                            device=device, mode=cache, need_fp_input=cfg.qdrop > 0 and not entry,
+                            fp_out=None if tail is None else fpmodel.get_submodule(tail),
+                            unrounded=[sites[s] for s in entry])
         except TypeError:
             if unit.kind != "block":
                 raise
@@ -67,12 +92,14 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
                          {"stage": "reconstruct", "unit": name, "loss": loss_fn()})
 
         layers = [qmodel.get_submodule(n) for n in unit.layers]
-        inside = [q for n, q in (site_quantizers or {}).items() if unit_owns_site(unit.name, n, act)]
+        inside = [n for n in sites if unit_owns_site(unit.name, n, act)]
         post = output_quantizer[1] if output_quantizer is not None and output_quantizer[0] == unit.name else None
-        loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=inside, layout=layout,
-                           output_quantizer=post, model_sites=list((site_quantizers or {}).values()),
-                           tail=None if tail is None else qmodel.get_submodule(tail))
+        loss = reconstruct(q_unit, layers, data, cfg, generator, on_step, site_quantizers=[sites[n] for n in inside],
+                           layout=layout, output_quantizer=post, model_sites=list(sites.values()),
+                           tail=None if tail is None else qmodel.get_submodule(tail),
+                           input_sites=[sites[n] for n in entry])
+        learned.update(inside, entry)
         done.append({"name": unit.name, "kind": unit.kind, "layers": list(unit.layers), "loss": loss,
-                     **({} if act is None else {"with_activation": act})})
+                     **({} if act is None else {"with_activation": act}), **({"input_sites": entry} if entry else {})})
         del data
     return done

@@ -5,6 +5,7 @@ For a unit U the loop needs, for a batch of calibration images:
   x_fp  U's input in the float model (for QDrop's input mixing),
   y_fp  U's output in the float model (the reconstruction target; for a layer with a fused activation, the
         activation's output: fp_out).
+x_q is fetched with the `unrounded` site quantizers off: the sites U learns on its input (brecq.input_sites).
 cache="host"      computed once for all images, kept in host memory (pinned when the device is a GPU),
                   copied to the device per batch: device memory depends on the batch size only.
 cache="device"    computed once, kept on the device (fastest; needs room for the whole set).
@@ -97,12 +98,12 @@ class UnitData:
 
     def __init__(self, qmodel: nn.Module, q_unit: nn.Module, fpmodel: nn.Module, fp_unit: nn.Module,
                  images: CalibData, *, batch_size: int, device: torch.device, mode: str = "host",
-                 need_fp_input: bool = False, fp_out: nn.Module | None = None):
+                 need_fp_input: bool = False, fp_out: nn.Module | None = None, unrounded=()):
         if mode not in MODES:
             raise InvalidArgumentError(f"cache must be one of {MODES}, got {mode!r}")
         self.qmodel, self.q_unit, self.fpmodel, self.fp_unit = qmodel, q_unit, fpmodel, fp_unit
         self.images, self.device, self.mode, self.need_fp_input = images, device, mode, need_fp_input
-        self.fp_out = fp_out
+        self.fp_out, self.unrounded = fp_out, list(unrounded)
         self.n = images.n
         self.store: dict[str, torch.Tensor] = {}
         if mode != "recompute":
@@ -112,7 +113,14 @@ class UnitData:
 
     def _compute(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         imgs = imgs.to(self.device, non_blocking=True)
-        x_q, _ = capture(self.qmodel, self.q_unit, imgs, want_output=False)
+        was = [q.enabled for q in self.unrounded]
+        for q in self.unrounded:
+            q.enabled = False
+        try:
+            x_q, _ = capture(self.qmodel, self.q_unit, imgs, want_output=False)
+        finally:
+            for q, on in zip(self.unrounded, was):
+                q.enabled = on
         x_fp, y_fp = capture(self.fpmodel, self.fp_unit, imgs, want_output=True, out_module=self.fp_out)
         out = {"x_q": x_q, "y_fp": y_fp}
         if self.need_fp_input:
