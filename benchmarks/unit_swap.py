@@ -7,7 +7,7 @@ generated set (the rows of accuracy.py), then:
     the model's own calibration images: a unit that fits its calibration images but not real ones over-fits
     them;
   * swap in: the data-free model with one unit's quantized parameters (integer weights, weight and activation
-    scales of the unit, its output sites) taken from the real-data model, and the same for every unit up to
+    scales of the unit, its output sites and the input sites it learned) taken from the real-data model, and the same for every unit up to
     and including it (prefix): agreement with the float model on real test images. The units whose swap
     closes most of the gap are where the generated images fall short.
 

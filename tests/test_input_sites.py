@@ -41,7 +41,8 @@ def _learners(units: list[dict], site: str) -> list[str]:
 def test_every_site_is_learned_by_exactly_one_unit(method):
     torch.manual_seed(0)
     model = randomize_bn(PooledNet()).eval()
-    q = quantize(model, torch.randn(16, 3, 16, 16), "W4A4", preset="hw", method=method, iterations=2, batch_size=8)
+    q = quantize(model, torch.randn(16, 3, 16, 16), "W4A4", preset="hw", method=method, iterations=2, batch_size=8,
+                 learn_act_scale=True)
     units = q.quant_config["units"]
     sites = [s["name"] for s in q.quant_config["sites"]]
     assert {"pool1", "avgpool"} <= set(sites)
@@ -53,14 +54,13 @@ def test_every_site_is_learned_by_exactly_one_unit(method):
         assert max(counts.values()) == 1 and {s for s in sites if counts[s]} >= read and read
     first = {"brecq": "block", "adaround": "block.conv1"}[method]  # the first pool's first reader
     assert _learners(units, "pool1") == [first] and _learners(units, "avgpool") == ["fc"]
-    # the readers round their input in the finished model as before: the site's hook does it once
-    assert q.model.block.conv1.input_prequantized and not q.model.fc.input_prequantized  # fc: a view, again
 
 
-def test_a_unit_learning_its_input_site_optimises_what_the_model_computes(monkeypatch):
-    """During the reading unit's reconstruction its input arrives unrounded and the site's quantizer rounds it on
-    the way in (no float-input mixing under QDrop): what the loop computes is what the quantized model computes
-    there, for the block's shortcut (a pad, no layer) too."""
+@pytest.mark.parametrize("qdrop", [0.0, 0.5])
+def test_a_unit_learning_its_input_site_optimises_what_the_model_computes(monkeypatch, qdrop):
+    """During the reading unit's reconstruction its input arrives unrounded and the site's quantizer, learning,
+    rounds it on the way in (under QDrop it drops it: no float-input mixing): what the loop computes is what the
+    quantized model computes there, for the block's shortcut (a pad, no layer) too."""
     torch.manual_seed(0)
     model = randomize_bn(PooledNet()).eval()
     images = torch.randn(16, 3, 16, 16)
@@ -75,7 +75,17 @@ def test_a_unit_learning_its_input_site_optimises_what_the_model_computes(monkey
             (q_in,) = input_sites
             seen[name] = {"match": torch.allclose(unit(q_in(x)), y_model, atol=1e-6),
                           "unrounded": not torch.allclose(x, q_in(x)),
-                          "no_float_mix": "x_fp" not in data.get(torch.arange(2))}
+                          "no_float_mix": "x_fp" not in data.get(torch.arange(2)), "steps": []}
+
+            def step(m, args):  # what the loop feeds the unit: rounded (or dropped) by a learning q_in
+                x_in = args[0]
+                on_grid = torch.equal(q_in(x_in), x_in) if q_in.drop_prob == 0 else None
+                seen[name]["steps"].append((on_grid, q_in.log2_scale is not None, q_in.drop_prob == qdrop))
+            hook = unit.register_forward_pre_hook(step)
+            try:
+                return real(unit, layers, data, cfg, generator, on_step, input_sites=input_sites, **kw)
+            finally:
+                hook.remove()
         return real(unit, layers, data, cfg, generator, on_step, input_sites=input_sites, **kw)
 
     monkeypatch.setattr(brecq, "reconstruct", spy)
@@ -89,9 +99,11 @@ def test_a_unit_learning_its_input_site_optimises_what_the_model_computes(monkey
 
     model_q = None
     monkeypatch.setattr(api, "reconstruct_model", keep_model)
-    q = quantize(model, images, "W4A4", preset="hw", method="brecq", iterations=2, batch_size=8, qdrop=0.5)
+    quantize(model, images, "W4A4", preset="hw", method="brecq", iterations=2, batch_size=8, qdrop=qdrop)
     assert set(seen) == {"block", "fc"}
     assert all(s["match"] and s["unrounded"] and s["no_float_mix"] for s in seen.values()), seen
+    on_grid = True if qdrop == 0 else None
+    assert all(s["steps"] == [(on_grid, True, True)] * 2 for s in seen.values()), seen
 
 
 def test_a_reader_of_a_site_shared_by_several_calls_does_not_learn_it():
@@ -102,7 +114,39 @@ def test_a_reader_of_a_site_shared_by_several_calls_does_not_learn_it():
 
     torch.manual_seed(0)
     q = quantize(Shared().eval(), torch.randn(8, 3, 12, 12), "W4A4", preset="hw", method="adaround", iterations=2,
-                 batch_size=4)
+                 batch_size=4, learn_act_scale=True)
     assert q.quant_config["layers"]["b.0"]["input_from"] == "a.1"
     assert [s.get("shared_calls") for s in q.quant_config["sites"] if s["name"] == "a.1"] == [2]
     assert all("a.1" not in u.get("input_sites", []) for u in q.quant_config["units"])
+
+
+def test_a_site_read_through_a_float_module_is_not_learned_on_the_way_in():
+    """A BatchNorm kept float (skip) between a pool and a conv: the conv's input is computed from the pool's
+    tensor, not the tensor itself, so rounding it on the way in would be another function; the pool keeps its
+    calibrated scale while the classifier still learns the second pool's."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.r, self.mp, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.BatchNorm2d(8)
+            self.c2, self.r2, self.pool, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), \
+                nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(self.r2(self.c2(self.bn(self.mp(self.r(self.c(x))))))), 1))
+
+    torch.manual_seed(0)
+    model = randomize_bn(Net()).eval()
+    q = quantize(model, torch.randn(16, 3, 16, 16), "W4A4", preset="hw", method="adaround", iterations=2,
+                 batch_size=8, skip=["bn"], learn_act_scale=True)
+    assert q.quant_config["layers"]["c2"]["input_from"] == "mp"
+    assert {u["name"]: u.get("input_sites") for u in q.quant_config["units"]} == {"c": None, "c2": None,
+                                                                                  "fc": ["pool"]}
+
+
+def test_layer_units_learn_input_sites_only_with_activation_scales():
+    """adaround learns no activation scale by default: its units take no input site (nothing would learn it)."""
+    torch.manual_seed(0)
+    model = randomize_bn(PooledNet()).eval()
+    q = quantize(model, torch.randn(16, 3, 16, 16), "W4A4", preset="hw", method="adaround", iterations=2, batch_size=8)
+    assert not any("input_sites" in u for u in q.quant_config["units"])

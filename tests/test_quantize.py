@@ -373,6 +373,33 @@ def test_brecq_on_tiny_residual_net(net, images):
     assert err_b < err_n, (err_b, err_n)
 
 
+class TwoInputs(nn.Module):
+    """A residual module called with two tensors: BRECQ cannot cache one input for it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.b, self.act = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1), nn.ReLU()
+
+    def forward(self, x, skip):
+        return self.act(self.b(self.act(self.a(x))) + skip)
+
+
+def test_brecq_falls_back_to_the_layers_of_a_block_that_takes_two_tensors(images):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.r, self.blk, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), TwoInputs(4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = self.r(self.c(x))
+            return self.fc(self.blk(x, x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    q = quantize(Net().eval(), images, "W4A4", preset="hw", method="brecq", iterations=2, batch_size=8)
+    assert [(u["name"], u["kind"]) for u in q.quant_config["units"]] == [
+        ("c", "layer"), ("blk.a", "layer"), ("blk.b", "layer"), ("fc", "layer")]
+
+
 def test_torchvision_block_with_inplace_relu(images):
     tv = pytest.importorskip("torchvision.models.resnet")
     torch.manual_seed(0)

@@ -110,9 +110,9 @@ def reconstruct(unit: nn.Module, layers: list[nn.Module], data: UnitData, cfg: R
     layout: where data's images sit in the whole set across the ranks (None: a single process).
     output_quantizer: the network output's quantizer when this unit makes the logits: the loss is on the quantized
     logits, its scale held (output.py says why). model_sites: every site quantizer of the model; a layer reading
-    a view of one (pool -> flatten -> fc) applies it again but learns it only as one of the unit's own
-    site_quantizers: another unit's site is on its cached input's grid already (LSQ would see no error), and
-    the recompute cache's prefix would run it learning.
+    a view of one (pool -> flatten -> fc) applies it again but learns it only when it is the unit's (in
+    site_quantizers or input_sites): another unit's site is on its cached input's grid already (LSQ would see no
+    error), and the recompute cache's prefix would run it learning.
     tail: the activation module fused into a layer unit, run on its output (its site quantizer, a forward hook,
     is among site_quantizers); data's targets are that activation's float output.
     input_sites: the quantizer of the site that is the unit's input, when the unit learns it (brecq.input_sites):

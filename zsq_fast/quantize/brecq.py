@@ -8,9 +8,10 @@ A layer unit with an activation fused into it (hw: the stem's conv -> ReLU, whos
 reconstructed with that activation, as BRECQ's layer reconstruction includes the activation function: the
 target is the float activation's output and the activation's site quantizer is learned with the layer.
 A site that no unit makes (hw: the pooling before the classifier; with layer units, a ReLU after a residual add)
-is learned by the first unit that reads it (input_sites): its input is fetched unrounded and the site's quantizer
-rounds it on the way in, so every site of the model that a layer reads is learned by some unit instead of keeping
-its calibrated scale.
+is learned, when activation scales are learned, by the first unit that reads it (input_sites), if that unit's input
+is the site's tensor itself or a view of it (checked on a batch: not, e.g., a BatchNorm kept float by `skip` in
+between): the input is fetched unrounded and the site's quantizer rounds it on the way in. Otherwise it keeps its
+calibrated scale, as do a module whose calls share one quantizer and a tensor that no layer reads.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from collections import deque
 import torch
 from torch import nn
 
+from .. import distributed
+from ..errors import UnsupportedModelError
 from .adaround import ReconConfig, reconstruct
 from .blocks import Unit, split_block
-from .cache import UnitData
+from .cache import UnitData, capture
 from .calib_data import CalibData, Layout
 from .sites import parse_site
 
@@ -32,13 +35,36 @@ def unit_owns_site(unit: str, site: str, fused_act: str | None = None) -> bool:
     return parse_site(site)[0] == unit or site.startswith(unit + ".") or site == fused_act
 
 
-def input_sites(unit: Unit, reads: dict[str, str], learned: set[str], fused_act: str | None = None) -> list[str]:
-    """The sites `unit` learns on its input: those its layers read (reads: layer -> site) that are not its own
-    (unit_owns_site) and that no unit before it learned (learned). In data-flow order a site's maker comes
+def input_sites(unit: Unit, reads: dict[str, str], settled: set[str], fused_act: str | None = None) -> list[str]:
+    """The sites `unit` may learn on its input: those its layers read (reads: layer -> site) that are not its own
+    (unit_owns_site) and that no unit before it read or made (settled). In data-flow order a site's maker comes
     before its readers, so such a site is made by no unit, and its first reader is the first unit to see how
     its rounding changes the network."""
     return sorted({reads[n] for n in unit.layers if n in reads and not unit_owns_site(unit.name, reads[n], fused_act)}
-                  - learned)
+                  - settled)
+
+
+@torch.no_grad()
+def input_is_site(qmodel: nn.Module, q_unit: nn.Module, site_q: nn.Module, images: torch.Tensor) -> bool:
+    """Whether q_unit's input, fetched with site_q off, rounds with site_q to the input the model gives it: the
+    unit reads the site's tensor or a view of it, not a value computed from it (a BatchNorm kept float by `skip`
+    in between), so rounding it on the way in is what the model does. Agreed over the ranks of a process group
+    (a rank holding no image agrees)."""
+    ok = True
+    if images.shape[0] > 0:
+        x_on, _ = capture(qmodel, q_unit, images, want_output=False)
+        site_q.enabled = False
+        try:
+            x_off, _ = capture(qmodel, q_unit, images, want_output=False)
+        finally:
+            site_q.enabled = True
+        # a rare flip at a rounding boundary is allowed (a GPU's non-deterministic kernels in the prefix)
+        differ = ~torch.isclose(site_q(x_off), x_on, rtol=1e-5, atol=1e-6)
+        ok = float(differ.float().mean()) <= 1e-3
+    if distributed.active():
+        bad = torch.tensor([0.0 if ok else 1.0], device=distributed.collective_device())
+        ok = float(distributed.all_reduce_sum_(bad, "the input-site check")) == 0.0
+    return ok
 
 
 def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], order: list[str],
@@ -58,7 +84,7 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
     done: list[dict] = []
     n_total = len(units)
     sites, reads = site_quantizers or {}, reads or {}
-    learned: set[str] = set()  # sites some unit has learned
+    settled: set[str] = set()  # sites an earlier unit made or read: their scale is what the later units fit
     every = max(1, cfg.iterations // 100)
     while todo:
         unit = todo.popleft()
@@ -67,17 +93,20 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
         if act is not None and act not in (site_quantizers or {}):
             act = None
         tail = None if act is None else parse_site(act)[0]
-        entry = [s for s in input_sites(unit, reads, learned, act) if s in sites]
-        if len(entry) > 1:  # one input tensor has one site: several mean the reads reach past the unit's input
-            entry = []
+        candidates = [s for s in input_sites(unit, reads, settled, act) if s in sites and sites[s].enabled]
+        # one input tensor has one site: several mean the reads reach past the unit's input
+        entry = candidates if cfg.learn_act_scale and len(candidates) == 1 else []
         try:
+            if entry and not input_is_site(qmodel, q_unit, sites[entry[0]],
+                                           images.rows(0, min(images.n, cfg.batch_size)).to(device)):
+                entry = []
             # a unit learning its input site drops that tensor in the site's quantizer (QDrop), not by mixing in
             # the float model's input
             data = UnitData(qmodel, q_unit, fpmodel, fp_unit, images, batch_size=cfg.batch_size,
                             device=device, mode=cache, need_fp_input=cfg.qdrop > 0 and not entry,
                             fp_out=None if tail is None else fpmodel.get_submodule(tail),
                             unrounded=[sites[s] for s in entry])
-        except TypeError:
+        except UnsupportedModelError:  # not one tensor in, one tensor out (cache.capture)
             if unit.kind != "block":
                 raise
             parts = split_block(unit, order)
@@ -98,7 +127,7 @@ def reconstruct_model(qmodel: nn.Module, fpmodel: nn.Module, units: list[Unit], 
                            layout=layout, output_quantizer=post, model_sites=list(sites.values()),
                            tail=None if tail is None else qmodel.get_submodule(tail),
                            input_sites=[sites[n] for n in entry])
-        learned.update(inside, entry)
+        settled.update(inside, candidates)
         done.append({"name": unit.name, "kind": unit.kind, "layers": list(unit.layers), "loss": loss,
                      **({} if act is None else {"with_activation": act}), **({"input_sites": entry} if entry else {})})
         del data
