@@ -24,7 +24,7 @@ from .. import distributed
 from ..errors import UnsupportedModelError
 from .adaround import ReconConfig, reconstruct
 from .blocks import Unit, split_block
-from .cache import UnitData, capture
+from .cache import UnitData, capture, quantizers_off
 from .calib_data import CalibData, Layout
 from .sites import parse_site
 
@@ -53,11 +53,8 @@ def input_is_site(qmodel: nn.Module, q_unit: nn.Module, site_q: nn.Module, image
     ok = True
     if images.shape[0] > 0:
         x_on, _ = capture(qmodel, q_unit, images, want_output=False)
-        site_q.enabled = False
-        try:
+        with quantizers_off([site_q]):
             x_off, _ = capture(qmodel, q_unit, images, want_output=False)
-        finally:
-            site_q.enabled = True
         # a rare flip at a rounding boundary is allowed (a GPU's non-deterministic kernels in the prefix)
         differ = ~torch.isclose(site_q(x_off), x_on, rtol=1e-5, atol=1e-6)
         ok = float(differ.float().mean()) <= 1e-3

@@ -20,6 +20,7 @@ images. Under a process group each rank's UnitData covers its own shard (local i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -73,6 +74,19 @@ def capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, want_output
     return got["x"], got.get("y")
 
 
+@contextlib.contextmanager
+def quantizers_off(quantizers):
+    """The quantizers pass their input through (enabled = False) inside the block, as they were after it."""
+    was = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, on in zip(quantizers, was):
+            q.enabled = on
+
+
 def disk_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor backed by a file in ZSQ_FAST_CACHE_DIR that is unlinked at once: the mapping
     keeps it alive and the space is returned when the tensor goes (even if the process is killed)."""
@@ -113,14 +127,8 @@ class UnitData:
 
     def _compute(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         imgs = imgs.to(self.device, non_blocking=True)
-        was = [q.enabled for q in self.unrounded]
-        for q in self.unrounded:
-            q.enabled = False
-        try:
+        with quantizers_off(self.unrounded):
             x_q, _ = capture(self.qmodel, self.q_unit, imgs, want_output=False)
-        finally:
-            for q, on in zip(self.unrounded, was):
-                q.enabled = on
         x_fp, y_fp = capture(self.fpmodel, self.fp_unit, imgs, want_output=True, out_module=self.fp_out)
         out = {"x_q": x_q, "y_fp": y_fp}
         if self.need_fp_input:
