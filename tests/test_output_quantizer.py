@@ -83,3 +83,37 @@ def test_output_unit_is_the_layer_making_the_logits():
     seq = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU(), model).eval()
     assert output_unit(seq, ["0", "2.1"], torch.zeros(1, 1, 8, 8)) == "2.1"
     assert output_unit(nn.Sequential(seq, nn.Softmax(1)), ["0.0", "0.2.1"], torch.zeros(1, 1, 8, 8)) is None
+
+
+def test_output_scale_holds_when_the_logits_change_magnitude():
+    """Calibration images give logits of another magnitude than the images met later (measured: training images
+    larger, generated images smaller). Rows of kind A (top 8.5, second 6) are rank-safe at scale 1 only while
+    they stay this small: at 1.19x and 1.41x both saturate at qmax = 7 and tie; scale 2 keeps them at every
+    magnitude. Rows of kind C (top 2.9, second 1.1) tie at scale 2 at exactly the calibration magnitude
+    (1.45 and 0.55 both round to 1) and nowhere else; scale 4 ties the A rows there (2.1 and 1.5 round to 2).
+    Counted at the calibration magnitude alone, scale 1 is rank-safe on every row and would win; counted over
+    the magnitudes it is the worst of the three (20 ties against 8 for scale 2 and 10 for scale 4)."""
+    n_a, n_c, classes = 10, 8, 10
+    rows = n_a + n_c + 1
+    x = torch.full((rows, classes), -1.0)
+    cls = torch.arange(rows) % classes
+    second = (cls + 1) % classes
+    top = torch.tensor([8.5] * n_a + [2.9] * n_c + [16.0])  # the last row sets the range: candidates reach 2
+    runner_up = torch.tensor([6.0] * n_a + [1.1] * n_c + [0.0])
+    x[torch.arange(rows), cls] = top
+    x[torch.arange(rows), second] = runner_up
+    spec = QuantSpec(4, signed=True, pow2=True)
+
+    def wrong(scale, magnitude):
+        q = Quantizer(spec)
+        q.set_params(torch.tensor(scale))
+        with torch.no_grad():
+            y = q(x * magnitude)
+        top_level = y.max(1, keepdim=True).values
+        return int(((y.argmax(1) != cls) | ((y == top_level).sum(1) > 1)).sum())
+
+    assert wrong(1.0, 1.0) == 0 and wrong(2.0, 1.0) == n_c  # the calibration magnitude alone prefers scale 1
+    assert wrong(1.0, 2 ** 0.25) == wrong(1.0, 2 ** 0.5) == n_a
+    assert all(wrong(2.0, 2 ** (k / 4)) == 0 for k in (-2, -1, 1, 2))
+    s, _ = top1_preserving_scale(x, cls, spec)
+    assert float(s) == 2.0
