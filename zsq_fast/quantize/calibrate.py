@@ -209,12 +209,13 @@ def top1_preserving_scale(logits: torch.Tensor, reference_top1: torch.Tensor, sp
     ref = reference_top1.reshape(-1).to(x.device)
     scale, zp = clipping_candidates(x.min().view(1), x.max().view(1), spec, candidates)  # (R, 1)
     qmin, qmax = spec.qrange
+    shifted = [x * g for g in MAGNITUDE_SHIFTS]  # the same for every candidate
     best, best_key = 0, None
     for i in range(scale.shape[0]):
         s, z = scale[i].contiguous(), zp[i].contiguous()
         wrong = 0
-        for g in MAGNITUDE_SHIFTS:
-            x_hat = fake_quant(x * g, s, z, qmin, qmax, None)
+        for xg in shifted:
+            x_hat = fake_quant(xg, s, z, qmin, qmax, None)
             top = x_hat.max(1, keepdim=True).values
             wrong += int(((x_hat.argmax(1) != ref) | ((x_hat == top).sum(1) > 1)).sum())
         error = float((fake_quant(x, s, z, qmin, qmax, None) - x).abs().pow(p).sum())
