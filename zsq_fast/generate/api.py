@@ -22,7 +22,7 @@ from ..validate import as_device, check_finite_images, check_finite_model, probe
 from . import bns, dgh, fdda, sharded_run, shards
 from .bn_capture import BNCapture, find_bn_layers, used_layers
 from .checkpoint import load_checkpoint, save_checkpoint
-from .context import LossScale, Run, measure_bn_loss, output_images
+from .context import LossScale, Run, measure_bn_loss, output_images, to_device
 from .io import IMAGENET_MEAN, IMAGENET_STD
 from .losses import layer_weights
 from .optim import Plateau
@@ -30,7 +30,7 @@ from .record import GenerationRecord
 from .run_folder import begin_step, end_step, open_run_folder, write_output
 from .store import ImageStore, choose_store, fill_store, free_host_bytes
 from .streaming import stream_of
-from .views import draw_views, margin_for
+from .views import ViewParams, draw_views, margin_for
 
 METHODS = ("dgh", "bns", "fdda")
 # lambda_sigma per method: DGH paper code uses 10, MCT DataGen / ZeroQ-style matching 1.
@@ -516,7 +516,9 @@ def _views(run: Run, s: Settings):
     if not s.augment:
         return None
     views = draw_views(run.n_all, s.margin, run.generator)
-    return views if run.shard is None else views[run.shard.start:run.shard.stop]
+    views = views if run.shard is None else views[run.shard.start:run.shard.stop]
+    # on the device once per step: each chunk's view would otherwise copy its slice there, a sync per chunk
+    return ViewParams(*(to_device(run, t) for t in (views.flip, views.top, views.left)))
 
 
 def _real_per_class(s: Settings, real_images, real_labels, num_classes: int):

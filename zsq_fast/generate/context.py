@@ -3,6 +3,7 @@ views, the chunk-wise RAdam update and the whole-set statistics pass."""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,50 @@ class LossScale:
         return {"value": self.value, "clean": self.clean}
 
 
+class DeviceSums:
+    """A step's loss sums and finiteness checks, kept on the device and read with one host sync (read).
+
+    float(loss) or bool(isfinite(grad)) per chunk makes the host wait for the GPU to drain its queue that often;
+    here a chunk only queues a few tiny kernels. Sums are float64, added in the order the loop adds them, so
+    they equal the Python float sums they replace. A failed check raises at read, before the step is committed
+    (a checkpoint, a run folder's state), naming the first check that failed, as an immediate check would."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.whats: list[str] = []                 # check k's message subject
+        self.first_bad: torch.Tensor | None = None  # min k over the failed checks (inf: none)
+
+    def add(self, name: str, value: torch.Tensor, weight: float = 1.0) -> None:
+        v = value.detach().double()
+        if weight != 1.0:
+            v = v * weight
+        prev = self.sums.get(name)
+        self.sums[name] = v if prev is None else prev + v
+
+    def check(self, value: torch.Tensor, what: str) -> None:
+        k = len(self.whats)
+        self.whats.append(what)
+        bad = torch.where(torch.isfinite(value.detach()).all(), math.inf, float(k))
+        self.first_bad = bad if self.first_bad is None else torch.minimum(self.first_bad, bad)
+
+    def read(self, step: int) -> dict[str, float]:
+        """The sums as floats (one transfer), after raising NonFiniteLossError for a failed check; then empty."""
+        names, whats = list(self.sums), self.whats
+        parts = [self.sums[n].reshape(1) for n in names]
+        if self.first_bad is not None:
+            parts.append(self.first_bad.reshape(1))
+        self.clear()
+        if not parts:
+            return {}
+        values = torch.cat([p.to(parts[0].device, torch.float64) for p in parts]).tolist()
+        if len(values) > len(names) and values[-1] != math.inf:
+            raise_non_finite(whats[int(values[-1])], step)
+        return dict(zip(names, values))
+
+
 @dataclass
 class Run:
     model: nn.Module
@@ -67,6 +112,7 @@ class Run:
     shard: Shard | None = None       # this rank's images of the whole set (None: a single process owns all)
     state: dict = field(default_factory=dict)  # method-specific (stale cache, FDDA centers, labels)
     stream: object = None            # streaming.ChunkStream between store and device (stream_of(run))
+    sums: DeviceSums = field(default_factory=DeviceSums)  # this step's device-side sums and checks
 
     @property
     def n(self) -> int:
@@ -106,11 +152,26 @@ def output_images(run: Run, canvas: torch.Tensor) -> torch.Tensor:
     return final_view(canvas, run.size, run.lo, run.hi) if run.augment else canvas
 
 
+def raise_non_finite(what: str, step: int):
+    raise NonFiniteLossError(f"{what} is NaN or inf at step {step}; lower the learning rate (lr) or "
+                             "the loss weights (lambda_sigma, odsl_weight, fdda_weights), disable fp16, or "
+                             "check the model for overflow")
+
+
 def check_finite(run: Run, value: float | torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(torch.as_tensor(value)).all()):
-        raise NonFiniteLossError(f"{what} is NaN or inf at step {run.step}; lower the learning rate (lr) or "
-                                 "the loss weights (lambda_sigma, odsl_weight, fdda_weights), disable fp16, or "
-                                 "check the model for overflow")
+    """A tensor is checked when the step reads its sums (run.sums.read: one sync per step, not one per chunk)."""
+    if isinstance(value, torch.Tensor):
+        run.sums.check(value, what)
+    elif not math.isfinite(value):
+        raise_non_finite(what, run.step)
+
+
+def to_device(run: Run, t: torch.Tensor) -> torch.Tensor:
+    """A host tensor (views, labels, noise drawn on the CPU generator) on the run's device without a sync: a
+    plain .to(cuda) from pageable memory waits for the copy."""
+    if run.device.type != "cuda" or t.device.type != "cpu":
+        return t.to(run.device)
+    return t.pin_memory().to(run.device, non_blocking=True)
 
 
 def update(run: Run, sl: slice, x: torch.Tensor, grad: torch.Tensor, exp_avg, exp_avg_sq) -> None:

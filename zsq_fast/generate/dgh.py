@@ -24,7 +24,7 @@ import torch
 
 from ..ops import ChannelStats, channel_mean_var, channel_stats
 from .context import Run, check_finite, forward, grad_of, output_images, see, update, whole_set_bn
-from .losses import bn_group_losses, bn_terms, merge_mean_var, odsl, std_from_var
+from .losses import bn_group_sums, bn_terms, layer_groups, merge_mean_var, odsl, std_from_var
 from .shards import global_stats, reduce_sums
 from .stale_cache import StaleCache
 from .streaming import stream_of
@@ -54,7 +54,6 @@ def exact_gradients(run: Run, views, on_grad) -> dict:
     # pass 1: global statistics, no autograd
     bn = whole_set_bn(run, lambda sl, canvas: see(run, canvas, vsl(sl)), "the dgh BN loss")
     # pass 2: each chunk with autograd; the exact dL/dx flows in at every BN input
-    out_sum, out_term = 0.0, 0.0
     for sl, (x, m, v) in stream_of(run).chunks(run.store.chunks(run.chunk_size), moments=True):
         x.requires_grad_(True)
         acts, logits = forward(run, see(run, x, vsl(sl)))
@@ -63,10 +62,19 @@ def exact_gradients(run: Run, views, on_grad) -> dict:
             per = _odsl(run, acts, logits)
             check_finite(run, per.sum(), "the ODSL loss")
             loss = loss + run.odsl_weight * per.mean()
-            out_sum += float(per.detach().sum())
-            out_term += float(per.detach().mean())
+            run.sums.add("out_sum", per.sum())  # on the device: read once, after the loop
+            run.sums.add("out_term", per.mean())
         on_grad(sl, x.detach(), grad_of(run, loss, x), m, v)
-    return _step_losses(run, float(bn.loss.detach()), out_sum, out_term, bn_group_losses(bn.terms))
+    run.sums.add("bn", bn.loss)
+    for k, val in bn_group_sums(bn.terms).items():
+        run.sums.add(k, val)
+    got = run.sums.read(run.step)  # the step's one host sync (raises for a failed finiteness check)
+    return _step_losses(run, got["bn"], got.get("out_sum", 0.0), got.get("out_term", 0.0),
+                        {k: got[k] for k in _group_names(run)})
+
+
+def _group_names(run: Run) -> list[str]:
+    return [f"bn_{name}" for name in layer_groups(len(run.targets))]
 
 
 def exact_step(run: Run, views) -> dict:
@@ -91,8 +99,6 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
     remote = _other_ranks(cache.totals)
     after = run.state.get("stale_refresh", "after_update") == "after_update"
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
-    bn_sum, out_sum, out_term = 0.0, 0.0, 0.0
-    group_sums: dict[str, float] = {}
     chunks = run.store.chunks(run.chunk_size)
     for j, (sl, (x, m, v)) in enumerate(stream_of(run).chunks(chunks, moments=True)):
         x.requires_grad_(True)
@@ -112,18 +118,21 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
         if run.odsl_weight:
             per = _odsl(run, acts, logits)
             loss = loss + run.odsl_weight * per.mean()
-            out_sum += float(per.detach().sum())
-            out_term += float(per.detach().mean())
+            run.sums.add("out_sum", per.sum())  # on the device: read once, after the loop
+            run.sums.add("out_term", per.mean())
         check_finite(run, loss, "the dgh (stale) loss")
         g = grad_of(run, loss, x)
-        bn_sum += float(l_bn.detach())
-        for k, val in bn_group_losses(terms).items():
-            group_sums[k] = group_sums.get(k, 0.0) + val
+        run.sums.add("bn_sum", l_bn)
+        for k, val in bn_group_sums(terms).items():
+            run.sums.add(k, val)
         on_grad(sl, x.detach(), g, m, v)
         cache.replace(j, _finalised_stats(run, sl) if after else fresh, others)
-    sums = reduce_sums({"bn_sum": bn_sum, "chunks": len(chunks), **group_sums})
+    got = run.sums.read(run.step)  # the step's one host sync (raises for a failed finiteness check)
+    group_sums = {k: got[k] for k in _group_names(run)}
+    sums = reduce_sums({"bn_sum": got["bn_sum"], "chunks": len(chunks), **group_sums})
     groups = {k: sums[k] / sums["chunks"] for k in group_sums}
-    return _step_losses(run, sums["bn_sum"] / sums["chunks"], out_sum, out_term, groups)
+    return _step_losses(run, sums["bn_sum"] / sums["chunks"], got.get("out_sum", 0.0), got.get("out_term", 0.0),
+                        groups)
 
 
 def _other_ranks(local: list[ChannelStats]) -> list[ChannelStats] | None:

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import channel_mean_var, channel_stats
-from .context import Run, check_finite, forward, grad_of, see, update, whole_set_bn
-from .losses import bn_group_losses, center_loss
+from .context import Run, check_finite, forward, grad_of, see, to_device, update, whole_set_bn
+from .losses import bn_group_sums, center_loss
 from .shards import reduce_sums
 from .streaming import stream_of
 
@@ -137,11 +137,12 @@ def fdda_gradients(run: Run, views, on_grad) -> dict:
                       weight=w["bn"], spread="var")
     # BNS-distorted targets, redrawn every step from the run's generator
     def noise(t: torch.Tensor, std: float) -> torch.Tensor:
-        return std * torch.randn(t.shape, generator=run.generator).to(t.device)
+        return std * to_device(run, torch.randn(t.shape, generator=run.generator))
     noisy = [(centers.mean[l] + noise(centers.mean[l], st["noise_mean_std"]),
               centers.var[l] + noise(centers.var[l], st["noise_var_std"])) for l in deep]
     # pass 2: per single-class batch, its class terms plus its share of the whole-set L_BN gradient
-    out = {"bn": float(bn.loss.detach()), "ce": 0.0, "center": 0.0, "distort": 0.0}
+    if "labels_dev" not in st:  # one copy to the device per run, not one per batch
+        st["labels_dev"] = to_device(run, st["labels"])
     classes = [k for k, _ in st["batches"]]
     for i, (sl, (x, m, v)) in enumerate(stream_of(run).chunks([sl for _, sl in st["batches"]], moments=True)):
         k = classes[i]
@@ -150,7 +151,7 @@ def fdda_gradients(run: Run, views, on_grad) -> dict:
         deep_stats = [channel_mean_var(acts[1 + l]) for l in deep]
         l_c = center_loss(deep_stats, [(centers.mean[l][k], centers.var[l][k]) for l in deep]) / len(deep)
         l_d = center_loss(deep_stats, [(nm[k], nv[k]) for nm, nv in noisy]) / len(deep)
-        y = st["labels"][sl].to(run.device)
+        y = st["labels_dev"][sl]
         ce = F.cross_entropy(logits.float(), y)
         frac = (sl.stop - sl.start) / run.n_all
         class_terms = w["ce"] * ce + w["distort"] * l_d + w["center"] * l_c
@@ -158,10 +159,16 @@ def fdda_gradients(run: Run, views, on_grad) -> dict:
         loss = frac * class_terms + bn.injected(acts)
         on_grad(sl, x.detach(), grad_of(run, loss, x), m, v)
         for name, val in (("ce", ce), ("center", l_c), ("distort", l_d)):
-            out[name] += float(val.detach()) * frac
+            run.sums.add(name, val, frac)  # on the device: read once, after the loop
+    run.sums.add("bn", bn.loss)
+    groups = bn_group_sums(bn.terms)
+    for k, val in groups.items():
+        run.sums.add(k, val)
+    got = run.sums.read(run.step)  # the step's one host sync (raises for a failed finiteness check)
+    out = {"bn": got["bn"], **{k: got.get(k, 0.0) for k in ("ce", "center", "distort")}}
     out.update(reduce_sums({k: out[k] for k in ("ce", "center", "distort")}))  # over the ranks
     out["total"] = w["bn"] * out["bn"] + sum(w[name] * out[name] for name in ("ce", "center", "distort"))
     # reduce-on-plateau watches the total without L_D's fresh noise (E[L_D] = L_C + a constant): the noise
     # alone would cut the lr
     out["schedule"] = out["total"] + w["distort"] * (out["center"] - out["distort"])
-    return {**out, **bn_group_losses(bn.terms)}
+    return {**out, **{k: got[k] for k in groups}}

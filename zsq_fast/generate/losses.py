@@ -58,6 +58,13 @@ def bn_group_losses(terms) -> dict[str, float]:
             for name, r in layer_groups(len(terms)).items()}
 
 
+def bn_group_sums(terms) -> dict[str, torch.Tensor]:
+    """bn_group_losses as float64 tensors on the terms' device (the loops read them once per step), summed in
+    the same order, so the same values."""
+    return {f"bn_{name}": sum(terms[i].detach().double() for i in r)
+            for name, r in layer_groups(len(terms)).items()}
+
+
 def odsl(logits: torch.Tensor, last_act: torch.Tensor | None = None, last_target=None,
          hinged: bool = False, margin: float = 0.5) -> torch.Tensor:
     """Output distribution stretching loss per image (N,):

@@ -27,11 +27,14 @@ def unmerge(total: ChannelStats, part: ChannelStats) -> ChannelStats:
     return ChannelStats(n_rest, mean, m2.clamp_min(0.0))  # rounding may leave M2 a hair below 0
 
 
-def sum_stats(counts: torch.Tensor, data: torch.Tensor) -> ChannelStats:
-    """Exact union of K sets given counts (K,) and stacked (mean, M2) data (K, 2, C), two-pass form."""
-    n = float(counts.sum())
+def sum_stats(counts: torch.Tensor, data: torch.Tensor, n: float | None = None) -> ChannelStats:
+    """Exact union of K sets given counts (K,) and stacked (mean, M2) data (K, 2, C), two-pass form.
+    n: counts' sum when the caller has it on the host (counts are whole numbers: any summation order)."""
+    n = float(counts.sum()) if n is None else n
     if n == 0:
         return ChannelStats(0.0, data=torch.zeros_like(data[0]))
+    if data.device.type == "cuda" and counts.device.type == "cpu":  # pageable -> device copies wait
+        counts = counts.pin_memory().to(data.device, non_blocking=True)
     w = counts.to(data).view(-1, 1)
     mean = (w * data[:, 0]).sum(0) / n
     m2 = data[:, 1].sum(0) + (w * (data[:, 0] - mean).square()).sum(0)
@@ -39,10 +42,13 @@ def sum_stats(counts: torch.Tensor, data: torch.Tensor) -> ChannelStats:
 
 
 class StaleCache:
-    """counts (K, L) and per layer data (K, 2, C_l) float64 on the device; totals per layer."""
+    """counts (K, L) float64 on the host and per layer data (K, 2, C_l) float64 on the device; totals per layer."""
 
     def __init__(self, counts: torch.Tensor, data: list[torch.Tensor]):
-        self.counts = counts
+        self.counts = counts.cpu().contiguous()
+        # the same memory as numpy: the loop reads a count per chunk and layer, a tensor read each would count
+        # as a host read (tests/test_host_syncs.py) and costs a dispatch
+        self._host = self.counts.numpy()
         self.data = data
         self.totals = self.resync()
 
@@ -72,7 +78,7 @@ class StaleCache:
         return self.counts.shape[0]
 
     def entry(self, j: int, layer: int) -> ChannelStats:
-        return ChannelStats(float(self.counts[j, layer]), data=self.data[layer][j])
+        return ChannelStats(float(self._host[j, layer]), data=self.data[layer][j])
 
     def __getitem__(self, j: int) -> list[ChannelStats]:
         """Chunk j's entries, one per layer (views into the cache)."""
@@ -83,7 +89,8 @@ class StaleCache:
 
     def resync(self) -> list[ChannelStats]:
         """Recompute the totals from the entries (drops accumulated rounding)."""
-        self.totals = [sum_stats(self.counts[:, layer], d) for layer, d in enumerate(self.data)]
+        self.totals = [sum_stats(self.counts[:, layer], d, float(self._host[:, layer].sum()))
+                       for layer, d in enumerate(self.data)]
         return self.totals
 
     def others(self, j: int) -> list[ChannelStats]:

@@ -154,12 +154,15 @@ class UnitData:
         """The batch of samples `idx` (a CPU LongTensor) on the device."""
         if self.mode == "recompute":
             return self._compute(self.images.take(idx))
-        if self.mode == "device":
-            return {k: t[idx.to(self.device)] for k, t in self.store.items()}
+        cuda = self.device.type == "cuda"
+        if self.mode == "device":  # a pageable index copied to a GPU would wait for the copy: every iteration
+            idx = idx.pin_memory().to(self.device, non_blocking=True) if cuda else idx.to(self.device)
+            return {k: t[idx] for k, t in self.store.items()}
         out = {}
         for k, t in self.store.items():
-            if t.is_pinned():  # gather into pinned memory so the copy is asynchronous (the caching host
-                # allocator keeps the buffer alive until the copy is done)
+            if t.is_pinned() or cuda:  # gather into pinned memory so the copy is asynchronous (a pageable copy,
+                # e.g. from the disk cache, waits for it; the caching host allocator keeps the buffer alive until
+                # the copy is done)
                 buf = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
                 torch.index_select(t, 0, idx, out=buf)
                 out[k] = buf.to(self.device, non_blocking=True)

@@ -126,7 +126,8 @@ class ActObserver:
     _STRIDE = 7919  # shift between consecutive images' positions (prime: positions cycle through all offsets)
 
     def __init__(self, max_samples: int, n_images: int, generator: torch.Generator):
-        self.lo, self.hi = math.inf, -math.inf
+        self._lo, self._hi = math.inf, -math.inf  # the range read so far (lo, hi read the pending part)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # on the device: min, max since
         self.per_image = max(1, math.ceil(max_samples / max(1, n_images)))
         self.offsets = torch.rand(self.per_image, generator=generator, dtype=torch.float64)
         self.samples: list[torch.Tensor] = []
@@ -137,8 +138,11 @@ class ActObserver:
         x = x.detach().float()
         if x.numel() == 0:
             return
-        self.lo = min(self.lo, float(x.min()))
-        self.hi = max(self.hi, float(x.max()))
+        # kept on the device (a float() per batch and quantizer would wait for the GPU each time); min and max
+        # pick values, so reading them once gives the same floats
+        lo, hi = x.min(), x.max()
+        p = self._pending
+        self._pending = (lo, hi) if p is None else (torch.minimum(p[0], lo), torch.maximum(p[1], hi))
         x = x.reshape(x.shape[0], -1)
         m = x.shape[1]
         if m > self.per_image:
@@ -156,9 +160,24 @@ class ActObserver:
         dev = distributed.collective_device()
         r = torch.tensor([-self.lo, self.hi], dtype=torch.float64, device=dev)
         distributed.all_reduce_max_(r, "the activation observers' ranges")
-        self.lo, self.hi = -float(r[0]), float(r[1])
+        self._lo, self._hi = -float(r[0]), float(r[1])
         mine = torch.cat(self.samples).to(dev) if self.samples else torch.empty(0, device=dev)
         self.samples = [distributed.all_gather_cat(mine, "the activation observers' samples")]
+
+    def _read(self) -> tuple[float, float]:
+        if self._pending is not None:
+            lo, hi = torch.stack(self._pending).tolist()
+            self._lo, self._hi, self._pending = min(self._lo, lo), max(self._hi, hi), None
+        return self._lo, self._hi
+
+    @property
+    def lo(self) -> float:
+        """The smallest value observed (inf before any)."""
+        return self._read()[0]
+
+    @property
+    def hi(self) -> float:
+        return self._read()[1]
 
     @property
     def nonnegative(self) -> bool:
@@ -210,16 +229,18 @@ def top1_preserving_scale(logits: torch.Tensor, reference_top1: torch.Tensor, sp
     scale, zp = clipping_candidates(x.min().view(1), x.max().view(1), spec, candidates)  # (R, 1)
     qmin, qmax = spec.qrange
     shifted = [x * g for g in MAGNITUDE_SHIFTS]  # the same for every candidate
-    best, best_key = 0, None
+    wrongs, errors = [], []
     for i in range(scale.shape[0]):
         s, z = scale[i].contiguous(), zp[i].contiguous()
         wrong = 0
         for xg in shifted:
             x_hat = fake_quant(xg, s, z, qmin, qmax, None)
             top = x_hat.max(1, keepdim=True).values
-            wrong += int(((x_hat.argmax(1) != ref) | ((x_hat == top).sum(1) > 1)).sum())
-        error = float((fake_quant(x, s, z, qmin, qmax, None) - x).abs().pow(p).sum())
-        key = (wrong, error)
-        if best_key is None or key < best_key:
-            best, best_key = i, key
+            wrong = wrong + ((x_hat.argmax(1) != ref) | ((x_hat == top).sum(1) > 1)).sum()
+        wrongs.append(wrong)
+        errors.append((fake_quant(x, s, z, qmin, qmax, None) - x).abs().pow(p).sum())
+    # one read for all candidates, not two per candidate (each a GPU sync); counts and float32 sums are exact in
+    # float64, and min() keeps the first of equal keys, as a strict < over the candidates in order does
+    keys = torch.stack([torch.stack(wrongs).double(), torch.stack(errors).double()], 1).tolist()
+    best = min(range(len(keys)), key=lambda i: (keys[i][0], keys[i][1]))
     return scale[best], zp[best]
