@@ -138,6 +138,8 @@ def one_generation(cfg: dict) -> dict:
     device = torch.device(cfg["device"])
     src = _model(cfg["model"])
     model = src.model.to(device)
+    if cfg.get("bn_on_noise"):  # a random-init model: BN statistics from noise, so the BN loss has a target
+        _bn_on_noise(model, cfg["size"], device)
     # warm-up (kernel selection, allocator, thread pools) on a small problem, not timed
     generate(model, min(cfg["n"], 8), method="dgh", image_size=cfg["size"], iterations=1,
                       chunk_size=min(cfg["chunk"], 8), aggregation=cfg["mode"], mean=src.mean, std=src.std,
@@ -158,9 +160,22 @@ def one_generation(cfg: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def _bn_on_noise(model, size: int, device, passes: int = 3, batch: int = 32) -> None:
+    """BN running statistics from `passes` train-mode forwards of N(0, 1) images (seeded), then eval mode."""
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(passes):
+        model(torch.randn(batch, 3, size, size, generator=g).to(device))
+    model.eval()
+
+
 def _child(cfg: dict, timeout: int) -> dict:
     cmd = [sys.executable, "-W", "ignore", os.path.abspath(__file__), "--one", json.dumps(cfg)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:  # a row that hangs is reported, the others still run
+        return {**cfg, "error": f"over {timeout} s"}
     if r.returncode != 0:
         return {**cfg, "error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -267,10 +282,11 @@ def _profile_md(p: dict) -> list[str]:
 
 def markdown(gen: list[dict], recon: dict, recon_cfg: dict, e2e: list[dict], env: dict) -> str:
     out = ["## Speed (benchmarks/speed.py)", "",
-           f"Device: {env['device']}; torch threads {env['threads']}; ops backend {env['backend']}.", "",
-           "### DGH generation throughput (image-iterations per second; setup excluded)", "",
-           "| model | size | N | chunk | mode | store | iterations timed | img-it/s | steps s | peak MiB | memory |",
-           "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+           f"Device: {env['device']}; torch threads {env['threads']}; ops backend {env['backend']}."]
+    if gen:
+        out += ["", "### DGH generation throughput (image-iterations per second; setup excluded)", "",
+                "| model | size | N | chunk | mode | store | iterations timed | img-it/s | steps s | peak MiB | memory |",
+                "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for g in gen:
         head = f"| {g['model']} | {g['size']} | {g['n']} | {g['chunk']} | {g['mode']} | {g.get('store', 'host')} | "
         if "error" in g:
@@ -303,17 +319,19 @@ def markdown(gen: list[dict], recon: dict, recon_cfg: dict, e2e: list[dict], env
                 "included): " +
                 ", ".join(f"{i} {_extrapolated_s(recon[i]) / 60:.1f} min" for i in impls) + "."]
     for e in e2e:
-        out += ["", f"### {e['model']}, {e['size']} px, {e['n']} images, DGH {e['mode']}, bf16 autocast, channels_last, "
-                f"{e.get('store', 'host')} store, {e['iterations']} iterations timed", ""]
+        init = ", random init with BN statistics set on noise" if e.get("bn_on_noise") else ""
+        out += ["", f"### {e['model']}{init}, {e['size']} px, {e['n']} images, DGH {e['mode']}, bf16 autocast, "
+                f"channels_last, {e.get('store', 'host')} store, {e['iterations']} iterations timed", ""]
         if "error" in e:
             out.append(f"failed: {e['error']}")
             continue
-        out.append(f"{e['total_s']:.1f} s total ({e['img_it_per_s']:.0f} image-iterations/s, setup "
-                   f"{e['setup_s']:.1f} s), peak {e['peak_mib']:.0f} MiB ({e['peak_kind']}).")
+        out.append(f"{e['total_s']:.1f} s total ({e['img_it_per_s']:.0f} image-iterations/s, "
+                   f"{e['steps_s'] / e['iterations']:.3f} s per step, setup {e['setup_s']:.1f} s), "
+                   f"peak {e['peak_mib']:.0f} MiB ({e['peak_kind']}).")
         if e["iterations"] < 1000:
             est = e["setup_s"] + e["steps_s"] * 1000 / e["iterations"]
             out.append(f"**Extrapolated** to 1000 iterations (setup + steps x 1000/{e['iterations']}): {est:.1f} s.")
-        if "profile" in e:
+        if isinstance(e.get("profile"), dict):  # the profile's result (the setting is a bool)
             out += [""] + _profile_md(e["profile"])
     return "\n".join(out) + "\n"
 
@@ -332,6 +350,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results_speed.md"))
     p.add_argument("--parts", default="generation,reconstruction,e2e",
                    help="comma list of the parts to run (a GPU call's time limit may not fit all three)")
+    p.add_argument("--gen-models", help="generation part: only these models of the grid (comma list)")
+    p.add_argument("--gen-n", help="generation part: only these N (comma list)")
+    p.add_argument("--gen-modes", default="exact,stale", help="generation part: aggregation modes (comma list)")
+    p.add_argument("--recon-images", type=int, help="reconstruction part: calibration images")
+    p.add_argument("--recon-impls", default="fused,eager", help="reconstruction part: fused and/or eager (comma list)")
+    p.add_argument("--e2e-runs", default="exact:device,stale:device,exact:host",
+                   help="end-to-end part: mode:store pairs (comma list)")
+    p.add_argument("--no-profile", action="store_true", help="end-to-end part: skip the one-step profile")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per child process (a generation row)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -348,32 +375,40 @@ def main(argv=None) -> int:
     if not parts <= {"generation", "reconstruction", "e2e"}:
         raise SystemExit(f"--parts: unknown {sorted(parts - {'generation', 'reconstruction', 'e2e'})}")
     gen = []
+    gen_models = None if not args.gen_models else args.gen_models.split(",")
+    gen_n = None if not args.gen_n else [int(n) for n in args.gen_n.split(",")]
     for model, size, ns in (grid if "generation" in parts else []):
-        for n in ns:
-            for mode in ("exact", "stale"):
+        if gen_models is not None and model not in gen_models:
+            continue
+        for n in (ns if gen_n is None else gen_n):
+            for mode in args.gen_modes.split(","):
                 cfg = {"model": model, "size": size, "n": n, "mode": mode, "iterations": iters, "store": "host",
                        "chunk": min(n, 256 if size <= 64 else (128 if cuda else 16)), "device": str(device),
                        "threads": args.threads}
-                gen.append(_child(cfg, timeout=3600))
+                gen.append(_child(cfg, timeout=args.timeout))
                 g = gen[-1]
                 print(f"{model} {size}px N={n} {mode}: " + (g.get("error") or
                       f"{g['img_it_per_s']:.1f} img-it/s, peak {g['peak_mib']:.0f} MiB"), file=sys.stderr)
     if cuda and not args.tiny:  # issue 9: ResNet-18 at 224 px, batch 32
-        recon_cfg = {"model": "torchvision:resnet18", "size": 224, "n": 256, "iterations": args.recon_iterations or 200}
+        recon_cfg = {"model": "torchvision:resnet18", "size": 224, "n": args.recon_images or 256,
+                     "iterations": args.recon_iterations or 200}
     else:
-        recon_cfg = {"model": "resnet20", "size": 32, "n": 16 if args.tiny else (64 if args.quick else 256),
+        recon_cfg = {"model": "resnet20", "size": 32,
+                     "n": args.recon_images or (16 if args.tiny else (64 if args.quick else 256)),
                      "iterations": args.recon_iterations or (1 if args.tiny else (5 if args.quick else 20))}
     recon = {impl: reconstruction_per_block(device, recon_cfg["model"], recon_cfg["size"], recon_cfg["n"],
                                             recon_cfg["iterations"], impl)
-             for impl in (("fused", "eager") if "reconstruction" in parts else ())}
+             for impl in (args.recon_impls.split(",") if "reconstruction" in parts else ())}
     e2e = []
     if "e2e" in parts and ((cuda and not args.skip_e2e) or args.tiny):  # --tiny: the same code path on the dry run's small model
         base = ({"model": "resnet20", "size": 32, "n": 16, "iterations": 2, "chunk": 8} if args.tiny else
                 {"model": "torchvision:resnet18", "size": 224, "n": 1024, "iterations": args.e2e_iterations,
                  "chunk": 256})
-        for mode, store in (("exact", "device"), ("stale", "device"), ("exact", "host")):
+        for mode, store in (run.split(":") for run in args.e2e_runs.split(",")):
             e2e.append(_child({**base, "mode": mode, "store": store, "device": str(device), "threads": args.threads,
-                               "amp": "bf16", "channels_last": True, "profile": True}, timeout=7200))
+                               "amp": "bf16", "channels_last": True, "profile": not args.no_profile,
+                               "bn_on_noise": base["model"].startswith("torchvision:")},  # random init only
+                              timeout=min(7200, args.timeout)))
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "threads": args.threads,
            "backend": json.dumps(zsq_fast.ops.backend())}
     md = markdown(gen, recon, recon_cfg, e2e, env)
