@@ -29,6 +29,7 @@ from .cache import MODES as CACHE_MODES
 from .calib_data import CalibData, layout_of
 from .calibrate import METHODS as CALIBRATIONS
 from .calibrate import ActObserver, weight_scale
+from .canonical import canonicalize
 from .fold import bns_as_convs, fold_bn, set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
 from .output import calibrate_output, output_unit
@@ -287,10 +288,11 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         if not isinstance(probe_forward(fp, probe, f"calib_images of shape {(data.n, *data.image_shape)}"),
                           torch.Tensor):
             raise InvalidTypeError("the model must return one tensor")
+        norms = canonicalize(fp, probe, keep=skip)  # library norm modules (timm BatchNormAct2d) -> plain BN
         tr = trace_model(fp, probe)
         orphans = [n for n in tr.orphan_bns if n not in skip]
         bns_as_convs(fp, orphans)  # BN -> ReLU -> Conv: a depthwise 1x1 conv, quantized like any conv (fold.py)
-        pairs = [p for p in tr.bn_pairs if p[0] not in skip]
+        pairs = [p for p in tr.bn_pairs if p[0] not in skip and p[1] not in skip]
         fold_bn(fp, pairs)
         ran = set(tr.order)
         bad = [b for b in _unsupported(fp, ran, skip) if not isinstance(fp.get_submodule(b.split(" ")[0]), _FOLDED)]
@@ -407,6 +409,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         "num_calibration_images": layout.total,
         "calibration_data": data.describe() if layout.total == data.n else
         f"{len(layout.counts)} ranks' shards {list(layout.counts)}, this rank's a {data.describe()}",
+        "canonical_norms": norms,  # rewritten as plain BN (+ their post-ops) before the trace (canonical.py)
         "folded_bn": [list(p) for p in pairs],
         "bn_as_conv": orphans,  # BNs that could not be folded: quantized depthwise 1x1 convs (listed in layers)
         "layers": layers_cfg,

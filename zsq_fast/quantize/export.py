@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import FileFormatError, InvalidArgumentError, InvalidTypeError
 from ..fileio import load_torch_file, write_atomic
 from ..validate import as_device, check_finite_images, check_finite_result, probe_forward
+from .canonical import rewrite_norms
 from .fold import bns_as_convs, set_module
 from .modules import QUANT_LAYERS, QuantizedModel, quant_layer_for
 from .onnx_pools import exportable_adaptive_pools
@@ -77,6 +78,7 @@ def load_quantized(path, model: nn.Module, device: str | torch.device | None = N
         if isinstance(getattr(mod, "inplace", None), bool):
             mod.inplace = False
     try:
+        rewrite_norms(m, config.get("canonical_norms", []))  # as quantize did, before folding
         for _, bn in config["folded_bn"]:
             set_module(m, bn, nn.Identity())
         bns_as_convs(m, config.get("bn_as_conv", []))  # values come from the state dict

@@ -15,6 +15,8 @@ give the same numbers, and so does the output quantizer's rounding (half to even
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,19 +132,60 @@ class _QuantLayer(nn.Module):
         return f"{self._shape_repr()}, rounding={self.rounding}{', int32 bias' if self.int32_bias else ''}"
 
 
+def _own_forward(layer: nn.Module, base: type) -> bool:
+    """A Conv2d/Linear whose forward is not the plain op on (weight, bias): a subclass with its own forward
+    (efficientnet_pytorch's and timm's "same" padding convs pad first) or a non-zero padding mode."""
+    if type(layer).forward is not base.forward:
+        return True
+    if base is nn.Conv2d:
+        return type(layer)._conv_forward is not nn.Conv2d._conv_forward or layer.padding_mode != "zeros"
+    return False
+
+
+def _weightless_copy(layer: nn.Module) -> nn.Module:
+    """`layer` without its weight and bias (and hooks), to run its own forward on the quantized weight."""
+    extra = [n for n, p in layer.named_parameters(recurse=True) if n not in ("weight", "bias") and p is not None]
+    extra += [n for n, b in layer.named_buffers(recurse=True) if b is not None]
+    if extra:
+        raise UnsupportedModelError(f"a {type(layer).__name__} with its own forward and other tensors "
+                                    f"({extra[:4]}) cannot be quantized as one weight on an integer grid")
+    memo = {id(p): None for p in layer._parameters.values() if p is not None}  # shared, never copied
+    mod = copy.deepcopy(layer, memo)
+    mod._parameters = {}
+    for hooks in ("_forward_hooks", "_forward_pre_hooks"):
+        getattr(mod, hooks).clear()
+    return mod
+
+
+class _OwnForward:
+    """Runs a layer's own forward (padding included) with a given weight and bias: its weightless copy is
+    held outside the module tree (no parameters, no state-dict entries, moved by nothing)."""
+
+    def __init__(self, layer: nn.Module):
+        self.module = _weightless_copy(layer)
+
+    def __call__(self, x, w, b):
+        m = self.module
+        m.weight, m.bias = w, b  # plain attributes: the copy has no parameters of that name
+        try:
+            return m(x)
+        finally:
+            m.weight = m.bias = None
+
+
 class QuantConv2d(_QuantLayer):
     kind = "conv2d"
 
     def __init__(self, conv: nn.Conv2d, w_spec: QuantSpec, a_spec: QuantSpec, int32_bias: bool = False):
         super().__init__()
-        if conv.padding_mode != "zeros":
-            raise UnsupportedModelError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported (only "
-                                        f"'zeros')")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.own_forward = _OwnForward(conv) if _own_forward(conv, nn.Conv2d) else None
         self._init_quant(conv.weight, conv.bias, w_spec, a_spec, int32_bias)
 
     def _op(self, x, w, b):
+        if self.own_forward is not None:
+            return self.own_forward(x, w, b)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _shape_repr(self):
@@ -155,9 +198,12 @@ class QuantLinear(_QuantLayer):
     def __init__(self, linear: nn.Linear, w_spec: QuantSpec, a_spec: QuantSpec, int32_bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.own_forward = _OwnForward(linear) if _own_forward(linear, nn.Linear) else None
         self._init_quant(linear.weight, linear.bias, w_spec, a_spec, int32_bias)
 
     def _op(self, x, w, b):
+        if self.own_forward is not None:
+            return self.own_forward(x, w, b)
         return F.linear(x, w, b)
 
     def _shape_repr(self):

@@ -178,7 +178,54 @@ def attach(model: nn.Module, fns: dict[str, Callable], calls: dict[str, tuple[st
 
 
 def _is_leaf(m: nn.Module) -> bool:
-    return next(iter(m.children()), None) is None
+    """A module whose output is one op's: no children, or a Conv2d/Linear (its children, such as a "same"
+    padding conv's ZeroPad2d, are part of its op and are not sites of their own)."""
+    return isinstance(m, _LAYERS) or next(iter(m.children()), None) is None
+
+
+def _visible_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """named_modules() without the modules inside a Conv2d/Linear (the quantized layer replaces them)."""
+    out, layers = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in layers):
+            continue
+        out.append((name, m))
+        if name and isinstance(m, _LAYERS):
+            layers.append(name)
+    return out
+
+
+@torch.no_grad()
+def returning_input(model: nn.Module, example: torch.Tensor) -> set[str]:
+    """Parameter-free leaves that return their input object unchanged at every call (timm's DropPath and
+    Dropout variants in eval mode): pass-through modules like nn.Identity, found by what they do."""
+    seen: dict[str, bool] = {}
+    handles = []
+
+    def hook(name):
+        def record(m, args, out):
+            same = bool(args) and out is args[0] and out._version == before.get(name)
+            seen[name] = seen.get(name, True) and same
+        return record
+
+    before: dict[str, int] = {}
+
+    def pre(name):
+        def record(m, args):
+            if args and isinstance(args[0], torch.Tensor):
+                before[name] = args[0]._version
+        return record
+
+    for name, m in _visible_modules(model):
+        if (name and _is_leaf(m) and not isinstance(m, (*_LAYERS, *PASS_THROUGH))
+                and next(iter(m.parameters()), None) is None):
+            handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(hook(name))]
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n for n, same in seen.items() if same}
 
 
 _RELUS = {torch.nn.functional.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
@@ -250,14 +297,20 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     passes: list[tuple[int, int]] = []                     # (id(out), id(in)) of pass-through modules, in order
     read_at: dict[int, list[int]] = {}                     # id(tensor) -> reads.n when a (non pass-through) leaf read it
     running: list[tuple[str, int]] = []                    # (module, call index) of the forwards under way
-    mods = dict(model.named_modules())
+    visible = _visible_modules(model)
+    mods = dict(visible)
+    identity = returning_input(model, example)
+
+    def passes_through(name, mod):
+        return isinstance(mod, PASS_THROUGH) or name in identity
+
     reads = _FunctionalReads(lambda: bool(running) and _is_leaf(mods[running[-1][0]]), keep, version)
     n_calls: dict[str, int] = {}                           # module -> calls so far
     callers: dict[str, set[str | None]] = {}               # module -> the innermost modules running when it was called
     handles = []
     block_set, layer_set = set(blocks), set(layers)
     # composite modules (not containers, not the model itself) whose output may be made by a functional op
-    composites = {n for n, m in model.named_modules()
+    composites = {n for n, m in visible
                   if n and not _is_leaf(m) and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))}
 
     def enter(name):
@@ -273,7 +326,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
 
     def pre(name, mod):
         def hook(m, args):
-            if _is_leaf(mod) and not isinstance(mod, PASS_THROUGH):  # every argument (Add()(a, b)), not just args[0]
+            if _is_leaf(mod) and not passes_through(name, mod):  # every argument (Add()(a, b)), not just args[0]
                 for t in _tensors_in(list(args)):
                     keep.append(t)
                     read_at.setdefault(id(t), []).append(reads.n)  # after the functional calls so far
@@ -283,7 +336,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             if id(args[0]) in version and args[0]._version != version[id(args[0])]:
                 changed.add(id(args[0]))  # a functional op (an in-place add) read it first
                 return
-            if _is_leaf(mod) and not isinstance(mod, PASS_THROUGH):  # `enter` ran first: this call is on top
+            if _is_leaf(mod) and not passes_through(name, mod):  # `enter` ran first: this call is on top
                 readers.setdefault(id(args[0]), []).append(site_name(name, running[-1][1]))
             if name in layer_set:
                 inputs.setdefault(name, args[0])
@@ -298,7 +351,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             version.setdefault(id(out), out._version)
             outputs[call] = id(out)
             order.append(call)
-            if isinstance(mod, PASS_THROUGH):
+            if passes_through(name, mod):
                 src = id(args[0]) if args and isinstance(args[0], torch.Tensor) else None
                 if src in changed:  # changed in place since its producer made it: not that site's values
                     src = None
@@ -318,7 +371,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
                 producer[id(out)] = call
         return hook
 
-    for name, mod in model.named_modules():  # hooks run in registration order: enter first, leave last
+    for name, mod in visible:  # hooks run in registration order: enter first, leave last
         handles.append(mod.register_forward_pre_hook(enter(name)))
         if name:
             handles.append(mod.register_forward_pre_hook(pre(name, mod)))

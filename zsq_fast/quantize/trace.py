@@ -42,7 +42,7 @@ def trace_model(model: nn.Module, example: torch.Tensor) -> Trace:
             if isinstance(mod, _FOLDABLE) and args and isinstance(args[0], torch.Tensor) and tr.calls[name] == 1:
                 entry = readers.setdefault(id(args[0]), (args[0], []))
                 entry[1].append(name)
-            if isinstance(mod, _BN) and args:
+            if type(mod) in _BN and args:  # exact: library subclasses are rewritten first (canonical.py)
                 src = produced.get(id(args[0]))
                 src = src[0] if src is not None and src[1] is args[0] else None
                 pair = next((p for p in tr.bn_pairs if p[1] == name), None)
@@ -59,7 +59,12 @@ def trace_model(model: nn.Module, example: torch.Tensor) -> Trace:
                 produced[id(out)] = (name, out)
         return hook
 
+    inside: list[str] = []  # a layer's own children (a "same" padding conv's ZeroPad2d) are part of its op
     for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if name and isinstance(mod, _FOLDABLE):
+            inside.append(name)
         if name:
             handles.append(mod.register_forward_pre_hook(pre_hook(name)))
             if isinstance(mod, _FOLDABLE):
