@@ -25,6 +25,7 @@ from .pipeline import (GENERATORS, PRESETS, ROUNDINGS, Progress, UsageError,  # 
                        check_generator_model, parse_bits, run_generate, run_quantize)
 from .plots import generation_figure, reconstruction_figure, save_png
 from .quantize.calib_data import layout_of
+from .quantize.support import check_supported
 from .report import RunReport, check_precision, report_path_for, resolve_device, seed_everything
 
 
@@ -193,12 +194,14 @@ def _quantize(args) -> int:
     if recon and args.method == "nearest":
         raise UsageError(f"--{'/--'.join(k.replace('_', '-') for k in recon)} set the reconstruction; "
                          "--method nearest has none (use adaround or brecq)")
-    extra = dict(recon, **({"input_bits": args.input_bits} if args.input_bits is not None else {}))
+    extra = dict(recon, **({"input_bits": args.input_bits} if args.input_bits is not None else {}),
+                 **({"skip": list(args.skip)} if args.skip else {}))
     if bool(args.images) == bool(args.generator):
         raise UsageError("give calibration data: either --images DATA or --generator dgh|bns|fdda")
     with report.timed("load_model"):
         src = _model_from(args)
     report.settings["model"] = src.settings()
+    check_supported(src.model, args.skip or ())  # before generating: what would stay float is refused now
     if args.generator:
         check_generator_model(src, args.generator)
     evaldata = None
@@ -518,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reg-weight", type=_rate(True), help="rounding regularizer weight lambda (default 0.01)")
     r.add_argument("--input-bits", type=_positive,
                    help="bits of the network input's grid (default: the preset's; hw: 8, as images are)")
+    r.add_argument("--skip", action="append", metavar="MODULE",
+                   help="keep this module float (repeatable; recorded in the model's quant_config)")
     r.add_argument("--qdrop", type=_probability, nargs="?", const=0.5,
                    help="QDrop: keep activations float with this probability while reconstructing "
                         "(--qdrop alone: 0.5; default off)")

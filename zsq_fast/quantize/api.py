@@ -37,6 +37,7 @@ from ..ops.checks import MAX_BITS, MIN_BITS
 from .presets import PRESETS, get_preset, parse_bits
 from .quantizer import Quantizer
 from .sites import Sites, attach, call_info, find_sites, only, parse_site
+from .support import check_supported
 from .trace import trace_model
 
 METHODS = ("nearest", "adaround", "brecq")
@@ -257,17 +258,18 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
             raise InvalidArgumentError(f"input_bits must be None or an int in [{MIN_BITS}, {MAX_BITS}], got {input_bits!r}")
     pre = get_preset(preset)
     _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale, progress)
-    data = CalibData(calib_images, allow_empty=distributed.active())
-    layout = layout_of(data.n)  # every rank learns the shards' sizes (and fails alike if one is empty)
-    _check_same_on_every_rank({"bits": bits, "preset": preset, "method": method, "calibration": calibration,
-                               "seed": seed, "batch_size": batch_size, "iterations": iterations, "qdrop": qdrop,
-                               "act_samples": act_samples, "image shape": data.image_shape})
     if not isinstance(skip, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in skip):
         raise InvalidTypeError(f"skip must be a sequence of module names, got {skip!r:.80}")
     skip = set(skip)
     names = {n for n, _ in model.named_modules()}
     if skip - names:
         raise InvalidArgumentError(f"skip names modules the model does not have: {sorted(skip - names)}")
+    check_supported(model, skip)  # before any work: what would stay float is refused (support.py)
+    data = CalibData(calib_images, allow_empty=distributed.active())
+    layout = layout_of(data.n)  # every rank learns the shards' sizes (and fails alike if one is empty)
+    _check_same_on_every_rank({"bits": bits, "preset": preset, "method": method, "calibration": calibration,
+                               "seed": seed, "batch_size": batch_size, "iterations": iterations, "qdrop": qdrop,
+                               "act_samples": act_samples, "image shape": data.image_shape})
     device = _device(device, model)
     check_finite_model(model)
     # e.g. float64 images for a float32 model: cast per batch

@@ -78,7 +78,8 @@ class _QuantLayer(nn.Module):
 
     def integer_bias(self) -> torch.Tensor:
         """round(b / (s_x s_w)) saturated to int32, as float (exact for |b / (s_x s_w)| < 2^24)."""
-        return torch.round(self.bias.detach() / self.bias_scale()).clamp(INT32_MIN, INT32_MAX)
+        # the upper bound is the largest float32 below 2^31 (2^31 - 1 rounds up to 2^31, which int32 cannot hold)
+        return torch.round(self.bias.detach() / self.bias_scale()).clamp(INT32_MIN, INT32_MAX_F32)
 
     def bias_hat(self) -> torch.Tensor | None:
         if self.bias is None or not self.int32_bias:
@@ -212,6 +213,7 @@ class QuantLinear(_QuantLayer):
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+INT32_MAX_F32 = 2 ** 31 - 128
 
 
 def integer_dtype(spec: QuantSpec) -> torch.dtype:

@@ -213,7 +213,8 @@ def lower_qdq(model, opset: int):
 # ops whose output values are some of their input's values (a channel split, a shuffle's reshape/transpose, a max
 # pool; a functional ReLU fused into its site, written as Identity by lower_qdq): their output is on the input's
 # integer grid
-VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool")
+VIEW_OPS = ("Slice", "Split", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool",
+            "Pad")  # a Pad of a grid tensor (same-padding convs pad with 0, on every grid) stays on it
 DATA_OPS = ("Add", "Concat", "Conv", "Gemm", "MatMul", "Mul")
 # ops that onnxruntime 1.32 runs on the stored type (dropping the Q/DQ around them) without an INT4/UINT4 kernel;
 # Slice, Flatten and Reshape between 4-bit Q/DQ load and run (tests/test_torchvision_hw.py, test_onnx_export.py)
@@ -266,7 +267,9 @@ def float_edges(model) -> list[str]:
     """The inputs of float data ops (Add, Concat, Conv, Gemm, MatMul, Mul) of an onnx.ModelProto that do not come out
     of a DequantizeLinear: each is a float tensor crossing between quantized ops ("node name: input name"); []
     when every tensor between ops is on an integer grid. An activation's own x * sigmoid(x) (SiLU fused into the
-    conv before it, as integer kernels run it) is not an edge between ops."""
+    conv before it, as integer kernels run it) is not an edge between ops, nor is a partial sum that only the next
+    Add reads (a + b + c of RepVGG's branches: one n-ary add, its partial sums in the accumulator), nor arithmetic
+    on the input's sizes."""
     import onnx
 
     g = onnx.shape_inference.infer_shapes(model).graph
@@ -280,13 +283,24 @@ def float_edges(model) -> list[str]:
                 return True
         return False
 
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    data = {i.name for i in g.input}  # tensors computed from the image's values (not from its shape alone)
+    for n in g.node:
+        if n.op_type != "Shape" and any(i in data for i in n.input):
+            data.update(n.output)
     bad = []
     for n in g.node:
         if n.op_type not in DATA_OPS or elem.get(n.output[0]) != onnx.TensorProto.FLOAT:
             continue
+        if not any(i in data for i in n.input):
+            continue  # arithmetic on sizes (a dynamic "same" padding computed from the input's shape)
         if n.op_type == "Mul" and len(n.input) == 2 and (applies_to(n.input[1], n.input[0])
                                                           or applies_to(n.input[0], n.input[1])):
             continue
         bad += [f"{n.name}: {i}" for i in n.input
-                if i and (i not in producer or producer[i].op_type != "DequantizeLinear")]
+                if i and (i not in producer or producer[i].op_type != "DequantizeLinear")
+                and not (n.op_type == "Add" and i in producer and producer[i].op_type == "Add" and readers[i] == 1)]
     return bad

@@ -353,6 +353,8 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
             order.append(call)
             if passes_through(name, mod):
                 src = id(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+                if src == id(out):
+                    return  # the same object back (eval Identity/DropPath): its producer stays its producer
                 if src in changed:  # changed in place since its producer made it: not that site's values
                     src = None
                 producer[id(out)] = producer.get(src) if src is not None else None
