@@ -149,31 +149,37 @@ def test_squeeze_excite_gate_and_drop_path(gate, tmp_path):
 def _concat_split_bodies():
     from timm.models.densenet import DenseBlock
     from timm.models.ghostnet import GhostBottleneck
+    from timm.models.rexnet import LinearBottleneck
     from torchvision.models.shufflenetv2 import InvertedResidual as ShuffleUnit
     return {"densenet": (lambda: DenseBlock(2, 8, bn_size=2, growth_rate=4), 16),
             "ghost": (lambda: GhostBottleneck(8, 16, 8, se_ratio=0.25), 8),
+            # GhostNetV2's attention: cat([x1, x2])[:, :c] * resize(gate)
+            "ghost_attn": (lambda: GhostBottleneck(8, 16, 8, mode="attn"), 8),
+            # ReXNet: cat([conv(x)[:, :c] + x, conv(x)[:, c:]])
+            "rexnet": (lambda: LinearBottleneck(8, 12, 1, exp_ratio=2.0), 12),
             "shuffle": (lambda: nn.Sequential(ShuffleUnit(8, 16, 2), ShuffleUnit(16, 16, 1)), 16)}
 
 
-@pytest.mark.parametrize("kind", ["densenet", "ghost", "shuffle"])
+@pytest.mark.parametrize("kind", ["densenet", "ghost", "ghost_attn", "rexnet", "shuffle"])
 def test_concatenation_split_and_channel_shuffle(kind, tmp_path):
     make, out = _concat_split_bodies()[kind]
     _through(Net(make(), out_chs=out), tmp_path)
 
 
 # ---------------------------------------------------------------- reparameterizable blocks
-@pytest.mark.parametrize("block", ["repvgg", "mobileone"])
+@pytest.mark.parametrize("block", ["repvgg", "mobileone", "mobileone_wider"])
 @pytest.mark.parametrize("reparameterized", [False, True])
 def test_reparameterizable_blocks(block, reparameterized, tmp_path):
     from timm.models.byobnet import MobileOneBlock, RepVggBlock
-    body = RepVggBlock(8, 8) if block == "repvgg" else MobileOneBlock(8, 8, num_conv_branches=2)
-    model = Net(body)
+    out = 16 if block == "mobileone_wider" else 8  # wider: no identity branch (`identity_out = 0` is added)
+    body = RepVggBlock(8, 8) if block == "repvgg" else MobileOneBlock(8, out, num_conv_branches=2)
+    model = Net(body, out_chs=out)
     if reparameterized:
         torch.manual_seed(1)
         bn_statistics_from_noise(model, (8, 3, SIZE, SIZE))
         body.reparameterize()
     q = _through(model, tmp_path)
-    if not reparameterized:  # the identity branch's BN reads the block input: a quantized depthwise 1x1 conv
+    if not reparameterized and block != "mobileone_wider":  # the identity branch's BN reads the block input: a quantized depthwise 1x1 conv
         assert q.quant_config["bn_as_conv"]
 
 

@@ -221,6 +221,13 @@ DATA_OPS = ("Add", "Concat", "Conv", "Gemm", "MatMul", "Mul")
 MOVING_OPS = ("MaxPool",)
 
 
+def moves_values(node) -> bool:
+    """The node's output values are some of its input's (VIEW_OPS, a nearest-neighbour Resize): on its grid."""
+    if node.op_type in VIEW_OPS:
+        return True
+    return node.op_type == "Resize" and any(a.name == "mode" and a.s == b"nearest" for a in node.attribute)
+
+
 def regrid_views(nodes):
     """Nodes with a QuantizeLinear/DequantizeLinear pair (the source's scale and zero point) put back on every edge
     where a view of an activation's DequantizeLinear (ShuffleNet's channel split: x.chunk(2) -> Slice; Inception's
@@ -233,7 +240,7 @@ def regrid_views(nodes):
 
     def grid_source(name):
         seen_view = False
-        while name in producer and producer[name].op_type in VIEW_OPS:
+        while name in producer and moves_values(producer[name]):
             name, seen_view = producer[name].input[0], True
         n = producer.get(name)
         if seen_view and n is not None and n.op_type == "DequantizeLinear" and n.input[0] in producer \
@@ -268,8 +275,9 @@ def float_edges(model) -> list[str]:
     of a DequantizeLinear: each is a float tensor crossing between quantized ops ("node name: input name"); []
     when every tensor between ops is on an integer grid. An activation's own x * sigmoid(x) (SiLU fused into the
     conv before it, as integer kernels run it) is not an edge between ops, nor is a partial sum that only the next
-    Add reads (a + b + c of RepVGG's branches: one n-ary add, its partial sums in the accumulator), nor arithmetic
-    on the input's sizes."""
+    Add reads (a + b + c of RepVGG's branches: one n-ary add, its partial sums in the accumulator), nor an added
+    constant 0, nor a result written into a Concat whose output is quantized (the op requantizes onto the concat's
+    grid, as TFLite's concat does), nor arithmetic on the input's sizes."""
     import onnx
 
     g = onnx.shape_inference.infer_shapes(model).graph
@@ -283,14 +291,47 @@ def float_edges(model) -> list[str]:
                 return True
         return False
 
-    readers: dict[str, int] = {}
+    readers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+            readers.setdefault(i, []).append(n)
     data = {i.name for i in g.input}  # tensors computed from the image's values (not from its shape alone)
     for n in g.node:
         if n.op_type != "Shape" and any(i in data for i in n.input):
             data.update(n.output)
+    zeros = {n.output[0] for n in g.node if n.op_type == "Constant" and n.attribute
+             and not onnx.numpy_helper.to_array(n.attribute[0].t).any()}
+    zeros |= {t.name for t in g.initializer if not onnx.numpy_helper.to_array(t).any()}
+
+    def lands_on_grid(name):  # every reader quantizes it, or a Concat whose output every reader quantizes
+        rs = readers.get(name, [])
+        return bool(rs) and all(r.op_type == "QuantizeLinear" or (r.op_type == "Concat" and lands_on_grid(r.output[0]))
+                                for r in rs)
+
+    def mixed_grid(name):  # a Concat of grids (one grid per channel), maybe through views: no one grid to regrid to
+        src = producer.get(name)
+        if src is None:
+            return False
+        if moves_values(src):
+            return mixed_grid(src.input[0])
+        return src.op_type == "Concat" and all(
+            (i in producer and producer[i].op_type == "DequantizeLinear") or mixed_grid(i) for i in src.input)
+
+    def accepted(n, i):
+        src = producer.get(i)
+        if mixed_grid(i):
+            return True  # GhostNetV2's cat([x1, x2])[:, :c] * gate: integers, a scale per channel
+        if i in zeros and n.op_type == "Add":
+            return True  # x + 0 (a branch that is absent: `identity_out = 0`)
+        if src is None or len(readers.get(i, [])) != 1:
+            return False
+        if n.op_type == "Add" and src.op_type == "Add":
+            return True  # a partial sum of an n-ary add
+        # an op writing its result into a slice of a concat whose output is quantized (TFLite requantizes concat
+        # inputs onto the output's grid): rexnet's / dpn's cat([a + b, c]), an adaptive pool's per-bin means
+        return n.op_type == "Concat" and src.op_type in ("Add", "ReduceMean", "ReduceMax", "Concat") \
+            and lands_on_grid(n.output[0])
+
     bad = []
     for n in g.node:
         if n.op_type not in DATA_OPS or elem.get(n.output[0]) != onnx.TensorProto.FLOAT:
@@ -301,6 +342,5 @@ def float_edges(model) -> list[str]:
                                                           or applies_to(n.input[0], n.input[1])):
             continue
         bad += [f"{n.name}: {i}" for i in n.input
-                if i and (i not in producer or producer[i].op_type != "DequantizeLinear")
-                and not (n.op_type == "Add" and i in producer and producer[i].op_type == "Add" and readers[i] == 1)]
+                if i and (i not in producer or producer[i].op_type != "DequantizeLinear") and not accepted(n, i)]
     return bad
