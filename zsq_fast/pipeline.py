@@ -10,12 +10,12 @@ import contextlib
 import inspect
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import ImageSet, one_per_class
 from .errors import InvalidArgumentError
 from .models.zoo import LoadedModel, has_batchnorm
 from .plots import UnitCurves
+from .progress import Bar
 from .quantize.presets import parse_bits as quant_parse_bits
 from .report import LossLog, RunReport
 
@@ -29,33 +29,20 @@ class UsageError(InvalidArgumentError):
 
 
 # ---------------------------------------------------------------- glue around the library
-class Progress:
+class Progress(Bar):
     """A tqdm bar fed by the library's progress callbacks callback(step, total, losses) + a loss log."""
 
     def __init__(self, desc: str, enabled: bool = True, unit: str = "it", one_based: bool = True):
-        self.desc, self.enabled, self.unit, self.one_based = desc, enabled, unit, one_based
-        self.bar: tqdm | None = None
+        super().__init__(desc, enabled, unit, one_based)
         self.log: LossLog | None = None
 
     def __call__(self, step: int, total: int, losses=None) -> None:
         if total <= 0:  # a stage notice without steps (e.g. quantize's "calibrated")
             return
-        if self.bar is None or self.bar.total != total:
-            self.close()
-            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, disable=not self.enabled,
-                            leave=False, dynamic_ncols=True)
-            if self.log is None:
-                self.log = LossLog(total)
-        self.bar.update(max(0, step + (0 if self.one_based else 1) - self.bar.n))
-        if isinstance(losses, dict) and losses:
-            self.bar.set_postfix({k: (f"{float(v):.4g}" if isinstance(v, (int, float)) else str(v))
-                                  for k, v in list(losses.items())[:3] if k != "stage"}, refresh=False)
+        if self.log is None:
+            self.log = LossLog(total)
+        super().__call__(step, total, losses)
         self.log.add(step, losses, total + (0 if self.one_based else -1))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
     def losses(self) -> dict:
         return self.log.to_dict() if self.log is not None else {}

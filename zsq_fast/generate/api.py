@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import distributed as zd
 from ..errors import InvalidArgumentError, InvalidTypeError
+from ..progress import progress_callback
 from ..fileio import as_path
 from ..validate import as_device, check_finite_images, check_finite_model, probe_forward
 from . import bns, dgh, fdda, sharded_run, shards
@@ -178,7 +179,7 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     fdda: real_images, real_labels, images_per_class (1), fdda_weights (ce 0.5, bn 0.2, distort 0.9,
     center 0.01). checkpoint: a path; written atomically every checkpoint_every steps and resumed from
     when it exists (store="disk": the run folder, whose state follows every step and whose images are
-    synced to disk every checkpoint_every steps). progress: called as progress(step, iterations,
+    synced to disk every checkpoint_every steps). progress: True (a tqdm bar) or called as progress(step, iterations,
     losses_dict) after every step.
 
     Inside an initialised process group of several ranks (torchrun; zsq_fast.distributed.init_from_env),
@@ -202,8 +203,7 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
         check_finite_images(real_images, "real_images")
     if checkpoint is not None:
         checkpoint = as_path(checkpoint, "checkpoint")
-    if progress is not None and not callable(progress):
-        raise InvalidTypeError(f"progress must be a callable progress(step, total, losses), got {progress!r:.80}")
+    progress = progress_callback(progress, f"generate {method}", "progress(step, total, losses)")
     modes = [m.training for m in model.modules()]  # per module: a model may mix train and eval parts
     requires = [p.requires_grad for p in model.parameters()]
     model.eval()

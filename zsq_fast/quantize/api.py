@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import distributed
 from ..errors import InvalidArgumentError, InvalidTypeError, UnsupportedModelError
+from ..progress import progress_callback
 from ..validate import as_device, check_finite_activation, check_finite_model, check_finite_result, probe_forward
 from .adaround import ReconConfig, default_rates
 from .blocks import find_blocks, find_units
@@ -93,7 +94,7 @@ def _check_args(preset, method, calibration, cache, iterations, batch_size, qdro
     return p
 
 
-def _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale, progress):
+def _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale):
     # upper bounds: larger steps and weights overflow float32 in the reconstruction updates
     for name, v, zero_ok, hi in (("lr", lr, False, 1e6), ("act_lr", act_lr, False, 1e6),
                                  ("reg_weight", reg_weight, True, 1e6), ("percentile", percentile, False, 100)):
@@ -108,8 +109,6 @@ def _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_
             raise InvalidArgumentError(f"{name} must be an int in [{lo}, {hi}], got {v!r:.80}")
     if learn_act_scale is not None and not isinstance(learn_act_scale, bool):
         raise InvalidTypeError(f"learn_act_scale must be a bool or None, got {learn_act_scale!r:.80}")
-    if progress is not None and not callable(progress):
-        raise InvalidTypeError(f"progress must be a callable progress(step, total, info), got {progress!r:.80}")
 
 
 def _device(device, model: nn.Module) -> torch.device:
@@ -242,7 +241,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
     lr, act_lr   Adam rates on the rounding variables V and (as a relative step) on the activation scales;
                  None: BRECQ's 1e-3 / 4e-4 scaled by 20000 / iterations (adaround.default_rates), so that
                  2000 iterations converge as BRECQ's 20000 do. reg_weight: the rounding regularizer's lambda.
-    progress     called as progress(step, total, info) with info['stage'] and, while reconstructing,
+    progress     True (a tqdm bar per stage, as the CLI draws) or called as progress(step, total, info) with info['stage'] and, while reconstructing,
                  info['unit'] and info['loss'].
     skip         names of modules to leave float (recorded in quant_config['float_modules']).
     input_bits   bits of the network input's grid (None: the preset's; hw: 8, as images are; pass the
@@ -257,7 +256,8 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         if isinstance(input_bits, bool) or not isinstance(input_bits, int) or not MIN_BITS <= input_bits <= MAX_BITS:
             raise InvalidArgumentError(f"input_bits must be None or an int in [{MIN_BITS}, {MAX_BITS}], got {input_bits!r}")
     pre = get_preset(preset)
-    _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale, progress)
+    _check_numbers(lr, act_lr, reg_weight, percentile, act_samples, seed, learn_act_scale)
+    progress = progress_callback(progress, f"quantize {bits} {method}", "progress(step, total, info)")
     if not isinstance(skip, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in skip):
         raise InvalidTypeError(f"skip must be a sequence of module names, got {skip!r:.80}")
     skip = set(skip)
