@@ -1,11 +1,13 @@
 """Reconstruction units: which modules BRECQ reconstructs as one block, which layer by layer.
 
 Blocks are the residual blocks of torchvision (BasicBlock, Bottleneck, InvertedResidual) and of
-zsq_fast.models.cifar_resnet (BasicBlock). Generic rule for other models: a module that is not a plain
-container (Sequential/ModuleList/ModuleDict), holds >= 2 quantized layers, and has no block inside it
-is a block too (so a custom residual module is reconstructed as a unit). Quantized layers outside any
-block are reconstructed alone (layer-wise fallback), and so are the layers of a block whose forward
-does not take exactly one tensor and return one tensor.
+zsq_fast.models.cifar_resnet (BasicBlock). Generic rule for other models: the outermost module that is not a
+plain container (Sequential/ModuleList/ModuleDict) and holds 2..MAX_BLOCK_LAYERS quantized layers (an inverted
+residual with its squeeze-excite inside is one unit, as BRECQ reconstructs MobileNetV2's blocks), or a larger one
+with no such module inside (Res2Net's bottleneck). Quantized layers outside any block are reconstructed alone
+(layer-wise fallback), and so are the layers of a block whose forward does not take one tensor (constant
+keyword arguments that do not change its eval output, as efficientnet_pytorch's drop_connect_rate, are allowed:
+cache.capture checks) and return one tensor.
 """
 from __future__ import annotations
 
@@ -43,13 +45,25 @@ def _n_layers(m: nn.Module, layer_types=QUANT_LAYERS) -> int:
     return sum(isinstance(d, layer_types) for d in m.modules())
 
 
+MAX_BLOCK_LAYERS = 8  # an inverted residual with squeeze-excite has 5; a whole stage of blocks has more
+
+
 def is_block(m: nn.Module, layer_types=QUANT_LAYERS) -> bool:
     if isinstance(m, KNOWN_BLOCKS):
         return True
-    if isinstance(m, _CONTAINERS) or isinstance(m, layer_types) or _n_layers(m, layer_types) < 2:
+    if isinstance(m, _CONTAINERS) or isinstance(m, layer_types):
         return False
-    return not any(is_block(c, layer_types) for c in m.children()) and not any(
-        isinstance(d, KNOWN_BLOCKS) for d in m.modules() if d is not m)
+    # the outermost module of block size (visitors stop at the first block): an inverted residual is one unit
+    # with its squeeze-excite inside, not three layers around an SE block
+    n = _n_layers(m, layer_types)
+    if n < 2 or any(isinstance(d, KNOWN_BLOCKS) for d in m.modules() if d is not m):
+        return False
+    return n <= MAX_BLOCK_LAYERS or not _block_below(m, layer_types)  # a larger module with no block inside too
+
+
+def _block_below(m: nn.Module, layer_types) -> bool:
+    return any(is_block(c, layer_types) or (isinstance(c, _CONTAINERS) and _block_below(c, layer_types))
+               for c in m.children())
 
 
 def find_blocks(model: nn.Module, order: list[str]) -> list[str]:
