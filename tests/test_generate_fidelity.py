@@ -104,9 +104,9 @@ def test_fdda_lr_schedule_watches_the_total_without_the_distortion_noise():
     assert all(d["schedule"] == pytest.approx(draws[0]["schedule"], rel=1e-6) for d in draws)
 
 
-def test_odsl_weight_is_in_batch_mean_units():
-    """Per image, the ODSL gradient is w / batch (chunk) size, as in DGH and MCT: with the BN loss
-    removed (lambda_sigma 0, targets met by construction is hard), compare two chunk sizes."""
+def test_odsl_weight_is_in_per_image_units_of_the_reference_batch():
+    """Per image, the ODSL gradient is w / ODSL_REF_BATCH (MCT's batch 32) whatever the chunk size: with the
+    BN loss removed (lambda_sigma 0, targets met by construction is hard), compare two chunk sizes."""
     model = tiny().eval().requires_grad_(False)
 
     def odsl_grad(chunk, mode):
@@ -128,11 +128,11 @@ def test_odsl_weight_is_in_batch_mean_units():
     for mode in ("exact", "stale"):
         g4, per_image, losses = odsl_grad(4, mode)
         g2, _, _ = odsl_grad(2, mode)
-        torch.testing.assert_close(g4, per_image / 4, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(g2, per_image / 2, rtol=1e-4, atol=1e-7)
-        assert losses["total"] == pytest.approx(losses["odsl"], rel=1e-5)  # one chunk: w * its mean
+        torch.testing.assert_close(g4, per_image / 32, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(g2, per_image / 32, rtol=1e-4, atol=1e-9)
+        assert losses["total"] == pytest.approx(4 * losses["odsl"] / 32, rel=1e-5)  # w / 32 * sum_i L_out,i
     s, _ = api.make_settings(model, 4, "dgh", 8)
-    assert s.odsl_weight == 1e-5 and s.odsl_units == "batch_mean"
+    assert s.odsl_weight == 1e-5 and s.odsl_units == "per_image_ref32"
 
 
 def test_stale_refresh_after_update_caches_the_finalised_images():

@@ -43,13 +43,14 @@ LAMBDA_SIGMA = {"dgh": 10.0, "bns": 1.0, "fdda": 1.0}
 # term dominates at large steps (BN loss 2.41 at lr 16 vs 1.13 at lr 1), so it defaults to 1.
 DEFAULT_LR = {"dgh": 16.0, "bns": 16.0, "fdda": 1.0}
 FDDA_WEIGHTS = {"ce": 0.5, "bn": 0.2, "distort": 0.9, "center": 0.01}
-# ODSL weight for dgh, in the references' units (each chunk adds w * its mean per-image ODSL to the
-# whole-set L_BN, as DGH and MCT add it per batch): MCT DataGen's PyTorch default. The DGH code sets it
-# per architecture: ResNet-18 3e-7, ResNet-50 1e-7, MobileNetV2 3e-5. Runs whose record has no
-# settings["odsl_units"] used w * sum_i L_out,i / N instead: their weight is N / chunk_size times
-# a batch-mean weight.
+# ODSL weight for dgh: MCT DataGen's PyTorch default, in per-image units fixed by its default batch
+# (losses.ODSL_REF_BATCH = 32): each image adds w / 32 * L_out,i, so the chunk size does not change the
+# loss. The DGH code sets it per architecture: ResNet-18 3e-7, ResNet-50 1e-7, MobileNetV2 3e-5 (at
+# its batch B, w * 32 / B here). settings["odsl_units"] names the units: "per_image_ref32" now;
+# "batch_mean" (each chunk added w * its mean ODSL: w / chunk_size per image; equal at chunk 32) and
+# no key (w * sum_i L_out,i / N) were earlier ones. A checkpoint of other units does not resume.
 DEFAULT_ODSL_WEIGHT = 1e-5
-ODSL_UNITS = "batch_mean"
+ODSL_UNITS = "per_image_ref32"
 MAX_LR = 1e6  # far above any useful step; larger ones overflow float32 in the RAdam update
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORES = ("host", "device", "disk", "auto")
@@ -170,9 +171,11 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     finalised images (output view) after their update, as the DGH code and MCT do, so results compare) or
     "before_update" (reuse the step's own forward: one forward per chunk fewer, a cache one update old).
     augment: None = on for dgh only; margin: None = min(image_size) // 7 when augmenting.
-    odsl_weight: None = 1e-5 for dgh (MCT's default), 0 otherwise, in the references' units: each
-    chunk adds odsl_weight * (its mean per-image ODSL) to the whole-set L_BN, as DGH/MCT do per batch
-    (chunk_size plays their batch size). The DGH code uses 3e-7 for ResNet-18, 1e-7 for ResNet-50 and
+    odsl_weight: None = 1e-5 for dgh (MCT's default), 0 otherwise, in per-image units: each image adds
+    odsl_weight / 32 * L_out,i (32: MCT's default batch, losses.ODSL_REF_BATCH), whatever chunk_size, so
+    chunk_size is a memory knob only (exact dgh: the same images for any chunk size and number of ranks
+    on the same device, threads and memory layout). A weight tuned at batch B elsewhere is w * 32 / B here;
+    the DGH code uses 3e-7 for ResNet-18, 1e-7 for ResNet-50 and
     3e-5 for MobileNetV2. odsl_form: "hinged" or "plain".
     patience: None = max(5, iterations // 50); min_lr 1e-4 (reduce-on-plateau, factor 0.5, best loss
     forgotten after each cut as in DGH/MCT).
@@ -185,8 +188,9 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     Inside an initialised process group of several ranks (torchrun; zsq_fast.distributed.init_from_env),
     every rank calls generate with the same arguments and gets its shard: whole chunks (fdda: whole
     single-class batches) of the set, images [record.shard["start"], record.shard["stop"]) in its own
-    store; the losses in the record are the whole set's. The images equal one process's up to float64
-    reduction order (stale aggregation: a chunk sees other ranks' chunks as of the step's start).
+    store; the losses in the record are the whole set's. Exact dgh gives one process's images bit for bit
+    (the whole-set statistics are merged in an order fixed by the image indices); bns and fdda too (per
+    batch); stale aggregation differs (a chunk sees other ranks' chunks as of the step's start).
     checkpoint is then a folder: a manifest and one checkpoint (or run folder) per rank (sharded_run.py).
     """
     settings, device = make_settings(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..ops import channel_mean_var
 from .context import Run, check_finite, forward, grad_of, see, update
-from .losses import bn_group_sums, bn_terms, layer_groups, odsl, std_from_var
+from .losses import ODSL_REF_BATCH, bn_group_sums, bn_terms, layer_groups, odsl, std_from_var
 from .shards import reduce_sums
 from .streaming import stream_of
 
@@ -24,7 +24,7 @@ def bns_step(run: Run, views) -> dict:
         loss = l_bn = sum(terms)
         if run.odsl_weight:
             per = odsl(logits, acts[-1], run.targets[-1], run.odsl_hinged)
-            loss = loss + run.odsl_weight * per.mean()
+            loss = loss + run.odsl_weight / ODSL_REF_BATCH * per.sum()  # per-image units, as dgh
             run.sums.add("out_sum", per.sum())  # on the device: read once, after the loop
         check_finite(run, loss, "the bns loss")
         update(run, sl, x.detach(), grad_of(run, loss, x), m, v)
@@ -37,6 +37,7 @@ def bns_step(run: Run, views) -> dict:
     n_total, bn_sum, out_sum = run.n_all, sums["bn_sum"], sums["out_sum"]
     group_sums = {k: sums[k] for k in group_sums}
     bn = bn_sum / n_total
+    # the objective's ODSL term per image, scaled to a batch of the reference size
     losses = {"bn": bn, "total": bn + run.odsl_weight * out_sum / n_total}
     if run.odsl_weight:
         losses["odsl"] = out_sum / n_total

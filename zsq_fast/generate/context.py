@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteError
-from ..ops import ChannelStats, channel_stats, inject_stats_grad
+from ..ops import ChannelStats, inject_stats_grad
 from .bn_capture import BNCapture, BNLayer
+from .fixed_order import FixedOrderStats, finish as finish_fixed_order
 from .losses import bn_loss, bn_terms, std_from_var
 from .optim import Plateau, radam_update_
-from .shards import Shard, global_stats
+from .shards import Shard
 from .store import ImageStore
 from .streaming import stream_of
 from .views import ViewParams, apply_view, final_view
@@ -204,16 +205,18 @@ def grad_of(run: Run, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def whole_set_stats(run: Run, images_of_chunk) -> list[ChannelStats]:
-    """Per-layer statistics over all N images, streamed chunk by chunk and merged exactly (across the
-    ranks of a process group too: each rank streams its own chunks). images_of_chunk(sl, canvas) gives the
-    device images the model sees for that chunk of this rank's store."""
-    totals = None
+    """Per-layer statistics over all N images, streamed chunk by chunk (across the ranks of a process group
+    too: each rank streams its own chunks) and merged in an order fixed by the image indices
+    (fixed_order.py): the same bits for any chunk size and number of ranks. images_of_chunk(sl, canvas)
+    gives the device images the model sees for that chunk of this rank's store."""
+    offset = 0 if run.shard is None else run.shard.start
+    layers = None
     for sl, canvas in stream_of(run).chunks(run.store.chunks(run.chunk_size)):
         acts, _ = forward(run, images_of_chunk(sl, canvas))
-        # each chunk is merged into the running totals inside the statistics kernel (on the device)
-        totals = [channel_stats(a) for a in acts] if totals is None else [
-            channel_stats(a, t) for a, t in zip(acts, totals)]
-    return global_stats(totals)
+        layers = [FixedOrderStats() for _ in acts] if layers is None else layers
+        for a, t in zip(acts, layers):
+            t.add_chunk(offset + sl.start, a)
+    return finish_fixed_order(layers)
 
 
 @dataclass

@@ -12,9 +12,12 @@ Whole-set aggregation of the BN statistics, in two modes:
   crop, clip; stale_refresh="after_update", the DGH code's and MCT's behaviour, one extra forward
   without autograd per chunk) or from the forward the step already ran on this step's random view
   ("before_update": cheaper, the cache lags one update behind).
-ODSL is weighted in the references' units: each chunk (the references' batch) adds
-w_odsl * mean_{i in chunk} L_out,i to the whole-set L_BN, so a fixed weight means what it means in
-the DGH code and MCT with batch size = chunk_size.
+ODSL has per-image units fixed by a reference batch (losses.ODSL_REF_BATCH = 32, MCT DataGen's
+default batch): every image adds w_odsl / 32 * L_out,i to the whole-set L_BN, whatever the chunk, so
+a weight means what it means in MCT at batch 32 and the chunk size is a memory knob only. Exact mode
+gives the same images for any chunk size and number of ranks (same device, threads and memory
+layout): the whole-set statistics are merged in a fixed order (fixed_order.py), views and initial
+noise are drawn per global image index, and every other term is per image.
 Views (flip, smoothing, crop from a larger canvas, clip) are drawn once per step (views.py), so
 both passes of an exact step see the same images.
 """
@@ -24,7 +27,7 @@ import torch
 
 from ..ops import ChannelStats, channel_mean_var, channel_stats
 from .context import Run, check_finite, forward, grad_of, output_images, see, update, whole_set_bn
-from .losses import bn_group_sums, bn_terms, layer_groups, merge_mean_var, odsl, std_from_var
+from .losses import ODSL_REF_BATCH, bn_group_sums, bn_terms, layer_groups, merge_mean_var, odsl, std_from_var
 from .shards import global_stats, reduce_sums
 from .stale_cache import StaleCache
 from .streaming import stream_of
@@ -36,12 +39,12 @@ def _odsl(run: Run, acts, logits) -> torch.Tensor:
     return odsl(logits, acts[-1], run.targets[-1], run.odsl_hinged)
 
 
-def _step_losses(run: Run, bn: float, out_sum: float, out_term: float, groups: dict) -> dict:
+def _step_losses(run: Run, bn: float, out_sum: float, groups: dict) -> dict:
     """The step's reported losses: L_BN, the mean per-image ODSL (when on), the objective
-    L_BN + w_odsl * sum over chunks of the chunk-mean ODSL, and L_BN per layer group.
-    out_sum, out_term: this rank's sums (summed over the ranks here)."""
-    sums = reduce_sums({"out_sum": out_sum, "out_term": out_term})
-    losses = {"bn": bn, "total": bn + run.odsl_weight * sums["out_term"]}
+    L_BN + w_odsl / ODSL_REF_BATCH * sum_i L_out,i, and L_BN per layer group.
+    out_sum: this rank's sum of L_out,i (summed over the ranks here)."""
+    sums = reduce_sums({"out_sum": out_sum})
+    losses = {"bn": bn, "total": bn + run.odsl_weight / ODSL_REF_BATCH * sums["out_sum"]}
     if run.odsl_weight:
         losses["odsl"] = sums["out_sum"] / run.n_all
     return {**losses, **groups}
@@ -49,7 +52,7 @@ def _step_losses(run: Run, bn: float, out_sum: float, out_term: float, groups: d
 
 def exact_gradients(run: Run, views, on_grad) -> dict:
     """One exact step's losses; on_grad(sl, x, grad, exp_avg, exp_avg_sq) receives each chunk's
-    gradient of L = L_BN(global stats) + w_odsl * sum_chunks mean_{i in chunk} L_out,i."""
+    gradient of L = L_BN(global stats) + w_odsl / ODSL_REF_BATCH * sum_i L_out,i."""
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     # pass 1: global statistics, no autograd
     bn = whole_set_bn(run, lambda sl, canvas: see(run, canvas, vsl(sl)), "the dgh BN loss")
@@ -61,16 +64,14 @@ def exact_gradients(run: Run, views, on_grad) -> dict:
         if run.odsl_weight:
             per = _odsl(run, acts, logits)
             check_finite(run, per.sum(), "the ODSL loss")
-            loss = loss + run.odsl_weight * per.mean()
+            loss = loss + run.odsl_weight / ODSL_REF_BATCH * per.sum()  # per image: no chunk-size dependence
             run.sums.add("out_sum", per.sum())  # on the device: read once, after the loop
-            run.sums.add("out_term", per.mean())
         on_grad(sl, x.detach(), grad_of(run, loss, x), m, v)
     run.sums.add("bn", bn.loss)
     for k, val in bn_group_sums(bn.terms).items():
         run.sums.add(k, val)
     got = run.sums.read(run.step)  # the step's one host sync (raises for a failed finiteness check)
-    return _step_losses(run, got["bn"], got.get("out_sum", 0.0), got.get("out_term", 0.0),
-                        {k: got[k] for k in _group_names(run)})
+    return _step_losses(run, got["bn"], got.get("out_sum", 0.0), {k: got[k] for k in _group_names(run)})
 
 
 def _group_names(run: Run) -> list[str]:
@@ -91,7 +92,7 @@ def init_stale_cache(run: Run, views) -> None:
 
 def stale_gradients(run: Run, views, on_grad) -> dict:
     """One stale step: chunk j's loss is L_BN on (its fresh statistics merged with the cached
-    statistics of the other chunks) + w_odsl * mean_{i in j} L_out,i. on_grad(sl, ...) must leave the
+    statistics of the other chunks) + w_odsl / ODSL_REF_BATCH * sum_{i in j} L_out,i. on_grad(sl, ...) must leave the
     updated chunk in the store: with stale_refresh "after_update" its cache entry is then refreshed
     from the stored images' output view; with "before_update" from this step's forward."""
     cache: StaleCache = run.state["cache"]
@@ -117,9 +118,8 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
         loss = l_bn = sum(terms)
         if run.odsl_weight:
             per = _odsl(run, acts, logits)
-            loss = loss + run.odsl_weight * per.mean()
+            loss = loss + run.odsl_weight / ODSL_REF_BATCH * per.sum()
             run.sums.add("out_sum", per.sum())  # on the device: read once, after the loop
-            run.sums.add("out_term", per.mean())
         check_finite(run, loss, "the dgh (stale) loss")
         g = grad_of(run, loss, x)
         run.sums.add("bn_sum", l_bn)
@@ -131,8 +131,7 @@ def stale_gradients(run: Run, views, on_grad) -> dict:
     group_sums = {k: got[k] for k in _group_names(run)}
     sums = reduce_sums({"bn_sum": got["bn_sum"], "chunks": len(chunks), **group_sums})
     groups = {k: sums[k] / sums["chunks"] for k in group_sums}
-    return _step_losses(run, sums["bn_sum"] / sums["chunks"], got.get("out_sum", 0.0), got.get("out_term", 0.0),
-                        groups)
+    return _step_losses(run, sums["bn_sum"] / sums["chunks"], got.get("out_sum", 0.0), groups)
 
 
 def _other_ranks(local: list[ChannelStats]) -> list[ChannelStats] | None:

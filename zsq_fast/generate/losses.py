@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# ODSL's per-image units: each image adds odsl_weight / ODSL_REF_BATCH * L_out,i to the loss. 32 is MCT
+# DataGen's default batch (DEFAULT_DATA_GEN_BS), so MCT's weight at its batch means the same here at any
+# chunk size; a weight from a reference run at batch B translates to w * 32 / B.
+ODSL_REF_BATCH = 32
 STD_EPS = 1e-6  # inside the sqrt, as in the DGH paper code: sigma = sqrt(var + eps)
 
 

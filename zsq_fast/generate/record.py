@@ -8,8 +8,8 @@ import torch
 
 @dataclass
 class GenerationRecord:
-    settings: dict                 # every setting of the run (JSON types); without "odsl_units" (older
-                                   # runs) odsl_weight meant w * sum_i L_out,i / N, see api.DEFAULT_ODSL_WEIGHT
+    settings: dict                 # every setting of the run (JSON types); "odsl_units" says what odsl_weight
+                                   # meant (earlier units: see api.DEFAULT_ODSL_WEIGHT)
     losses: list[dict]             # per step: {"step", "lr", "bn", "total", ...method terms}
     initial_bn_loss: float         # whole-set L_BN of the output images before/after optimization
     final_bn_loss: float

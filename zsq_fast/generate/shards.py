@@ -3,11 +3,12 @@ makes an image independent of the world size, and the few reductions a step need
 
 Ownership: the global set is cut into units (dgh/bns: chunks of chunk_size images at multiples of
 chunk_size; fdda: its single-class batches) and each rank owns a contiguous run of whole units. A
-unit is what the single-process loop treats as one batch (per-chunk ODSL means, per-batch bns
-statistics, stale cache entries, fdda class batches), so world 2 computes what world 1 does.
+unit is what the single-process loop treats as one batch (per-batch bns statistics, stale cache
+entries, fdda class batches), so world 2 computes what world 1 does.
 
-Whole-set statistics: every rank merges its own chunks into (count, mean, M2) per channel; the
-global statistics are then two float64 all-reduces over all layers at once (global_stats).
+Whole-set statistics of exact dgh: merged along a tree over the global image indices
+(fixed_order.py: the same bits for any split); global_stats (two float64 all-reduces) serves the
+stale cache.
 Random draws that are not per-image (views, fdda's distorted centers) come from one generator seeded
 alike on every rank and drawn for all N images, each rank taking its slice.
 """
