@@ -143,7 +143,7 @@ def one_generation(cfg: dict) -> dict:
     # warm-up (kernel selection, allocator, thread pools) on a small problem, not timed
     generate(model, min(cfg["n"], 8), method="dgh", image_size=cfg["size"], iterations=1,
                       chunk_size=min(cfg["chunk"], 8), aggregation=cfg["mode"], mean=src.mean, std=src.std,
-                      device=device, seed=1)
+                      device=device, seed=1, amp=cfg.get("amp"), channels_last=cfg.get("channels_last", False))
     images, rec = generate(model, cfg["n"], method="dgh", image_size=cfg["size"], iterations=cfg["iterations"],
                            chunk_size=cfg["chunk"], aggregation=cfg["mode"], mean=src.mean, std=src.std,
                            device=device, seed=0, amp=cfg.get("amp"), store=cfg.get("store", "host"),
@@ -154,7 +154,9 @@ def one_generation(cfg: dict) -> dict:
            "img_it_per_s": cfg["n"] * cfg["iterations"] / t["steps_s"],
            "peak_mib": mem.get("cuda_peak_allocated_mib", mem["process_peak_rss_mib"]),
            "peak_kind": "CUDA allocated" if "cuda_peak_allocated_mib" in mem else "process RSS",
-           "bn_loss": [rec.initial_bn_loss, rec.final_bn_loss], "store_chosen": rec.to_dict().get("store")}
+           "bn_loss": [rec.initial_bn_loss, rec.final_bn_loss], "store_chosen": rec.to_dict().get("store"),
+           "amp_used": rec.settings["amp"], "channels_last_used": rec.settings["channels_last"],
+           "auto": rec.settings.get("auto") or {}}
     if cfg.get("profile"):  # after the timed run and its peak: the profiler's overhead touches neither
         out["profile"] = profile_step(model, src, cfg, device, generate)
     return out

@@ -64,6 +64,14 @@ def test_fixed_order_statistics_equal_the_float64_statistics_for_any_split():
         torch.testing.assert_close(s.var, ref.var(1, unbiased=False), rtol=1e-9, atol=0)
         results.append(s.data)
     assert all(torch.equal(results[0], r) for r in results[1:])
+    xl = x.contiguous(memory_format=torch.channels_last)  # the per-image path
+    for cuts in ([0, 13], [0, 4, 8, 12, 13]):
+        t = fixed_order.FixedOrderStats()
+        for a, b in zip(cuts, cuts[1:]):
+            t.add_chunk(a, xl[a:b])
+        results.append(fixed_order.finish([t])[0].data)
+    assert torch.equal(results[-2], results[-1])
+    torch.testing.assert_close(results[-1], results[0], rtol=1e-12, atol=0)
     t = fixed_order.FixedOrderStats()
     t.add_chunk(0, x[:4])
     with pytest.raises(ValueError, match="index order"):
@@ -106,3 +114,20 @@ def test_exact_dgh_images_are_the_same_on_two_ranks_as_in_one_process(tmp_path):
     one, rec = _gen(chunk)
     assert (one - two).abs().max().item() == 0.0
     assert parts[0]["bn"] == parts[1]["bn"] == [s["bn"] for s in rec.losses]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_and_layout_follow_the_cpu_and_are_recorded(monkeypatch, native):
+    from zsq_fast.generate import api
+
+    monkeypatch.setattr(api, "cpu_native_bf16", lambda: native)
+    s, _ = api.make_settings(model(), 4, "dgh", 32, amp="auto", channels_last="auto", device="cpu")
+    assert (s.amp, s.channels_last) == (("bf16" if native else None), True)
+    assert set(s.auto) == {"amp", "channels_last"} and ("native bf16" in s.auto["amp"])
+    assert "auto" not in api.compared_settings(s)  # a resume on another CPU compares the resolved amp only
+    s, _ = api.make_settings(model(), 4, "dgh", 32, device="cpu")
+    assert (s.amp, s.channels_last, s.auto) == (None, False, {})  # the default stays fp32 NCHW
+    with pytest.raises(zsq_fast.errors.InvalidArgumentError, match="'auto'"):
+        api.make_settings(model(), 4, "dgh", 32, amp="bf17")
+    with pytest.raises(zsq_fast.errors.InvalidTypeError, match="'auto'"):
+        api.make_settings(model(), 4, "dgh", 32, channels_last="yes")

@@ -55,7 +55,7 @@ MAX_LR = 1e6  # far above any useful step; larger ones overflow float32 in the R
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORES = ("host", "device", "disk", "auto")
 # settings that may differ between a run and its resume (memory layout changes rounding only, like device)
-_NOT_COMPARED = ("device", "store", "checkpoint_every", "channels_last")
+_NOT_COMPARED = ("device", "store", "checkpoint_every", "channels_last", "auto")
 
 
 @dataclass
@@ -87,6 +87,39 @@ class Settings:
     checkpoint_every: int
     images_per_class: int
     fdda_weights: dict
+    auto: dict = None  # {"amp": why, "channels_last": why} for the settings resolved from "auto"
+
+
+def cpu_native_bf16() -> bool:
+    """The CPU multiplies bf16 natively (AMX-BF16 tiles or AVX512-BF16): oneDNN's bf16 convolutions then
+    beat fp32 (EfficientNet-Lite0 at 224 px, 2-core AMX Xeon: benchmarks/RESULTS.md); without it
+    they are emulated and slower."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    return False
+
+
+def _resolve_auto(amp, channels_last, device: torch.device) -> tuple:
+    """amp / channels_last "auto": by device capability (a timing probe on a shared CPU is noise).
+    CPU: bf16 autocast where the CPU has native bf16, else fp32, channels_last either way; CUDA: bf16 +
+    channels_last where the GPU supports bf16."""
+    why = {}
+    if amp == "auto":
+        if device.type == "cpu":
+            native = cpu_native_bf16()
+            amp, why["amp"] = ("bf16", "CPU has native bf16 (AMX or AVX512-BF16)") if native else \
+                (None, "CPU has no native bf16: fp32")
+        elif device.type == "cuda" and torch.cuda.is_bf16_supported():
+            amp, why["amp"] = "bf16", "GPU supports bf16"
+        else:
+            amp, why["amp"] = None, f"no bf16 autocast chosen on {device}"
+    if channels_last == "auto":  # oneDNN's CPU convolutions run NHWC faster in fp32 and bf16 (RESULTS.md);
+        channels_last = device.type == "cpu" or amp == "bf16"  # on a GPU it pays with tensor cores (bf16)
+        why["channels_last"] = "CPU: oneDNN's NHWC convolutions" if device.type == "cpu" else \
+            ("bf16 on the GPU" if channels_last else "fp32 on the GPU: NCHW")
+    return amp, channels_last, why
 
 
 def _int(name, value, minimum):
@@ -162,9 +195,11 @@ def generate(model: nn.Module, n_images: int, method: str = "dgh", image_size=22
     `checkpoint`, or a temporary folder removed after the run; see run_folder.py) or "auto" (device when
     the set fits in half the free device memory, else host when it fits in half the free host memory,
     else disk; record.store says what was chosen and why).
-    amp: None, "bf16" (CUDA, or CPU autocast: pays on CPUs with native bf16, see benchmarks/RESULTS.md) or
-    "fp16" (CUDA only); the statistics, losses and the optimizer stay fp32/fp64. channels_last: run the
-    model's forward on channels-last (NHWC) images (the store stays NCHW). lambda_sigma: None = 10 for dgh,
+    amp: None, "bf16" (CUDA, or CPU autocast: pays on CPUs with native bf16, see benchmarks/RESULTS.md),
+    "fp16" (CUDA only) or "auto" (bf16 where the CPU has native bf16 (AMX / AVX512-BF16) or the GPU supports
+    it, else None; record.settings["auto"] says what was chosen and why); the statistics, losses and the
+    optimizer stay fp32/fp64. channels_last: run the model's forward on channels-last (NHWC) images (the
+    store stays NCHW); "auto": on on a CPU (fp32 and bf16), on a GPU with bf16. lambda_sigma: None = 10 for dgh,
     1 otherwise.
     layer_weighting: "average" or "first_x10". aggregation (dgh): "exact" or "stale".
     stale_refresh (stale): "after_update" (default: a chunk's cached statistics are recomputed from its
@@ -245,8 +280,8 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         raise InvalidArgumentError(f"stale_refresh must be one of {dgh.STALE_REFRESH}, got {stale_refresh!r}")
     if odsl_form not in ("plain", "hinged"):
         raise InvalidArgumentError(f"odsl_form must be 'plain' or 'hinged', got {odsl_form!r}")
-    if not (amp is None or isinstance(amp, str)) or amp not in AMP:
-        raise InvalidArgumentError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if not (amp is None or isinstance(amp, str)) or (amp not in AMP and amp != "auto"):
+        raise InvalidArgumentError(f"amp must be None, 'bf16', 'fp16' or 'auto', got {amp!r}")
     if not isinstance(store, str) or store not in STORES:
         raise InvalidArgumentError(f"store must be one of {STORES}, got {store!r}")
     lr = DEFAULT_LR[method] if lr is None else lr
@@ -275,12 +310,13 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
                                    "without augmentation leave margin at None or 0")
     params = list(model.parameters()) + list(model.buffers())
     device = as_device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    if not (isinstance(channels_last, bool) or channels_last == "auto"):
+        raise InvalidTypeError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
+    amp, channels_last, auto = _resolve_auto(amp, channels_last, device)
     if amp == "fp16" and device.type != "cuda":
         raise InvalidArgumentError(f"amp='fp16' needs a CUDA device, the run is on {device} (use amp='bf16' on CPU)")
     if amp == "bf16" and device.type not in ("cuda", "cpu"):
         raise InvalidArgumentError(f"amp='bf16' runs on CUDA or CPU, the run is on {device}")
-    if not isinstance(channels_last, bool):
-        raise InvalidTypeError(f"channels_last must be True or False, got {channels_last!r}")
     settings = Settings(
         method=method, n_images=n_images, image_size=list(size), iterations=iterations, chunk_size=chunk_size,
         lr=float(lr), seed=int(seed), mean=[float(m) for m in mean], std=[float(s) for s in std],
@@ -292,7 +328,7 @@ def make_settings(model, n_images, method="dgh", image_size=224, *, iterations=1
         device=str(device), min_lr=float(min_lr),
         patience=int(max(5, iterations // 50) if patience is None else patience),
         checkpoint_every=checkpoint_every, images_per_class=images_per_class,
-        fdda_weights={**FDDA_WEIGHTS, **(fdda_weights or {})} if method == "fdda" else {})
+        fdda_weights={**FDDA_WEIGHTS, **(fdda_weights or {})} if method == "fdda" else {}, auto=auto)
     try:
         layer_weights(2, layer_weighting)  # validates the name early
     except (TypeError, ValueError) as e:

@@ -203,20 +203,38 @@ def grad_of(run: Run, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         scale.clean = 0
 
 
-@torch.no_grad()
-def whole_set_stats(run: Run, images_of_chunk) -> list[ChannelStats]:
+@dataclass
+class KeptChunk:
+    """Pass 1's last chunk, run with autograd: pass 2 backpropagates through this graph instead of running
+    that chunk's forward again (a forward per step saved; N <= chunk_size: pass 1's only forward)."""
+    sl: slice
+    x: torch.Tensor        # the leaf (requires grad): the chunk's canvases as loaded
+    acts: list[torch.Tensor]
+    logits: torch.Tensor
+
+
+def whole_set_stats(run: Run, images_of_chunk, keep_last: bool = False):
     """Per-layer statistics over all N images, streamed chunk by chunk (across the ranks of a process group
     too: each rank streams its own chunks) and merged in an order fixed by the image indices
     (fixed_order.py): the same bits for any chunk size and number of ranks. images_of_chunk(sl, canvas)
-    gives the device images the model sees for that chunk of this rank's store."""
+    gives the device images the model sees for that chunk of this rank's store. keep_last: also return
+    the last chunk's forward with autograd (KeptChunk), else None."""
     offset = 0 if run.shard is None else run.shard.start
-    layers = None
-    for sl, canvas in stream_of(run).chunks(run.store.chunks(run.chunk_size)):
-        acts, _ = forward(run, images_of_chunk(sl, canvas))
+    chunks = run.store.chunks(run.chunk_size)
+    layers, kept = None, None
+    for j, (sl, canvas) in enumerate(stream_of(run).chunks(chunks)):
+        keep = keep_last and j == len(chunks) - 1
+        with torch.enable_grad() if keep else torch.no_grad():
+            if keep:
+                canvas.requires_grad_(True)
+            acts, logits = forward(run, images_of_chunk(sl, canvas))
+        if keep:
+            kept = KeptChunk(sl, canvas, acts, logits)
         layers = [FixedOrderStats() for _ in acts] if layers is None else layers
         for a, t in zip(acts, layers):
             t.add_chunk(offset + sl.start, a)
-    return finish_fixed_order(layers)
+    totals = finish_fixed_order(layers)
+    return (totals, kept) if keep_last else totals
 
 
 @dataclass
@@ -228,6 +246,7 @@ class WholeSetBN:
     loss: torch.Tensor
     grad_mean: list[torch.Tensor]
     grad_var: list[torch.Tensor]
+    kept: KeptChunk | None = None
 
     def injected(self, acts: list[torch.Tensor]) -> torch.Tensor:
         """Pass 2 for one chunk: a zero whose backward adds the chunk's share of that gradient."""
@@ -235,12 +254,14 @@ class WholeSetBN:
                    for a, t, gm, gv in zip(acts, self.totals, self.grad_mean, self.grad_var))
 
 
-def whole_set_bn(run: Run, images_of_chunk, what: str, weight: float = 1.0, spread: str = "std") -> WholeSetBN:
+def whole_set_bn(run: Run, images_of_chunk, what: str, weight: float = 1.0, spread: str = "std",
+                 keep_last: bool = False) -> WholeSetBN:
     """L_BN over all N images (streamed, merged exactly) and its gradient w.r.t. the global statistics.
 
     spread: "std" matches sigma to sqrt(running_var) (DGH, MCT); "var" matches the variance to running_var
     (the GDFQ/FDDA code's MSE(var, running_var))."""
-    totals = whole_set_stats(run, images_of_chunk)
+    totals, kept = whole_set_stats(run, images_of_chunk, keep_last=True) if keep_last else \
+        (whole_set_stats(run, images_of_chunk), None)
     means = [t.mean.detach().clone().requires_grad_(True) for t in totals]
     variances = [t.var.detach().clone().requires_grad_(True) for t in totals]
     if spread == "var":
@@ -253,7 +274,7 @@ def whole_set_bn(run: Run, images_of_chunk, what: str, weight: float = 1.0, spre
     loss = sum(terms)
     check_finite(run, loss, what)
     grads = torch.autograd.grad(weight * loss if weight != 1.0 else loss, means + variances)
-    return WholeSetBN(totals, terms, loss, list(grads[:len(means)]), list(grads[len(means):]))
+    return WholeSetBN(totals, terms, loss, list(grads[:len(means)]), list(grads[len(means):]), kept)
 
 
 def global_bn_loss(run: Run, totals: list[ChannelStats]) -> float:

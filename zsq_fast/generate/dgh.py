@@ -55,11 +55,19 @@ def exact_gradients(run: Run, views, on_grad) -> dict:
     gradient of L = L_BN(global stats) + w_odsl / ODSL_REF_BATCH * sum_i L_out,i."""
     vsl = (lambda sl: None) if views is None else (lambda sl: views[sl])
     # pass 1: global statistics, no autograd
-    bn = whole_set_bn(run, lambda sl, canvas: see(run, canvas, vsl(sl)), "the dgh BN loss")
-    # pass 2: each chunk with autograd; the exact dL/dx flows in at every BN input
-    for sl, (x, m, v) in stream_of(run).chunks(run.store.chunks(run.chunk_size), moments=True):
-        x.requires_grad_(True)
-        acts, logits = forward(run, see(run, x, vsl(sl)))
+    bn = whole_set_bn(run, lambda sl, canvas: see(run, canvas, vsl(sl)), "the dgh BN loss", keep_last=True)
+    # pass 2: each chunk with autograd; the exact dL/dx flows in at every BN input. Pass 1's last chunk
+    # comes first, through the graph pass 1 kept (its moments are loaded; its images are pass 1's)
+    kept, chunks = bn.kept, run.store.chunks(run.chunk_size)
+    if kept is not None:
+        chunks = [kept.sl] + [c for c in chunks if c != kept.sl]
+    for sl, (x, m, v) in stream_of(run).chunks(chunks, moments=True):
+        if kept is not None and sl == kept.sl:
+            x, acts, logits = kept.x, kept.acts, kept.logits
+            bn.kept = kept = None  # the graph is freed by its backward
+        else:
+            x.requires_grad_(True)
+            acts, logits = forward(run, see(run, x, vsl(sl)))
         loss = bn.injected(acts)
         if run.odsl_weight:
             per = _odsl(run, acts, logits)

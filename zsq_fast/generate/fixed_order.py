@@ -11,8 +11,8 @@ rule, and what is left is folded left to right: the same merges in the same orde
 split. Each merge is elementwise (ops.reference.chan_merge), so threading cannot reorder it.
 
 The leaves come from one statistics kernel call per layer and chunk on the chunk reshaped to
-(1, n*C, ...): each image-channel plane is reduced on its own, so a leaf does not depend on which
-chunk the image was in.
+(1, n*C, ...) (channels_last: one call per image): each image-channel plane is reduced on its own, so
+a leaf does not depend on which chunk the image was in.
 """
 from __future__ import annotations
 
@@ -53,11 +53,15 @@ class FixedOrderStats:
         if self.next is not None and start != self.next:
             raise ValueError(f"images must come in index order: expected {self.next}, got {start}")
         n, c = a.shape[0], a.shape[1]
-        planes = a.detach().contiguous().reshape(1, n * c, *a.shape[2:])
-        leaves = channel_stats(planes).data.view(2, n, c)
-        per_image = float(planes.numel() // max(1, n * c))
-        for i in range(n):
-            _push(self.stack, (0, start + i, per_image, leaves[:, i]))
+        a = a.detach()
+        per_image = float(a[:1].numel() // max(1, c))
+        if a.is_contiguous():  # one kernel call: each (image, channel) plane is a channel of (1, n*C, ...)
+            leaves = channel_stats(a.reshape(1, n * c, *a.shape[2:])).data.view(2, n, c)
+            rows = [leaves[:, i] for i in range(n)]
+        else:  # channels_last: a call per image (as fast as one per chunk; a contiguous copy would cost 3x)
+            rows = [channel_stats(a[i:i + 1]).data for i in range(n)]
+        for i, row in enumerate(rows):
+            _push(self.stack, (0, start + i, per_image, row))
         self.next = start + n
 
 
