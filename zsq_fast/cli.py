@@ -507,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = q.add_argument_group("quantization")
     r.add_argument("--bits", default="W4A4", help="W<w>A<a>, e.g. W4A4, W3A8 (2..16)")
     r.add_argument("--preset", default="hw", choices=PRESETS,
-                   help="hw (default), academic or dgh_paper (the DGH paper's setting, BRECQ's semantics)")
+                   help="hw (default; power-of-two scales), int (hw's integer grids with free scales and activation zero "
+                        "points, as onnxruntime/TFLite run int8), academic or dgh_paper (the DGH paper's setting, "
+                        "BRECQ's semantics)")
     r.add_argument("--method", default="brecq", choices=ROUNDINGS, help="rounding (default brecq)")
     r.add_argument("--iterations", type=_positive,
                    help="reconstruction steps per block/layer (default 20000, BRECQ's; 2000 converge as well with "

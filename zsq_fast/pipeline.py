@@ -20,7 +20,7 @@ from .quantize.presets import parse_bits as quant_parse_bits
 from .report import LossLog, RunReport
 
 GENERATORS = ("dgh", "bns", "fdda")
-PRESETS = ("hw", "academic", "dgh_paper")
+PRESETS = ("hw", "int", "academic", "dgh_paper")
 ROUNDINGS = ("nearest", "adaround", "brecq")
 
 

@@ -224,7 +224,7 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
     """Post-training quantization of `model` (left unchanged) with calibration images.
 
     bits         'W{w}A{a}' (e.g. 'W4A4', 'W3A8'), each width 2..16.
-    preset       'hw', 'academic' or 'dgh_paper' (see zsq_fast.quantize.presets).
+    preset       'hw', 'int', 'academic' or 'dgh_paper' (see zsq_fast.quantize.presets).
     method       'nearest' (round to nearest), 'adaround' (layer by layer) or 'brecq' (block by block,
                  with LSQ on activation scales unless learn_act_scale=False).
     calibration  initial scales: 'mse' (clipping search), 'minmax' or 'percentile' (`percentile`).

@@ -127,6 +127,10 @@ def lower_qdq(model, opset: int):
         for i in n.input:
             readers.setdefault(i, []).append(n)
 
+    def read_by_view(name):  # directly, or through an Identity
+        return any(moves_values(r) and (r.op_type != "Identity" or read_by_view(r.output[0]))
+                   for r in readers.get(name, ()))
+
     def read_by_moving_op(name):  # directly, or through an Identity (onnxruntime drops it)
         return any(r.op_type in MOVING_OPS or (r.op_type == "Identity" and read_by_moving_op(r.output[0]))
                    for r in readers.get(name, ()))
@@ -150,7 +154,14 @@ def lower_qdq(model, opset: int):
             after_clip = n.input[0] in producer and producer[n.input[0]].op_type == "Clip"
             if bits < 4 or after_clip or read_by_moving_op(n.output[0]):
                 bits = 8
-        dtype, tmin, tmax = storage(bits, bool(a["signed"]), opset)
+        signed = bool(a["signed"])
+        shift = 0  # added to the zero point and to the integers: the same grid in another storage type
+        if n.op_type == "QuantizeDequantize" and signed and bits == 8 and read_by_view(n.output[0]):
+            # stored as uint8 with z + 128: onnxruntime's QDQ propagation copies this pair past the view with an
+            # INT8 output_dtype sharing the zero point that its S8->U8 pass then turns to UINT8, and refuses the
+            # model (timm resnest's rsoftmax: a signed conv output through Reshape/Transpose to a Softmax)
+            signed, shift = False, 128
+        dtype, tmin, tmax = storage(bits, signed, opset)
 
         def const(suffix, value, dt=None):
             name = f"{base}/{suffix}"
@@ -163,12 +174,12 @@ def lower_qdq(model, opset: int):
         if n.op_type == "QuantizeDequantize":
             s, z, qmin, qmax = np.float32(a["scale"]), a["zero_point"], a["qmin"], a["qmax"]
             x = n.input[0]
-            if (qmin, qmax) != (tmin, tmax):  # the grid is narrower than the storage type
+            if (qmin + shift, qmax + shift) != (tmin, tmax):  # the grid is narrower than the storage type
                 lo, hi = np.float32((qmin - z) * s), np.float32((qmax - z) * s)
                 nodes.append(helper.make_node("Clip", [x, const("clip_min", lo), const("clip_max", hi)],
                                               [f"{base}/clipped"], name=f"{base}/Clip"))
                 x = f"{base}/clipped"
-            sn, zn = const("scale", s), const("zero_point", z, dtype)
+            sn, zn = const("scale", s), const("zero_point", z + shift, dtype)
             nodes.append(helper.make_node("QuantizeLinear", [x, sn, zn], [f"{base}/q"],
                                           name=f"{base}/QuantizeLinear"))
             nodes.append(helper.make_node("DequantizeLinear", [f"{base}/q", sn, zn], [n.output[0]],

@@ -13,6 +13,16 @@ hw        as an integer accelerator runs the network: every tensor that passes b
           Before issue 12, hw quantized layer
           inputs and the logits only (identity shortcuts added float tensors) and the image at the target
           bits; results measured then are labelled so in benchmarks/RESULTS.md.
+int       what onnxruntime, TFLite and TensorRT execute from an int8 QDQ graph: hw's integer grids at hw's places
+          (the same sites, the image on an 8-bit grid, the logits quantized, the int32 bias on the accumulator
+          grid s_x s_w), but real-valued scales (no power-of-two restriction): symmetric per-channel weights
+          (z = 0), asymmetric per-tensor activations with an integer zero point (unsigned [0, 2^b - 1] as
+          onnxruntime's uint8; the same grid as TFLite's int8 with z - 2^(b-1)). A requantization is then a
+          real multiplier, which onnxruntime applies to the int32 accumulator in float32 and the fake-quant
+          model to its float32 conv output: the two round differently only where a value lies within float32
+          error of a rounding boundary (one step, rarely; tests/test_preset_int.py measures it), whereas hw's
+          power-of-two scales make every value exact. The logits' scale keeps each image's top-1 as under hw
+          (output.py), searched over the free-scale asymmetric clippings.
 academic  first and last layer at 8 bits (weights and their input), asymmetric per-channel weights,
           asymmetric per-tensor activations, free (real-valued) scales, network output left float.
 dgh_paper the setting of the DGH paper's tables (BRECQ's semantics), so results can be set beside the paper's:
@@ -74,6 +84,9 @@ class Preset:
 PRESETS = {
     "hw": Preset("hw", None, weight_symmetric=True, act_symmetric=True, pow2=True, quantize_output=True,
                  int32_bias=True, sites="all", input_bits=8),
+    # hw's grids with free scales and activation zero points (the int8 QDQ semantics of onnxruntime / TFLite)
+    "int": Preset("int", None, weight_symmetric=True, act_symmetric=False, pow2=False, quantize_output=True,
+                  int32_bias=True, sites="all", input_bits=8),
     "academic": Preset("academic", 8, weight_symmetric=False, act_symmetric=False, pow2=False,
                        quantize_output=False),
     "dgh_paper": Preset("dgh_paper", None, weight_symmetric=False, act_symmetric=False, pow2=False,
