@@ -6,6 +6,8 @@ calibrate.top1_preserving_scale on the quantized network's own logits (what the 
 against the float model's top-1, once after the layers are quantized and again after reconstruction. During
 reconstruction the unit producing the logits is trained through the output quantizer (its loss is on the
 quantized logits), with the scale held: LSQ on that MSE loss would pull it back to the clipping that ties.
+Nothing here assumes power-of-two scales: under the `int` preset (free scales, an asymmetric output grid) the same
+search runs over the 100 free-scale clippings with their zero points, where hw's collapse to about 8 exponents.
 """
 from __future__ import annotations
 
