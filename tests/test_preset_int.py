@@ -67,7 +67,9 @@ def test_int_preset_onnxruntime_matches_fake_quant(bits, tmp_path):
     q = zsq_fast.quantize(net, torch.randn(64, 3, 16, 16), bits, preset="int")
     path = tmp_path / "q.onnx"
     zsq_fast.export_onnx(q, path, torch.zeros(1, 3, 16, 16))
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert "Add" in ops
+    from zsq_fast.quantize.onnx_qdq import float_edges
+    model = onnx.load(str(path))
+    assert "Add" in {n.op_type for n in model.graph.node}
+    assert float_edges(model) == []  # every tensor between ops is on a grid, as under hw
     r = zsq_fast.evaluate_onnx(path, torch.randn(512, 3, 16, 16), reference=q, threads=1)
     assert r["agreement"] >= 99.5 and r["max_logit_diff_steps"] <= 2.0, r
