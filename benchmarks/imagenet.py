@@ -73,12 +73,12 @@ def calibration_images(source: str, lm, real, n: int, args, seed: int) -> tuple[
     return x, time.perf_counter() - t
 
 
-def cell(lm, calib, evalset, fp_logits, bits, preset, args, qargs) -> dict:
+def cell(lm, calib, evalset, fp_logits, bits, preset, args, qargs, seed: int) -> dict:
     t = time.perf_counter()
     kw = dict(qargs)
     if args.method != "nearest":
         kw.update(iterations=args.recon_iterations)
-    q = zsq_fast.quantize(lm.model, calib, bits, preset=preset, method=args.method, seed=args.seed_now,
+    q = zsq_fast.quantize(lm.model, calib, bits, preset=preset, method=args.method, seed=seed,
                           batch_size=args.batch_size, **kw)
     logits = predict_logits(q, evalset, batch_size=args.eval_batch)
     return {"top1": 100 * accuracy(logits, evalset.labels, 1), "agree": 100 * agreement(logits, fp_logits),
@@ -161,11 +161,10 @@ def main(argv=None) -> None:
         for source in sources:
             row = {"model": name, "calibration": source, "fp_top1": fp, "cells": {}, "gen_s": [], "q_s": []}
             for seed in seeds:
-                args.seed_now = seed
                 calib, gen_s = calibration_images(source, lm, real, args.n_images, args, seed)
                 row["gen_s"].append(gen_s)
                 for b, pr in cols:
-                    r = cell(lm, calib, evalset, fp_logits, b, pr, args, qargs)
+                    r = cell(lm, calib, evalset, fp_logits, b, pr, args, qargs, seed)
                     row["cells"].setdefault(f"{b}:{pr}", []).append(r)
                     row["q_s"].append(r["s"])
                     print(f"  {name} {source} seed {seed} {b} {pr}: top-1 {r['top1']:.1f}, agreement "

@@ -43,7 +43,6 @@ from .trace import trace_model
 
 METHODS = ("nearest", "adaround", "brecq")
 _QUANTIZABLE = (nn.Conv2d, nn.Linear)
-_FOLDED = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _cache_mode(cache: str, data: CalibData) -> tuple[str, str]:
@@ -158,17 +157,6 @@ def _grid(q: Quantizer) -> dict:
     return {"bits": sp.bits, "signed": sp.signed, "symmetric": sp.symmetric, "pow2": sp.pow2,
             "scale": float(q.effective_scale().reshape(-1)[0]),
             "zero_point": int(q.zero_point.reshape(-1)[0])}
-
-
-def _unsupported(model: nn.Module, ran: set[str], skip: set[str]) -> list[str]:
-    """Modules that ran and hold parameters but would not be quantized (they would stay float)."""
-    bad = []
-    for name, m in model.named_modules():
-        if not name or name not in ran or name in skip or isinstance(m, _QUANTIZABLE):
-            continue
-        if any(p is not None for p in m._parameters.values()):
-            bad.append(f"{name} ({type(m).__name__})")
-    return bad
 
 
 def _no_inplace(model: nn.Module) -> None:
@@ -296,12 +284,6 @@ def quantize(model: nn.Module, calib_images, bits: str = "W4A4", preset: str = "
         bns_as_convs(fp, orphans)  # BN -> ReLU -> Conv: a depthwise 1x1 conv, quantized like any conv (fold.py)
         pairs = [p for p in tr.bn_pairs if p[0] not in skip and p[1] not in skip]
         fold_bn(fp, pairs)
-        ran = set(tr.order)
-        bad = [b for b in _unsupported(fp, ran, skip) if not isinstance(fp.get_submodule(b.split(" ")[0]), _FOLDED)]
-        if bad:
-            raise UnsupportedModelError(f"these modules have parameters but cannot be quantized, so they would "
-                                        f"stay float: {bad}. Supported layers: Conv2d, Linear (BatchNorm is "
-                                        f"folded). Pass their names in skip=[...] to keep them float deliberately.")
         layer_names = [n for n in tr.order if isinstance(fp.get_submodule(n), _QUANTIZABLE) and n not in skip]
         if not layer_names:
             hint = " (a bare layer: wrap it in nn.Sequential)" if isinstance(fp, _QUANTIZABLE) else ""

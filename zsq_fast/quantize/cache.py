@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 
 import torch
 from torch import nn
@@ -33,6 +34,9 @@ from ..errors import InvalidArgumentError, UnsupportedModelError
 from .calib_data import CalibData
 
 MODES = ("host", "device", "recompute", "disk")
+
+
+_KWARGS_CHECKED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()  # unit -> kwargs
 
 
 class _Stop(Exception):
@@ -62,13 +66,16 @@ def capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, want_output
             return
         if not isinstance(out, torch.Tensor):
             raise UnsupportedModelError("unit must return one tensor")
-        if got["kwargs"] and (out_module is None or out_module is unit):
+        key = tuple(sorted(got["kwargs"].items()))
+        if key and (out_module is None or out_module is unit) and key not in _KWARGS_CHECKED.get(unit, ()):
             # reconstruction calls the unit with its input alone: constant keyword arguments must not matter
+            # (checked on the first batch captured with them, not again on every batch)
             got["checking"] = True
             alone = unit(got["x"])
             got["checking"] = False
             if not torch.equal(alone, out):
                 raise UnsupportedModelError("unit's keyword arguments change its output")
+            _KWARGS_CHECKED.setdefault(unit, set()).add(key)
         got["y"] = out.detach().clone()
         raise _Stop
 

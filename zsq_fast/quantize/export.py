@@ -204,7 +204,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, example_input: 
     probe_forward(qmodel, example_input, f"example_input of shape {tuple(example_input.shape)}")
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     buf = io.BytesIO()
-    with warnings.catch_warnings(), exportable_adaptive_pools(qmodel, example_input):
+    with warnings.catch_warnings(), exportable_adaptive_pools():
         warnings.simplefilter("ignore")
         # the TorchScript exporter stops at opset 20; lower_qdq rewrites the graph to the requested opset
         torch.onnx.export(qmodel, (example_input,), buf, dynamo=False, opset_version=min(opset, 20),

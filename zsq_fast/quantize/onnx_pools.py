@@ -54,9 +54,9 @@ def _max(w: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def exportable_adaptive_pools(model=None, example=None):
+def exportable_adaptive_pools():
     """Within the block, adaptive average / max pools to any size compute the same values with ops the exporter
-    writes (module docstring). model/example are accepted for the callers' convenience and not needed."""
+    writes (module docstring)."""
     avg, mx = F.adaptive_avg_pool2d, F.adaptive_max_pool2d
 
     def avg_pool(input, output_size):

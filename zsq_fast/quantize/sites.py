@@ -44,6 +44,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import FileFormatError, UnsupportedModelError
+from .trace import layer_level_modules
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU,
                nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish)
@@ -183,18 +184,6 @@ def _is_leaf(m: nn.Module) -> bool:
     return isinstance(m, _LAYERS) or next(iter(m.children()), None) is None
 
 
-def _visible_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """named_modules() without the modules inside a Conv2d/Linear (the quantized layer replaces them)."""
-    out, layers = [], []
-    for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in layers):
-            continue
-        out.append((name, m))
-        if name and isinstance(m, _LAYERS):
-            layers.append(name)
-    return out
-
-
 @torch.no_grad()
 def returning_input(model: nn.Module, example: torch.Tensor) -> set[str]:
     """Parameter-free leaves that return their input object unchanged at every call (timm's DropPath and
@@ -216,7 +205,7 @@ def returning_input(model: nn.Module, example: torch.Tensor) -> set[str]:
                 before[name] = args[0]._version
         return record
 
-    for name, m in _visible_modules(model):
+    for name, m in layer_level_modules(model):
         if (name and _is_leaf(m) and not isinstance(m, (*_LAYERS, *PASS_THROUGH))
                 and next(iter(m.parameters()), None) is None):
             handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(hook(name))]
@@ -297,7 +286,7 @@ def find_sites(model: nn.Module, example: torch.Tensor, blocks: list[str], layer
     passes: list[tuple[int, int]] = []                     # (id(out), id(in)) of pass-through modules, in order
     read_at: dict[int, list[int]] = {}                     # id(tensor) -> reads.n when a (non pass-through) leaf read it
     running: list[tuple[str, int]] = []                    # (module, call index) of the forwards under way
-    visible = _visible_modules(model)
+    visible = layer_level_modules(model)
     mods = dict(visible)
     identity = returning_input(model, example)
 

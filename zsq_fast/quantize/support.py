@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .trace import layer_level_modules
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 _WHY = {  # what a refused type is, for the message
@@ -44,13 +45,8 @@ def _is_supported(m: nn.Module) -> bool:
 def unsupported_modules(model: nn.Module, skip=()) -> list[tuple[str, nn.Module]]:
     """(path, module) of every module outside `skip` that holds parameters quantize cannot put on a grid."""
     skip = set(skip)
-    inside: list[str] = []  # a layer's own children are part of it (checked with it)
     bad = []
-    for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(m, _LAYERS):
-            inside.append(name)
+    for name, m in layer_level_modules(model):  # a layer's own children are checked with it
         if name in skip or _is_supported(m):
             continue
         bad.append((name or "the model", m))

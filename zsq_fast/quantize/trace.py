@@ -18,6 +18,19 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _FOLDABLE = (nn.Conv2d, nn.Linear)
 
 
+def layer_level_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """named_modules() without the modules inside a Conv2d/Linear: a layer's own children (a "same" padding
+    conv's ZeroPad2d) are part of its op, and the quantized layer replaces them."""
+    out, layers = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in layers):
+            continue
+        out.append((name, m))
+        if name and isinstance(m, _FOLDABLE):
+            layers.append(name)
+    return out
+
+
 @dataclass
 class Trace:
     order: list[str] = field(default_factory=list)             # module names by first call
@@ -59,12 +72,7 @@ def trace_model(model: nn.Module, example: torch.Tensor) -> Trace:
                 produced[id(out)] = (name, out)
         return hook
 
-    inside: list[str] = []  # a layer's own children (a "same" padding conv's ZeroPad2d) are part of its op
-    for name, mod in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue
-        if name and isinstance(mod, _FOLDABLE):
-            inside.append(name)
+    for name, mod in layer_level_modules(model):
         if name:
             handles.append(mod.register_forward_pre_hook(pre_hook(name)))
             if isinstance(mod, _FOLDABLE):
